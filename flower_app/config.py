@@ -8,8 +8,10 @@ same run-config, so a bad value stops the run before any data, model or Ray work
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -335,3 +337,37 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 def _at_least(key: str, value: int, low: int) -> None:
     if value < low:
         raise _err(key, value, f"must be an integer >= {low}")
+
+
+# ---- run-configs outside Flower (console scripts, sweeps, benchmarks) -------------------
+def load_preset(path: Path) -> dict[str, Any]:
+    """A TOML run-config preset such as ``configs/quick.toml``, as a dict."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"run-config preset {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"run-config preset {str(path)!r} is not valid TOML: {exc}") from None
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``key=value`` items (as ``flwr run --run-config`` takes them); values stay strings."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not allowed: write key=value")
+        out[key.strip()] = value.strip().strip('"')
+    return out
+
+
+def write_run_config(path: Path, config: dict[str, Any]) -> Path:
+    """A TOML file for ``flwr run --run-config``, keys in the given order."""
+    lines = []
+    for key, value in config.items():
+        if not isinstance(value, (str, bool, int, float)):
+            raise ConfigError(f"run-config key {key!r} = {value!r}: must be a string or number")
+        lines.append(f"{key} = {json.dumps(value)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -10,10 +10,9 @@ out as in a run), partitions it as the run-config says and writes
 from __future__ import annotations
 
 import argparse
-import tomllib
 from pathlib import Path
 
-from flower_app.config import RunConfig
+from flower_app.config import RunConfig, load_preset, parse_overrides
 from flower_app.data import ImageSplit, load_splits, partition_indices, save_node_data
 
 
@@ -44,14 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-config", type=Path, help="a TOML preset, e.g. configs/quick.toml")
     parser.add_argument("overrides", nargs="*", help="key=value run-config overrides")
     args = parser.parse_args(argv)
-    with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as f:
-        config = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
-    if args.run_config:
-        with open(args.run_config, "rb") as f:
-            config |= tomllib.load(f)
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        config[key] = value
+    config = load_preset(args.run_config) if args.run_config else {}
+    config |= parse_overrides(args.overrides)
     paths = write_node_data(RunConfig.from_run_config(config), args.out.resolve())
     print(f"wrote {len(paths)} node data sets under {args.out.resolve()}")
 

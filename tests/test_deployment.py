@@ -19,8 +19,8 @@ import tomllib
 import pandas as pd
 import pytest
 
+from flower_app.local_superlink import LocalSuperLink
 from tests.conftest import ROOT
-from tests.flower_processes import LocalSuperLink
 
 pytestmark = pytest.mark.e2e
 

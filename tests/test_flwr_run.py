@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
+from flower_app.local_superlink import LocalSuperLink
 from tests.conftest import ROOT
-from tests.flower_processes import LocalSuperLink
 
 pytestmark = pytest.mark.e2e
 
@@ -29,19 +29,7 @@ def _run(link: LocalSuperLink, tmp_path, overrides: dict, supernodes: int) -> di
         config = tomllib.load(f) | overrides
     path = tmp_path / "run-config.toml"
     path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in config.items()) + "\n")
-    out = link.flwr(
-        "run",
-        str(ROOT),
-        "--format",
-        "json",
-        "--run-config",
-        str(path),
-        "--federation-config",
-        f"num-supernodes={supernodes}",
-        app_dir=ROOT,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    run_id = int(json.loads(out.stdout)["run-id"])
+    run_id = link.submit(ROOT, path, f"num-supernodes={supernodes}")
     return link.wait_for_run(run_id, ROOT, timeout=480)
 
 
@@ -71,8 +59,7 @@ def test_bad_runs_are_marked_failed_with_their_one_line_error(
     run = _run(superlink, tmp_path, config, supernodes)
     assert run["status"] == "finished:failed", run
     assert not (results / "bad").exists()
-    log = superlink.flwr("log", str(run["run-id"]), "--show", app_dir=ROOT, timeout=60)
-    assert message in log.stdout + log.stderr
+    assert message in superlink.run_log(int(run["run-id"]), ROOT)
 
 
 def test_sparse_run_through_ray_keeps_masked_entries(superlink, tmp_path):

@@ -1,9 +1,9 @@
-"""Start a local simulation SuperLink that a test owns, and stop everything it started.
+"""A local SuperLink that its caller owns: start it, submit runs, read their status, stop it.
 
-``flwr run`` would start a detached SuperLink whose PID nobody knows; here the test
-starts it on free ports with its own FLWR_HOME, so ``flwr run`` reuses it, and the
-teardown ends every process that carries that FLWR_HOME in its environment (the
-SuperLink, the ServerApp, Ray's workers), by PID.
+``flwr run`` would start a detached SuperLink whose PID nobody knows; here the caller
+(a test, the sweep runner, the benchmark) starts it on a free port with its own
+FLWR_HOME, so ``flwr run`` reuses it, and ``stop`` ends every process that carries
+that FLWR_HOME in its environment (the SuperLink, the ServerApp, Ray's workers), by PID.
 """
 
 from __future__ import annotations
@@ -139,6 +139,35 @@ class LocalSuperLink:
             text=True,
             timeout=timeout,
         )
+
+    def submit(
+        self, app_dir: Path, run_config: Path, federation_config: str, timeout: float = 600
+    ) -> int:
+        """``flwr run APP --run-config FILE --federation-config ...``; returns the run id."""
+        out = self.flwr(
+            "run",
+            str(app_dir),
+            "--format",
+            "json",
+            "--run-config",
+            str(run_config),
+            "--federation-config",
+            federation_config,
+            app_dir=app_dir,
+            timeout=timeout,
+        )
+        try:
+            return int(json.loads(out.stdout)["run-id"])
+        except (ValueError, KeyError) as exc:
+            raise RuntimeError(
+                f"flwr run did not start a run (exit {out.returncode}): "
+                f"{(out.stdout + out.stderr).strip()[-2000:]}"
+            ) from exc
+
+    def run_log(self, run_id: int, app_dir: Path) -> str:
+        """What the run's ServerApp printed (``flwr log RUN --show``)."""
+        out = self.flwr("log", str(run_id), "--show", app_dir=app_dir, timeout=120)
+        return out.stdout + out.stderr
 
     def runs(self, app_dir: Path, connection: str = "") -> list[dict]:
         target = [connection] if connection else []
