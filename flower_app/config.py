@@ -79,6 +79,7 @@ class RunConfig:
     precision: str = "auto"
     round_timeout: float = 3600.0
     node_wait_timeout: float = 60.0
+    update_metrics: bool = True  # per-round cosine / norm ratio of client updates
     # reliability
     checkpoint_every: int = 10
     resume: bool = False
@@ -152,6 +153,7 @@ class RunConfig:
             "device",
             "data-dir",
             "download",
+            "update-metrics",
         }
         return {k: v for k, v in self.to_dict().items() if k not in operational}
 

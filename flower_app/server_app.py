@@ -141,6 +141,7 @@ def build_strategy(
         "min_train_clients": cfg.min_train_clients,
         "max_round_retries": cfg.max_round_retries,
         "round_timeout": cfg.round_timeout,
+        "update_metrics": cfg.update_metrics,
     }
     if cfg.strategy == "fedavg":
         return OrderedFedAvg(**common)

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from strategies import protocol
+from strategies.interference import interference_metrics
 
 RoundRow = dict[str, float]
 RoundHook = Callable[[int, ArrayRecord, RoundRow], None]
@@ -89,6 +90,7 @@ class OrderedFedAvg(FedAvg):
         min_train_clients: int = 1,
         max_round_retries: int = 0,
         round_timeout: float = 3600.0,
+        update_metrics: bool = True,
     ) -> None:
         num_nodes = len(partition_to_node)
         super().__init__(
@@ -112,6 +114,7 @@ class OrderedFedAvg(FedAvg):
         self.min_train_clients = min_train_clients
         self.max_round_retries = max_round_retries
         self.round_timeout = round_timeout
+        self.update_metrics = update_metrics
         self._row: RoundRow = {}
         self._round_start = time.perf_counter()
         self._t_sent = self._round_start
@@ -256,7 +259,17 @@ class OrderedFedAvg(FedAvg):
     ) -> ArrayRecord:
         """Dense FedAvg of the full weights (sparse strategies override this)."""
         states = [c[protocol.ARRAYS].to_torch_state_dict() for c in contents]
+        if self.update_metrics:
+            sent = self._pending[1].to_torch_state_dict()
+            updates = [{k: s[k] - sent[k] for k in s if s[k].is_floating_point()} for s in states]
+            self.log_interference(updates, weights)
         return ArrayRecord(weighted_average(states, weights))
+
+    def log_interference(
+        self, updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+    ) -> None:
+        """Put the round's update cosine and norm ratio (strategies/interference.py) in the row."""
+        self._row.update(interference_metrics(updates, weights))
 
     # ---- end of round: central evaluation and hooks ----------------------------------
     def eval_due(self, phase_round: int) -> bool:

@@ -198,6 +198,8 @@ class SparseFedAvg(OrderedFedAvg):
     ) -> ArrayRecord:
         """Average the clients' trainable values and write them into the global weights."""
         sent = [c[protocol.ARRAYS].to_torch_state_dict() for c in contents]
+        if self.update_metrics:
+            self.log_interference([self._update(values) for values in sent], weights)
         mean = weighted_average(sent, weights)
         state = dict(self._global)
         for name, values in mean.items():
@@ -206,6 +208,17 @@ class SparseFedAvg(OrderedFedAvg):
             else:
                 state[name] = values.to(state[name].dtype).reshape(state[name].shape)
         return ArrayRecord(state)
+
+    def _update(self, sent: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A client's update: its values minus the global ones at the same (masked) entries."""
+        out = {}
+        for name, values in sent.items():
+            if not values.is_floating_point():
+                continue
+            base = self._global[name]
+            base = base[self.mask[name]] if name in self.mask else base.reshape(values.shape)
+            out[name] = values - base.to(values.dtype)
+        return out
 
     # ---- helpers -----------------------------------------------------------------------
     def _set_mask(self, mask: Mapping[str, torch.Tensor]) -> None:

@@ -1,0 +1,66 @@
+"""How much the clients' updates (their task vectors for one round) agree or interfere.
+
+Task arithmetic reads a round of FedAvg as the sum of the clients' task vectors
+``u_k = w_k - w``. When they point the same way the average keeps their length; when
+they conflict, averaging cancels them. Two numbers per round say which:
+
+- ``update-cosine``: the mean cosine similarity over all pairs of client updates;
+- ``update-norm-ratio``: ``||sum_k p_k u_k|| / mean_k ||u_k||`` with ``p_k`` the FedAvg
+  weights (1 when all updates are equal, ``1/sqrt(n)`` for orthogonal equal-norm ones);
+
+plus ``update-norm``, the mean client update norm. All three come from one Gram matrix
+``G_ij = <u_i, u_j>`` accumulated tensor by tensor, so no flattened copy of the model
+is ever built.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+UPDATE_METRICS = ("update-cosine", "update-norm-ratio", "update-norm")
+
+
+def update_gram(updates: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """``G[i, j] = <u_i, u_j>`` over all floating tensors (float64, shape n x n)."""
+    if not updates:
+        raise ValueError("update_gram needs at least one update")
+    n = len(updates)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for name, first in updates[0].items():
+        if not first.is_floating_point():
+            continue
+        stacked = torch.stack([u[name].reshape(-1).to(torch.float32) for u in updates])
+        gram += (stacked @ stacked.T).to(device="cpu", dtype=torch.float64)
+    return gram
+
+
+def interference_metrics(
+    updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+) -> dict[str, float]:
+    """Mean pairwise cosine, aggregated-to-mean norm ratio and mean norm of the updates.
+
+    The cosine is NaN with fewer than two updates or when an update is zero; the
+    ratio is NaN when all updates are zero.
+    """
+    if len(updates) != len(weights):
+        raise ValueError("interference_metrics needs one weight per update")
+    gram = update_gram(updates)
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    n = len(updates)
+    cosines = [
+        float(gram[i, j] / (norms[i] * norms[j]))
+        for i in range(n)
+        for j in range(i + 1, n)
+        if norms[i] > 0 and norms[j] > 0
+    ]
+    all_pairs = n * (n - 1) // 2
+    cosine = sum(cosines) / len(cosines) if cosines and len(cosines) == all_pairs else math.nan
+    p = torch.tensor(weights, dtype=torch.float64)
+    p = p / p.sum()
+    aggregated = float((p @ gram @ p).clamp_min(0).sqrt())
+    mean_norm = float(norms.mean())
+    ratio = aggregated / mean_norm if mean_norm > 0 else math.nan
+    return {"update-cosine": cosine, "update-norm-ratio": ratio, "update-norm": mean_norm}
