@@ -1,0 +1,298 @@
+"""Sweep runner: every setting of a study x seeds through ``flwr run``, then tables and plots.
+
+``python -m flower_app.experiments STUDY [--quick] [--seeds N] [--output-dir DIR]
+[--settings a,b] [--federation-config "..."] [key=value ...]`` (or ``fl-experiments``).
+Federated runs go through ``flwr run`` on one local SuperLink that the runner starts
+with its own FLWR_HOME and stops by PID at the end; each run's status is read back
+from ``flwr ls`` and a run counts as a result only when Flower says it completed and
+its ``summary.json`` exists. The centralized baseline runs as its console script.
+Started again, a sweep skips finished runs and resumes interrupted ones from their
+checkpoint. Results land in ``DIR/STUDY/<setting>-seed<k>/``, with ``sweep.csv``,
+``table.csv``, ``table.md`` and the plots beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from flower_app.checkpoint import CHECKPOINT_NAME
+from flower_app.config import ConfigError, RunConfig, parse_overrides, write_run_config
+from flower_app.local_superlink import LocalSuperLink
+from flower_app.reports import MANIFEST, MANIFEST_COLUMNS, read_summary, write_report
+from flower_app.results import atomic_write_bytes
+from flower_app.studies import ALL, STUDIES, Setting, base_config, expand, study_settings
+
+DEFAULT_RUN_TIMEOUT_S = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of the sweep: its study, setting, seed and full run-config."""
+
+    study: str
+    setting: Setting
+    seed: int
+    config: dict[str, Any]
+    study_dir: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.setting.name}-seed{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.study_dir / self.name
+
+    @property
+    def num_clients(self) -> int:
+        return RunConfig.from_run_config(self.config).num_clients
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="fl-experiments", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    parser.add_argument("study", choices=[*STUDIES, ALL], help="which study to run")
+    parser.add_argument("--output-dir", type=Path, default=Path("results/studies"))
+    parser.add_argument("--seeds", type=int, default=1, help="independent seeds 0..N-1")
+    parser.add_argument(
+        "--quick", action="store_true", help="synthetic data and a tiny ViT (minutes on a CPU)"
+    )
+    parser.add_argument("--settings", default="", help="only these settings (comma separated)")
+    parser.add_argument(
+        "--federation-config",
+        default="",
+        help='added to "num-supernodes=K", e.g. "client-resources-num-gpus=0.25"',
+    )
+    parser.add_argument("--app", type=Path, default=Path.cwd(), help="the Flower app folder")
+    parser.add_argument("--run-timeout", type=float, default=DEFAULT_RUN_TIMEOUT_S)
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    parser.add_argument("overrides", nargs="*", help="run-config key=value for every run")
+    return parser.parse_intermixed_args(argv)
+
+
+def check_app_dir(app: Path) -> Path:
+    """The app folder: it must hold a pyproject.toml with a [tool.flwr.app] table."""
+    app = app.expanduser().resolve()
+    try:
+        with open(app / "pyproject.toml", "rb") as f:
+            tomllib.load(f)["tool"]["flwr"]["app"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        raise ConfigError(
+            f"--app {str(app)!r} is not allowed: it must be the Flower app folder (with "
+            "pyproject.toml and [tool.flwr.app]); run from there or pass --app"
+        ) from None
+    return app
+
+
+def plan(args: argparse.Namespace) -> list[PlannedRun]:
+    """Every run of the sweep with its validated run-config (no work starts on a bad one)."""
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds} is not allowed: must be an integer >= 1")
+    overrides = parse_overrides(args.overrides)
+    for key in ("seed", "output-dir", "run-name", "resume"):
+        if key in overrides:
+            raise ConfigError(f"override {key!r} is not allowed: the sweep runner sets it per run")
+    wanted = [s for s in args.settings.split(",") if s]
+    output_dir = args.output_dir.expanduser().resolve()
+    runs: list[PlannedRun] = []
+    for study in expand(args.study):
+        federated_base = base_config(args.app, args.quick, centralized=False)
+        settings = study_settings(study, federated_base | overrides, args.quick)
+        if wanted:
+            names = [s.name for s in settings]
+            unknown = [w for w in wanted if w not in names]
+            if unknown and args.study != ALL:
+                raise ConfigError(
+                    f"--settings {','.join(unknown)} is not allowed for study {study!r}: "
+                    f"choose from {', '.join(names)}"
+                )
+            settings = [s for s in settings if s.name in wanted]
+        study_dir = output_dir / study
+        for setting in settings:
+            base = base_config(args.app, args.quick, setting.centralized)
+            for seed in range(args.seeds):
+                config = base | setting.overrides | overrides | {"seed": seed}
+                run = PlannedRun(study, setting, seed, config, study_dir)
+                config |= {"output-dir": str(study_dir), "run-name": run.name}
+                RunConfig.from_run_config(config)  # raises the one-line error
+                runs.append(run)
+    if not runs:
+        raise ConfigError(f"--settings {args.settings!r} selects no run of study {args.study!r}")
+    return runs
+
+
+def record(
+    run: PlannedRun, status: str, seconds: float, detail: str = "", keep: bool = False
+) -> None:
+    """Add or replace the run's line in its study's manifest (sweep.csv).
+
+    ``keep`` leaves an existing line as it is (a skipped run keeps its first record).
+    """
+    path = run.study_dir / MANIFEST
+    frame = pd.read_csv(path, keep_default_na=False) if path.is_file() else None
+    if keep and frame is not None and run.name in set(frame["run-name"]):
+        return
+    row = {
+        "study": run.study,
+        "setting": run.setting.name,
+        "seed": run.seed,
+        "run-name": run.name,
+        "status": status,
+        "seconds": round(seconds, 1),
+        "detail": detail.replace("\n", " ")[:300],
+    }
+    rows = [] if frame is None else frame.to_dict("records")
+    rows = [r for r in rows if r["run-name"] != run.name] + [row]
+    data = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(index=False)
+    atomic_write_bytes(path, data.encode())
+
+
+def prepare(run: PlannedRun) -> str:
+    """``done`` (skip), ``resume`` (checkpoint of an interrupted run) or ``fresh``.
+
+    A run directory without summary and without checkpoint is what an interrupted or
+    failed run left behind; it is removed so the run can start again.
+    """
+    if read_summary(run.run_dir) is not None:
+        return "done"
+    if (run.run_dir / CHECKPOINT_NAME).is_file():
+        return "resume"
+    if run.run_dir.exists():
+        shutil.rmtree(run.run_dir)
+    return "fresh"
+
+
+class SweepRunner:
+    """Runs planned runs one after another; starts the SuperLink on first need."""
+
+    def __init__(self, app_dir: Path, output_dir: Path, federation: str, timeout: float) -> None:
+        self.app_dir = app_dir
+        self.output_dir = output_dir
+        self.federation = federation
+        self.timeout = timeout
+        self.link: LocalSuperLink | None = None
+
+    def stop(self) -> None:
+        if self.link is not None:
+            self.link.stop()
+            self.link = None
+
+    def log_path(self, run: PlannedRun) -> Path:
+        path = run.study_dir / "logs" / f"{run.name}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def run(self, run: PlannedRun, resume: bool) -> tuple[bool, str]:
+        """Run it; (completed, detail). Failure details name the log to read."""
+        config = run.config | ({"resume": True} if resume else {})
+        configs = run.study_dir / "run-configs"
+        configs.mkdir(parents=True, exist_ok=True)
+        toml = write_run_config(configs / f"{run.name}.toml", config)
+        if run.setting.centralized:
+            return self._centralized(run, toml)
+        return self._federated(run, toml)
+
+    def _federated(self, run: PlannedRun, toml: Path) -> tuple[bool, str]:
+        if self.link is None:
+            self.link = LocalSuperLink.start(self.output_dir / ".flwr-home")
+        federation = f"num-supernodes={run.num_clients} {self.federation}".strip()
+        run_id = self.link.submit(self.app_dir, toml, federation)
+        try:
+            status = self.link.wait_for_run(run_id, self.app_dir, self.timeout)["status"]
+        except TimeoutError:
+            self.link.flwr("stop", str(run_id), app_dir=self.app_dir, timeout=120)
+            status = f"timed out after {self.timeout:.0f} s"
+        log = self.log_path(run)
+        log.write_text(self.link.run_log(run_id, self.app_dir))
+        if status == "finished:completed" and read_summary(run.run_dir) is not None:
+            return True, f"flwr run {run_id}"
+        return False, f"flwr run {run_id} {status}; log: {log}; last line: {_last_line(log)}"
+
+    def _centralized(self, run: PlannedRun, toml: Path) -> tuple[bool, str]:
+        log = self.log_path(run)
+        with open(log, "w") as out:
+            proc = subprocess.run(
+                [sys.executable, "-m", "flower_app.centralized", "--run-config", str(toml)],
+                cwd=self.app_dir,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=self.timeout,
+                check=False,
+            )
+        if proc.returncode == 0 and read_summary(run.run_dir) is not None:
+            return True, "centralized"
+        return False, f"exit {proc.returncode}; log: {log}; last line: {_last_line(log)}"
+
+
+def _last_line(path: Path) -> str:
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1][-200:] if lines else "(empty log)"
+
+
+def _accuracy(run: PlannedRun) -> str:
+    summary = read_summary(run.run_dir)
+    if summary is None or summary.get("final-test-accuracy") is None:
+        return ""
+    return f" | test acc {summary['final-test-accuracy']:.4f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Plan, run what is not finished, write tables and plots; exit 1 if any run failed."""
+    args = parse_args(argv)
+    try:
+        args.app = check_app_dir(args.app)
+        runs = plan(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    studies = list(dict.fromkeys(r.study for r in runs))
+    print(f"{len(runs)} runs in {', '.join(studies)} -> {runs[0].study_dir.parent}", flush=True)
+    if args.dry_run:
+        for i, run in enumerate(runs, 1):
+            print(f"[{i}/{len(runs)}] {run.study}/{run.name}: {run.config}")
+        return 0
+    runner = SweepRunner(
+        args.app, runs[0].study_dir.parent, args.federation_config, args.run_timeout
+    )
+    failed, t_sweep, ok = 0, time.perf_counter(), True
+    try:
+        for i, run in enumerate(runs, 1):
+            run.study_dir.mkdir(parents=True, exist_ok=True)
+            state = prepare(run)
+            t_run = time.perf_counter()
+            if state == "done":
+                status, detail, ok = "skipped (finished earlier)", "", True
+                record(run, "completed", 0.0, "finished before this sweep started", keep=True)
+            else:
+                ok, detail = runner.run(run, resume=state == "resume")
+                status = "FAILED" if not ok else f"{state.replace('fresh', 'run')}, completed"
+                failed += not ok
+                record(run, "completed" if ok else "failed", time.perf_counter() - t_run, detail)
+            seconds = time.perf_counter() - t_run
+            elapsed = time.perf_counter() - t_sweep
+            line = f"[{i}/{len(runs)}] {run.study}/{run.name}: {status} in {seconds:.1f} s"
+            line += f" (elapsed {elapsed:.0f} s){_accuracy(run)}"
+            print(line + (f" | {detail}" if not ok else ""), flush=True)
+    finally:
+        runner.stop()
+    for study in studies:
+        outputs = write_report(runs[0].study_dir.parent / study, study)
+        print(f"{study}: " + ", ".join(str(p) for p in outputs.values()), flush=True)
+    if failed:
+        print(f"{failed} of {len(runs)} runs failed; they are not in the tables", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Tables and plots across the runs of a study (what the sweep runner and the notebook show).
+
+A study folder holds one run directory per (setting, seed) and ``sweep.csv``, the
+runner's manifest: which run belongs to which setting and seed, and how it ended.
+Only runs whose ``summary.json`` says completed count as results; failed runs are
+counted in the table's ``failed`` column and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from flower_app.results import atomic_write_bytes
+
+MANIFEST = "sweep.csv"
+MANIFEST_COLUMNS = ["study", "setting", "seed", "run-name", "status", "seconds", "detail"]
+RESULT_KEYS = {  # summary.json key -> table column
+    "final-test-accuracy": "test-accuracy",
+    "best-val-accuracy": "best-val-accuracy",
+    "rounds": "rounds",
+    "wall-time-s": "wall-time-s",
+    "bytes": "bytes",
+}
+LABELS = {
+    "test-accuracy": "final test acc.",
+    "best-val-accuracy": "best val. acc.",
+    "rounds": "rounds",
+    "wall-time-s": "wall time (s)",
+    "bytes": "MB communicated",
+}
+
+
+def read_manifest(study_dir: Path) -> pd.DataFrame:
+    """The runner's record of the study's runs (empty if it never ran)."""
+    path = study_dir / MANIFEST
+    if not path.is_file():
+        return pd.DataFrame(columns=MANIFEST_COLUMNS)
+    return pd.read_csv(path, keep_default_na=False).astype({"seed": int})
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    """A finished run's summary, or None when the run did not complete."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("status") == "completed" else None
+
+
+def load_runs(study_dir: Path) -> pd.DataFrame:
+    """One row per run of the manifest: setting, seed, status and its summary's results."""
+    rows = []
+    for entry in read_manifest(study_dir).to_dict("records"):
+        summary = read_summary(study_dir / entry["run-name"])
+        row = {k: entry[k] for k in ("setting", "seed", "run-name")}
+        row["status"] = "completed" if summary is not None else "failed"
+        if summary is not None:
+            summary["bytes"] = summary.get("bytes-down", 0.0) + summary.get("bytes-up", 0.0)
+            row |= {col: summary.get(key) for key, col in RESULT_KEYS.items()}
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["setting", "seed", "run-name", "status", *LABELS])
+
+
+def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per setting (in study order): completed and failed runs, mean and std over seeds.
+
+    The std is the sample standard deviation (ddof=1), so it is NaN with one seed.
+    """
+    out = []
+    for setting in dict.fromkeys(runs["setting"]):
+        group = runs[runs["setting"] == setting]
+        done = group[group["status"] == "completed"]
+        row: dict[str, float | str | int] = {
+            "setting": setting,
+            "runs": len(done),
+            "failed": len(group) - len(done),
+        }
+        for col in LABELS:
+            values = done[col].astype(float)
+            row[f"{col}-mean"] = values.mean() if len(values) else math.nan
+            row[f"{col}-std"] = values.std(ddof=1) if len(values) > 1 else math.nan
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _cell(mean: float, std: float, scale: float = 1.0, digits: int = 4) -> str:
+    if math.isnan(mean):
+        return "-"
+    text = f"{mean / scale:.{digits}f}"
+    return text if math.isnan(std) else f"{text} ± {std / scale:.{digits}f}"
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """The table as GitHub Markdown, values as mean ± std."""
+    header = ["setting", "runs", "failed", *LABELS.values()]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    formats = {"rounds": (1.0, 0), "wall-time-s": (1.0, 1), "bytes": (1e6, 1)}
+    for row in table.to_dict("records"):
+        cells = [str(row["setting"]), str(row["runs"]), str(row["failed"])]
+        for col in LABELS:
+            scale, digits = formats.get(col, (1.0, 4))
+            cells.append(_cell(row[f"{col}-mean"], row[f"{col}-std"], scale, digits))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def load_metrics(study_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
+    """Every completed run's metrics.csv, with setting, seed, local steps and bytes so far."""
+    frames = []
+    for run in runs[runs["status"] == "completed"].to_dict("records"):
+        run_dir = study_dir / run["run-name"]
+        frame = pd.read_csv(run_dir / "metrics.csv")
+        config = json.loads((run_dir / "config.json").read_text())
+        frame["setting"], frame["seed"] = run["setting"], run["seed"]
+        frame["strategy"] = config.get("strategy", "fedavg")
+        frame["client-steps"] = frame["round"] * int(config.get("local-steps", 1))
+        sent = frame[["bytes-down", "bytes-up"]].fillna(0.0).sum(axis=1)
+        frame["bytes-cumulative"] = sent.cumsum()
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def _figure(ncols: int = 1):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=(6 * ncols, 4), squeeze=False)
+
+
+def _lines(ax, metrics: pd.DataFrame, x: str, y: str) -> None:
+    """One line per setting: the mean over seeds, and a band of ± one std where seeds > 1."""
+    for setting in dict.fromkeys(metrics["setting"]):
+        rows = metrics[(metrics["setting"] == setting)].dropna(subset=[y])
+        if rows.empty:
+            continue
+        stats = rows.groupby(x)[y].agg(["mean", "std", "count"]).reset_index()
+        (line,) = ax.plot(stats[x], stats["mean"], marker="o", ms=2, label=str(setting))
+        band = stats[stats["count"] > 1]
+        if len(band):
+            ax.fill_between(
+                band[x],
+                band["mean"] - band["std"],
+                band["mean"] + band["std"],
+                color=line.get_color(),
+                alpha=0.2,
+            )
+
+
+def plot_accuracy(metrics: pd.DataFrame, path: Path, title: str, x: str = "round") -> Path:
+    """Validation accuracy against rounds (or client steps), one line per setting."""
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    _lines(ax, metrics, x, "val-accuracy")
+    xlabel = "round x local steps" if x == "client-steps" else x
+    ax.set(xlabel=xlabel, ylabel="validation accuracy", title=title)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_final_accuracy(table: pd.DataFrame, path: Path, title: str) -> Path:
+    """Final test accuracy per setting: bars at the mean, error bars of one std."""
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    std = table["test-accuracy-std"].fillna(0.0)
+    ax.bar(table["setting"].astype(str), table["test-accuracy-mean"], yerr=std, capsize=4)
+    ax.set(xlabel="setting", ylabel="final test accuracy", title=title)
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_bytes(metrics: pd.DataFrame, path: Path, title: str) -> Path:
+    """Validation accuracy against megabytes communicated so far (down + up)."""
+    frame = metrics.assign(mb=metrics["bytes-cumulative"] / 1e6)
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    for setting in dict.fromkeys(frame["setting"]):
+        rows = frame[frame["setting"] == setting].dropna(subset=["val-accuracy"])
+        stats = rows.groupby("round")[["mb", "val-accuracy"]].mean()
+        ax.plot(stats["mb"], stats["val-accuracy"], marker="o", ms=2, label=str(setting))
+    ax.set(xlabel="MB communicated (down + up)", ylabel="validation accuracy", title=title)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_interference(metrics: pd.DataFrame, path: Path, title: str, x: str = "round") -> Path:
+    """Mean pairwise cosine of client updates and aggregated/mean update norm per round."""
+    fig, axes = _figure(2)
+    for ax, column, label in (
+        (axes[0, 0], "update-cosine", "mean pairwise cosine of client updates"),
+        (axes[0, 1], "update-norm-ratio", "||aggregated update|| / mean ||client update||"),
+    ):
+        if column in metrics:
+            _lines(ax, metrics, x, column)
+        ax.set(xlabel=x, ylabel=label, title=title)
+        ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def write_report(study_dir: Path, study: str) -> dict[str, Path]:
+    """table.csv, table.md and the study's plots, from what the study folder holds now."""
+    runs = load_runs(study_dir)
+    table = summary_table(runs)
+    out = {"table.csv": study_dir / "table.csv", "table.md": study_dir / "table.md"}
+    atomic_write_bytes(out["table.csv"], table.to_csv(index=False).encode())
+    atomic_write_bytes(out["table.md"], markdown_table(table).encode())
+    metrics = load_metrics(study_dir, runs)
+    if metrics.empty:
+        return out
+    x = "client-steps" if study == "local-steps" else "round"
+    out["accuracy.png"] = plot_accuracy(metrics, study_dir / "accuracy.png", study, x)
+    out["final_accuracy.png"] = plot_final_accuracy(table, study_dir / "final_accuracy.png", study)
+    if (metrics["strategy"] == "sparse-fedavg").any():
+        path = study_dir / "accuracy_vs_bytes.png"
+        out["accuracy_vs_bytes.png"] = plot_accuracy_vs_bytes(metrics, path, study)
+    if "update-cosine" in metrics and metrics["update-cosine"].notna().any():
+        path = study_dir / "interference.png"
+        out["interference.png"] = plot_interference(metrics, path, study, x)
+    return out

@@ -1,0 +1,98 @@
+"""The study's experiments as data: which settings each study runs, on which base config.
+
+A study is a list of settings; a setting is a name and the run-config keys it changes
+on top of the base (the canonical experiment, or the quick CPU preset with
+``--quick``). The sweep runner multiplies settings by seeds; nothing here runs anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flower_app.config import ConfigError, load_preset
+from strategies.masks import MASK_STRATEGIES
+
+STUDIES = ("fedavg", "heterogeneity", "local-steps", "mask-strategies", "centralized")
+ALL = "all"
+CLASSES_PER_CLIENT = (1, 5, 10, 50)
+LOCAL_STEPS = (4, 8, 16)
+BASE_LOCAL_STEPS = 4  # the canonical J: rounds at J are base rounds x 4 / J
+
+# --quick: the CPU preset at the paper's K=100, C=0.1, J=4 (K=10 cannot hold Nc=1 or 5
+# shards that cover all 100 classes), 12 rounds, sparse calibration kept short.
+QUICK_FEDERATED = {
+    "num-clients": 100,
+    "fraction-train": 0.1,
+    "local-steps": BASE_LOCAL_STEPS,
+    "num-server-rounds": 12,
+}
+QUICK_SPARSE = {"calibration-rounds": 2, "fisher-samples": 32}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of a study: ``overrides`` on top of the base run-config."""
+
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    centralized: bool = False
+
+
+def scaled_rounds(base_rounds: int, local_steps: int, base_steps: int = BASE_LOCAL_STEPS) -> int:
+    """Rounds at ``local_steps`` keeping local steps x rounds at ``base_steps x base_rounds``."""
+    total = base_rounds * base_steps
+    if total % local_steps:
+        raise ConfigError(
+            f"num-server-rounds={base_rounds} x local-steps {base_steps} = {total} is not "
+            f"divisible by local-steps {local_steps}: choose num-server-rounds as a multiple "
+            f"of {local_steps // _gcd(local_steps, base_steps)}"
+        )
+    return total // local_steps
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def study_settings(study: str, base: dict[str, Any], quick: bool) -> list[Setting]:
+    """The settings of ``study``; ``base`` is the federated base config (for the rounds)."""
+    sparse = {"strategy": "sparse-fedavg"} | (QUICK_SPARSE if quick else {})
+    if study == "fedavg":
+        return [Setting("iid", {"sharding": "iid"})]
+    if study == "heterogeneity":
+        non_iid = [
+            Setting(f"nc{nc}", {"sharding": "non-iid", "classes-per-client": nc})
+            for nc in CLASSES_PER_CLIENT
+        ]
+        return [*non_iid, Setting("iid", {"sharding": "iid"})]
+    if study == "local-steps":
+        rounds = int(base.get("num-server-rounds", 500))
+        return [
+            Setting(f"J{j}", {"local-steps": j, "num-server-rounds": scaled_rounds(rounds, j)})
+            for j in LOCAL_STEPS
+        ]
+    if study == "mask-strategies":
+        masks = [Setting(m, sparse | {"mask-strategy": m}) for m in MASK_STRATEGIES]
+        return [Setting("dense", {"strategy": "fedavg"}), *masks]
+    if study == "centralized":
+        return [Setting("centralized", {}, centralized=True)]
+    raise ConfigError(f"study {study!r} is not allowed: must be one of {', '.join(expand(ALL))}")
+
+
+def expand(study: str) -> list[str]:
+    """``all`` is every study; any other name is itself."""
+    return list(STUDIES) if study == ALL else [study]
+
+
+def base_config(app_dir: Path, quick: bool, centralized: bool) -> dict[str, Any]:
+    """The run-config every setting starts from (pyproject defaults fill in the rest)."""
+    if centralized:
+        preset = "centralized_quick.toml" if quick else "centralized.toml"
+        return load_preset(app_dir / "configs" / preset)
+    if quick:
+        return load_preset(app_dir / "configs" / "quick.toml") | QUICK_FEDERATED
+    return {}

@@ -1,0 +1,269 @@
+"""Sweep runner, studies, tables and plots: rules on made-up data, then a real quick sweep."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+
+import matplotlib.image
+import pandas as pd
+import pytest
+
+from flower_app import experiments
+from flower_app.checkpoint import CHECKPOINT_NAME
+from flower_app.config import ConfigError
+from flower_app.reports import load_runs, markdown_table, summary_table, write_report
+from flower_app.studies import LOCAL_STEPS, base_config, scaled_rounds, study_settings
+from tests.conftest import ROOT
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ---- studies ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(("quick", "base_rounds"), [(False, 500), (True, 12)])
+def test_local_steps_study_keeps_steps_times_rounds_constant(quick, base_rounds):
+    base = base_config(ROOT, quick, centralized=False)
+    settings = study_settings("local-steps", base, quick)
+    assert [s.overrides["local-steps"] for s in settings] == list(LOCAL_STEPS)
+    products = {s.overrides["local-steps"] * s.overrides["num-server-rounds"] for s in settings}
+    assert products == {4 * base_rounds}
+
+
+def test_scaled_rounds_refuses_what_does_not_divide():
+    assert scaled_rounds(500, 16) == 125 and scaled_rounds(30, 8) == 15
+    with pytest.raises(ConfigError, match="not divisible by local-steps 16"):
+        scaled_rounds(10, 16)
+
+
+def test_studies_cover_the_questions():
+    names = {
+        study: [s.name for s in study_settings(study, {}, quick=False)]
+        for study in experiments.STUDIES
+    }
+    assert names["heterogeneity"] == ["nc1", "nc5", "nc10", "nc50", "iid"]
+    assert names["mask-strategies"] == [
+        "dense",
+        "least_sensitive",
+        "most_sensitive",
+        "lowest_magnitude",
+        "highest_magnitude",
+        "random",
+    ]
+    sparse = study_settings("mask-strategies", {}, quick=False)[1:]
+    assert all(s.overrides["strategy"] == "sparse-fedavg" for s in sparse)
+    assert study_settings("centralized", {}, quick=False)[0].centralized
+
+
+# ---- planning: every bad input stops before any run -----------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["fedavg", "lr=abc"], "run-config key 'lr' = 'abc' is not allowed: must be a number"),
+        (["fedavg", "seed=3"], "override 'seed' is not allowed"),
+        (["fedavg", "--seeds", "0"], "--seeds 0 is not allowed"),
+        (["heterogeneity", "--settings", "nc3"], "--settings nc3 is not allowed"),
+        (["fedavg", "--app", "/"], "--app '/' is not allowed"),
+        (["fedavg", "lr"], "override 'lr' is not allowed: write key=value"),
+    ],
+)
+def test_bad_sweep_inputs_fail_with_one_line_before_work(tmp_path, capsys, argv, message):
+    app = [] if "--app" in argv else ["--app", str(ROOT)]
+    code = experiments.main([*argv, "--output-dir", str(tmp_path / "out"), *app])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def _plan(tmp_path, *argv: str) -> list[experiments.PlannedRun]:
+    args = experiments.parse_args([*argv, "--output-dir", str(tmp_path), "--app", str(ROOT)])
+    return experiments.plan(args)
+
+
+def test_plan_is_settings_times_seeds_with_named_run_dirs(tmp_path):
+    runs = _plan(tmp_path, "heterogeneity", "--quick", "--seeds", "3", "batch-size=8")
+    assert len(runs) == 5 * 3
+    assert runs[0].run_dir == tmp_path.resolve() / "heterogeneity" / "nc1-seed0"
+    assert {r.config["seed"] for r in runs} == {0, 1, 2}
+    assert all(r.config["batch-size"] == "8" and r.num_clients == 100 for r in runs)
+
+
+def test_prepare_skips_finished_resumes_checkpointed_and_clears_leftovers(tmp_path):
+    done, resumable, leftover, new = _plan(tmp_path, "fedavg", "--seeds", "4")
+    done.run_dir.mkdir(parents=True)
+    (done.run_dir / "summary.json").write_text(json.dumps({"status": "completed"}))
+    resumable.run_dir.mkdir()
+    (resumable.run_dir / CHECKPOINT_NAME).write_bytes(b"x")
+    leftover.run_dir.mkdir()
+    (leftover.run_dir / "metrics.csv").write_text("round\n0\n")
+    assert [experiments.prepare(r) for r in (done, resumable, leftover, new)] == [
+        "done",
+        "resume",
+        "fresh",
+        "fresh",
+    ]
+    assert not leftover.run_dir.exists()
+
+
+def test_failed_runs_are_reported_and_kept_out_of_the_table(tmp_path, monkeypatch, capsys):
+    """A run Flower reports as failed is listed as failed; only completed runs are results."""
+
+    def fake_run(self, run, resume):
+        if run.seed == 1:
+            return False, "flwr run 7 finished:failed; log: x.log; last line: boom"
+        _write_run(run.run_dir, run.seed, 0.5 + run.seed)
+        return True, "flwr run 6"
+
+    monkeypatch.setattr(experiments.SweepRunner, "run", fake_run)
+    code = experiments.main(
+        ["fedavg", "--seeds", "3", "--output-dir", str(tmp_path), "--app", str(ROOT)]
+    )
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "[2/3] fedavg/iid-seed1: FAILED" in out and "last line: boom" in out
+    table = pd.read_csv(tmp_path / "fedavg" / "table.csv")
+    assert table.loc[0, "runs"] == 2 and table.loc[0, "failed"] == 1
+    assert table.loc[0, "test-accuracy-mean"] == pytest.approx((0.5 + 2.5) / 2)
+    manifest = pd.read_csv(tmp_path / "fedavg" / "sweep.csv")
+    assert list(manifest["status"]) == ["completed", "failed", "completed"]
+
+
+# ---- tables and plots from made-up runs -----------------------------------------------------
+def _write_run(run_dir: Path, seed: int, accuracy: float, strategy: str = "fedavg") -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps({"strategy": strategy, "local-steps": 4}))
+    rows = [
+        {"round": r, "val-accuracy": accuracy * r / 2, "bytes-down": 10.0 * r, "bytes-up": 5.0}
+        | ({"update-cosine": 0.1 * seed, "update-norm-ratio": 0.5} if r else {})
+        for r in range(3)
+    ]
+    pd.DataFrame(rows).to_csv(run_dir / "metrics.csv", index=False)
+    summary = {
+        "status": "completed",
+        "final-test-accuracy": accuracy,
+        "best-val-accuracy": accuracy + 0.01,
+        "rounds": 2,
+        "wall-time-s": 10.0 * (seed + 1),
+        "bytes-down": 3e6,
+        "bytes-up": 1e6,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def test_table_is_mean_and_sample_std_over_seeds(tmp_path):
+    study = tmp_path / "s"
+    manifest = []
+    for setting, accs in {"a": [0.2, 0.4, 0.6], "b": [0.3]}.items():
+        for seed, acc in enumerate(accs):
+            _write_run(study / f"{setting}-seed{seed}", seed, acc, "sparse-fedavg")
+            manifest.append([setting, seed, f"{setting}-seed{seed}"])
+    frame = pd.DataFrame(manifest, columns=["setting", "seed", "run-name"])
+    frame.assign(study="s", status="completed", seconds=1.0, detail="").to_csv(
+        study / "sweep.csv", index=False
+    )
+    table = summary_table(load_runs(study))
+    a, b = table.iloc[0], table.iloc[1]
+    assert a["test-accuracy-mean"] == pytest.approx(0.4)
+    assert a["test-accuracy-std"] == pytest.approx(0.2)  # sample std of 0.2, 0.4, 0.6
+    assert a["wall-time-s-mean"] == pytest.approx(20.0) and a["bytes-mean"] == 4e6
+    assert b["runs"] == 1 and math.isnan(b["test-accuracy-std"])
+    text = markdown_table(table)
+    assert "| a | 3 | 0 | 0.4000 ± 0.2000 | 0.4100 ± 0.2000 | 2 ± 0 | 20.0 ± 10.0 |" in text
+    assert "| b | 1 | 0 | 0.3000 | 0.3100 |" in text
+    outputs = write_report(study, "s")
+    assert set(outputs) == {
+        "table.csv",
+        "table.md",
+        "accuracy.png",
+        "final_accuracy.png",
+        "accuracy_vs_bytes.png",
+        "interference.png",
+    }
+    for name, path in outputs.items():
+        if name.endswith(".png"):
+            assert path.read_bytes()[:8] == PNG_MAGIC
+            assert matplotlib.image.imread(path).shape[2] in (3, 4)
+
+
+# ---- a real quick sweep through flwr run, then the notebook on its results ------------------
+SWEEP = [
+    "heterogeneity",
+    "--quick",
+    "--seeds",
+    "2",
+    "--settings",
+    "nc10,iid",
+    "num-server-rounds=2",
+    "synthetic-train-per-class=20",
+    "eval-every=1",
+]
+
+
+@pytest.fixture(scope="module")
+def quick_sweep(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("sweep")
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = experiments.main([*SWEEP, "--output-dir", str(out), "--app", str(ROOT)])
+    assert code == 0, buffer.getvalue()
+    return out, buffer.getvalue()
+
+
+@pytest.mark.e2e
+def test_quick_sweep_writes_tables_and_plots_and_skips_finished_runs(quick_sweep, capsys):
+    out, log = quick_sweep
+    study = out / "heterogeneity"
+    assert "[4/4] heterogeneity/iid-seed1: run, completed" in log
+    summaries = {
+        (s, k): json.loads((study / f"{s}-seed{k}" / "summary.json").read_text())
+        for s in ("nc10", "iid")
+        for k in (0, 1)
+    }
+    table = pd.read_csv(study / "table.csv").set_index("setting")
+    for setting in ("nc10", "iid"):
+        accs = pd.Series([summaries[(setting, k)]["final-test-accuracy"] for k in (0, 1)])
+        assert table.loc[setting, "test-accuracy-mean"] == pytest.approx(accs.mean())
+        assert table.loc[setting, "test-accuracy-std"] == pytest.approx(accs.std(ddof=1))
+        assert table.loc[setting, "runs"] == 2
+    assert "± " in (study / "table.md").read_text()
+    for name in ("accuracy.png", "final_accuracy.png", "interference.png"):
+        assert (study / name).read_bytes()[:8] == PNG_MAGIC
+    metrics = pd.read_csv(study / "iid-seed0" / "metrics.csv")
+    cosine = metrics["update-cosine"].dropna()
+    assert len(cosine) == 2 and cosine.between(-1, 1).all()
+    assert metrics["update-norm-ratio"].dropna().between(0, 1 + 1e-9).all()
+
+    stamps = {p: p.stat().st_mtime_ns for p in study.glob("*/summary.json")}
+    code = experiments.main([*SWEEP, "--output-dir", str(out), "--app", str(ROOT)])
+    again = capsys.readouterr().out
+    assert code == 0 and again.count("skipped (finished earlier)") == 4
+    assert {p: p.stat().st_mtime_ns for p in study.glob("*/summary.json")} == stamps
+
+
+@pytest.mark.e2e
+def test_analysis_notebook_runs_on_quick_results(quick_sweep, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    out, _ = quick_sweep
+    monkeypatch.setenv("RESULTS_DIR", str(out))
+    notebook = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
+    client = NotebookClient(
+        notebook,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(ROOT / "notebooks")}},
+    )
+    client.execute()
+    texts = [
+        o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
+        for c in notebook.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+    ]
+    assert any("results in" in t and "heterogeneity" in t for t in texts)
+    assert any("update-cosine" in t for t in texts)
+    outputs = [o for c in notebook.cells for o in c.get("outputs", [])]
+    assert not any(o.get("output_type") == "error" for o in outputs)
