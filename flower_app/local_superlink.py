@@ -177,13 +177,19 @@ class LocalSuperLink:
     def wait_for_run(
         self, run_id: int, app_dir: Path, timeout: float, connection: str = ""
     ) -> dict:
-        """The run's entry in ``flwr ls`` once its status is ``finished:*``."""
+        """The run's entry in ``flwr ls`` once its status is ``finished:*``.
+
+        Each ``flwr ls`` is a new Python process (about a CPU-second), which on a 2-core
+        machine competes with the run itself, so the poll interval grows from 1 s to 5 s.
+        """
         deadline = time.monotonic() + timeout
+        interval = 1.0
         while time.monotonic() < deadline:
             for run in self.runs(app_dir, connection):
                 if int(run["run-id"]) == run_id and run["status"].startswith("finished"):
                     return run
-            time.sleep(2)
+            time.sleep(interval)
+            interval = min(5.0, interval * 1.5)
         raise TimeoutError(f"run {run_id} did not finish within {timeout} s")
 
     def stop(self) -> None:
