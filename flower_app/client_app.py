@@ -8,6 +8,7 @@ here and reused across rounds, so a round only loads new weights in place.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,9 +47,13 @@ class ClientRuntime:
     shard: torch.Tensor  # this client's indices into ``train`` (CPU, int64)
     device: torch.device
     bf16: bool
+    step_model: nn.Module  # what training calls: ``model`` or its compiled wrapper
 
+
+COMPILE_BACKEND = "inductor"  # tests swap in "aot_eager" (same graph capture, no C++ build)
 
 _MODELS: dict[tuple, nn.Module] = {}
+_COMPILED: dict[tuple, nn.Module] = {}
 _DATA: dict[tuple, ImageSplit] = {}
 _PARTITIONS: dict[tuple, list[np.ndarray]] = {}
 
@@ -56,6 +61,20 @@ _PARTITIONS: dict[tuple, list[np.ndarray]] = {}
 def model_cache_size() -> int:
     """How many models this process has built (tests check it stays at one)."""
     return len(_MODELS)
+
+
+def _step_model(model_key: tuple, model: nn.Module, compile_model: bool) -> nn.Module:
+    """The model, or a ``torch.compile`` wrapper of it built once per worker process.
+
+    The wrapper shares the model's parameters, so weights loaded into the model and the
+    optimizer over its parameters serve both; only the forward/backward graphs differ.
+    """
+    if not compile_model:
+        return model
+    key = (*model_key, COMPILE_BACKEND)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(model, backend=COMPILE_BACKEND)
+    return _COMPILED[key]
 
 
 def get_runtime(cfg: RunConfig, partition_id: int, node_data_dir: str = "") -> ClientRuntime:
@@ -70,13 +89,15 @@ def get_runtime(cfg: RunConfig, partition_id: int, node_data_dir: str = "") -> C
     if model_key not in _MODELS:
         _MODELS[model_key] = build_model(cfg.model, cfg.num_classes, cfg.image_size).to(device)
     bf16 = use_bf16(cfg.precision, device)
+    model = _MODELS[model_key]
+    step_model = _step_model(model_key, model, cfg.compile)
     if node_data_dir:
         key = ("node", node_data_dir, str(device))
         if key not in _DATA:
             own = load_node_data(Path(node_data_dir))
             _DATA[key] = ImageSplit(own.images.to(device), own.labels.to(device))
         train = _DATA[key]
-        return ClientRuntime(_MODELS[model_key], train, torch.arange(len(train)), device, bf16)
+        return ClientRuntime(model, train, torch.arange(len(train)), device, bf16, step_model)
     data_key = (cfg.dataset, str(cfg.data_path), cfg.val_fraction, cfg.seed)
     data_key += (cfg.synthetic_train_per_class, str(device))
     if data_key not in _DATA:
@@ -100,7 +121,7 @@ def get_runtime(cfg: RunConfig, partition_id: int, node_data_dir: str = "") -> C
             cfg.seed,
         )
     shard = torch.from_numpy(_PARTITIONS[part_key][partition_id])
-    return ClientRuntime(_MODELS[model_key], train, shard, device, bf16)
+    return ClientRuntime(model, train, shard, device, bf16, step_model)
 
 
 def node_runtime(context: Context) -> tuple[RunConfig, int, ClientRuntime]:
@@ -128,6 +149,13 @@ def _generators(cfg: RunConfig, server_round: int, pid: int, device: torch.devic
     batches = torch.Generator().manual_seed(seed)
     augment = torch.Generator(device=device).manual_seed(seed + 1)
     return batches, augment
+
+
+def _synchronized_clock(device: torch.device) -> float:
+    """``perf_counter`` after the GPU's queued work is done, so timings measure compute."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _load_weights(model: nn.Module, arrays: ArrayRecord) -> None:
@@ -206,9 +234,12 @@ def train(msg: Message, context: Context) -> Message:
     else:
         optimizer = _sparse_optimizer(rt.model, mask, train_head, lr, cfg)
     batch_gen, augment_gen = _generators(cfg, server_round, pid, rt.device)
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    t_start = _synchronized_clock(rt.device)
     try:
         result = train_local(
-            rt.model,
+            rt.step_model,
             optimizer,
             rt.train.images,
             rt.train.labels,
@@ -222,6 +253,7 @@ def train(msg: Message, context: Context) -> Message:
         )
     finally:
         rt.model.requires_grad_(True)  # the cached model is reused by the next message
+    seconds = _synchronized_clock(rt.device) - t_start
     state = rt.model.state_dict()
     if mask is not None:
         sent = gather_masked(state, mask)
@@ -233,8 +265,11 @@ def train(msg: Message, context: Context) -> Message:
             protocol.NUM_EXAMPLES: len(rt.shard),
             protocol.PARTITION_ID: pid,
             protocol.TRAIN_LOSS: result.mean_loss,
+            protocol.CLIENT_SECONDS: seconds,
         }
     )
+    if rt.device.type == "cuda":
+        metrics[protocol.GPU_MEMORY_MB] = torch.cuda.max_memory_allocated(rt.device) / 2**20
     content = RecordDict({protocol.ARRAYS: ArrayRecord(state), protocol.METRICS: metrics})
     return Message(content, reply_to=msg)
 

@@ -77,6 +77,7 @@ class RunConfig:
     run_name: str = ""
     device: str = "auto"
     precision: str = "auto"
+    compile: bool = False  # torch.compile the client model (GPU; ~1 min compile per worker)
     round_timeout: float = 3600.0
     node_wait_timeout: float = 60.0
     update_metrics: bool = True  # per-round cosine / norm ratio of client updates
@@ -98,6 +99,9 @@ class RunConfig:
     fisher_batch_size: int = 32
     head: str = "train"
     head_warmup_rounds: int = 0
+    # centralized baseline (flower_app/centralized.py); the federated app ignores them
+    epochs: int = 10
+    warmup_epochs: int = 1
 
     # ---- construction ---------------------------------------------------------------
     @classmethod
@@ -151,9 +155,12 @@ class RunConfig:
             "checkpoint-every",
             "eval-batch-size",
             "device",
+            "compile",
             "data-dir",
             "download",
             "update-metrics",
+            "epochs",  # the centralized baseline's keys do not change a federated run
+            "warmup-epochs",
         }
         return {k: v for k, v in self.to_dict().items() if k not in operational}
 
@@ -189,6 +196,14 @@ class RunConfig:
         _at_least("fisher-samples", self.fisher_samples, 1)
         _at_least("fisher-batch-size", self.fisher_batch_size, 1)
         _at_least("head-warmup-rounds", self.head_warmup_rounds, 0)
+        _at_least("epochs", self.epochs, 1)
+        _at_least("warmup-epochs", self.warmup_epochs, 0)
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise _err(
+                "warmup-epochs",
+                self.warmup_epochs,
+                f"must be smaller than epochs ({self.epochs})",
+            )
         if not 0.0 <= self.sparsity < 1.0:
             raise _err("sparsity", self.sparsity, "must be in [0, 1) (the fraction frozen)")
         if not 0.0 < self.calibration_fraction <= 1.0:

@@ -252,6 +252,7 @@ class OrderedFedAvg(FedAvg):
                 "seconds-aggregate": time.perf_counter() - t_received,
             }
         )
+        self._row.update(client_compute_metrics(metrics))
         return arrays, MetricRecord({protocol.TRAIN_LOSS: train_loss})
 
     def aggregate_arrays(
@@ -299,6 +300,24 @@ class OrderedFedAvg(FedAvg):
         for hook in self.hooks:
             hook(server_round, arrays, row)
         return result
+
+
+def client_compute_metrics(metrics: Sequence[MetricRecord]) -> RoundRow:
+    """Client compute seconds (slowest client, and the sum) and peak GPU memory of a round.
+
+    The slowest client bounds the round when every client has its own worker; the sum
+    is the work to share when fewer workers than clients run. Replies of older clients
+    without these keys are skipped.
+    """
+    seconds = [float(m[protocol.CLIENT_SECONDS]) for m in metrics if protocol.CLIENT_SECONDS in m]
+    memory = [float(m[protocol.GPU_MEMORY_MB]) for m in metrics if protocol.GPU_MEMORY_MB in m]
+    row: RoundRow = {}
+    if seconds:
+        row["seconds-client-compute"] = max(seconds)
+        row["seconds-client-compute-sum"] = sum(seconds)
+    if memory:
+        row["gpu-memory-mb"] = max(memory)
+    return row
 
 
 def content_bytes(content: RecordDict) -> int:

@@ -30,6 +30,8 @@ EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
 CLASSES = "classes"  # list of class ids a shard holds (partition query)
 CLASS_COUNTS = "class-counts"  # examples per class, aligned with CLASSES
+CLIENT_SECONDS = "client-seconds"  # wall seconds of local training (GPU synchronised)
+GPU_MEMORY_MB = "gpu-memory-mb"  # peak CUDA memory allocated during training (CUDA only)
 
 # Sparse fine-tuning
 QUERY_FISHER = f"{MessageType.QUERY}.fisher"  # diagonal Fisher of the trainable entries

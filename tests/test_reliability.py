@@ -27,7 +27,14 @@ from strategies.fedavg import InsufficientRepliesError
 from tests.conftest import ROOT, quick_run_config
 from tests.run_in_process import run
 
-TIMING = ["seconds-clients", "seconds-aggregate", "seconds-eval", "seconds"]
+TIMING = [
+    "seconds-clients",
+    "seconds-client-compute",
+    "seconds-client-compute-sum",
+    "seconds-aggregate",
+    "seconds-eval",
+    "seconds",
+]
 BASE = {
     "synthetic_train_per_class": 20,
     "num_clients": 4,
