@@ -53,6 +53,16 @@ def read_summary(run_dir: Path) -> dict | None:
     return summary if summary.get("status") == "completed" else None
 
 
+def calibration_bytes(run_dir: Path) -> float:
+    """Bytes moved by a sparse run's calibration rounds (``calibration.csv``), else 0."""
+    path = run_dir / "calibration.csv"
+    if not path.is_file() or path.stat().st_size == 0:
+        return 0.0
+    frame = pd.read_csv(path)
+    columns = [c for c in ("bytes-down", "bytes-up") if c in frame]
+    return float(frame[columns].fillna(0.0).to_numpy().sum()) if columns else 0.0
+
+
 def load_runs(study_dir: Path) -> pd.DataFrame:
     """One row per run of the manifest: setting, seed, status and its summary's results."""
     rows = []
@@ -61,7 +71,8 @@ def load_runs(study_dir: Path) -> pd.DataFrame:
         row = {k: entry[k] for k in ("setting", "seed", "run-name")}
         row["status"] = "completed" if summary is not None else "failed"
         if summary is not None:
-            summary["bytes"] = summary.get("bytes-down", 0.0) + summary.get("bytes-up", 0.0)
+            sent = summary.get("bytes-down", 0.0) + summary.get("bytes-up", 0.0)
+            summary["bytes"] = sent + calibration_bytes(study_dir / entry["run-name"])
             row |= {col: summary.get(key) for key, col in RESULT_KEYS.items()}
         rows.append(row)
     return pd.DataFrame(rows, columns=["setting", "seed", "run-name", "status", *LABELS])
@@ -111,7 +122,11 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def load_metrics(study_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
-    """Every completed run's metrics.csv, with setting, seed, local steps and bytes so far."""
+    """Every completed run's metrics.csv, with setting, seed, local steps and bytes so far.
+
+    Bytes so far start with the calibration traffic of sparse runs, so accuracy against
+    bytes compares dense and sparse runs at their full cost.
+    """
     frames = []
     for run in runs[runs["status"] == "completed"].to_dict("records"):
         run_dir = study_dir / run["run-name"]
@@ -121,7 +136,7 @@ def load_metrics(study_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
         frame["strategy"] = config.get("strategy", "fedavg")
         frame["client-steps"] = frame["round"] * int(config.get("local-steps", 1))
         sent = frame[["bytes-down", "bytes-up"]].fillna(0.0).sum(axis=1)
-        frame["bytes-cumulative"] = sent.cumsum()
+        frame["bytes-cumulative"] = calibration_bytes(run_dir) + sent.cumsum()
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

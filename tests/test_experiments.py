@@ -163,8 +163,12 @@ def test_table_is_mean_and_sample_std_over_seeds(tmp_path):
     frame.assign(study="s", status="completed", seconds=1.0, detail="").to_csv(
         study / "sweep.csv", index=False
     )
+    pd.DataFrame({"round": [1, 2], "bytes-down": [1e6, 1e6], "bytes-up": [5e5, 5e5]}).to_csv(
+        study / "b-seed0" / "calibration.csv", index=False
+    )
     table = summary_table(load_runs(study))
     a, b = table.iloc[0], table.iloc[1]
+    assert b["bytes-mean"] == pytest.approx(4e6 + 3e6)  # training + calibration traffic
     assert a["test-accuracy-mean"] == pytest.approx(0.4)
     assert a["test-accuracy-std"] == pytest.approx(0.2)  # sample std of 0.2, 0.4, 0.6
     assert a["wall-time-s-mean"] == pytest.approx(20.0) and a["bytes-mean"] == 4e6
