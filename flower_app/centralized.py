@@ -31,10 +31,9 @@ from flwr.app import ArrayRecord
 
 from clients.training import autocast_context, batch_schedule, evaluate
 from flower_app.config import ConfigError, RunConfig, load_preset, parse_overrides
-from flower_app.data import ImageSplit, batch_preprocessor, load_splits
-from flower_app.model import create_initial_model
-from flower_app.results import BestModel, MetricsTable, RunDirectory, plot_metrics, task_vector
-from flower_app.runtime import resolve_device, use_bf16
+from flower_app.data import ImageSplit, batch_preprocessor
+from flower_app.results import BestModel, MetricsTable, RunDirectory, task_vector, write_summary
+from flower_app.runtime import initial_model, resolve_device, run_splits, use_bf16
 from flower_app.server_app import writable_output_dir
 
 MODE = "centralized"
@@ -100,17 +99,8 @@ def train_centralized(
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
     bf16 = use_bf16(cfg.precision, device)
-    splits = load_splits(
-        cfg.dataset,
-        cfg.data_path,
-        cfg.download,
-        cfg.val_fraction,
-        cfg.seed,
-        cfg.synthetic_train_per_class,
-    )
-    model = create_initial_model(
-        cfg.model, cfg.num_classes, cfg.image_size, cfg.weights, cfg.pretrained_path, cfg.seed
-    )
+    splits = run_splits(cfg)
+    model = initial_model(cfg)
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.to(device)
     train, val, test = (_to_device(s, device) for s in (splits.train, splits.val, splits.test))
@@ -193,26 +183,17 @@ def train_centralized(
     run_dir.save_weights("final_model.safetensors", final_state)
     run_dir.save_weights("best_model.safetensors", best_state)
     run_dir.save_weights("task_vector.safetensors", task_vector(final_state, initial_state))
-    frame = metrics.frame()
-    plot_metrics(frame, run_dir.path / "metrics.png", run_name)
-    evaluated = frame.dropna(subset=["val-accuracy"])
-    summary = {
-        "run-name": run_name,
-        "mode": MODE,
-        "status": "completed",
-        "rounds": cfg.epochs,
-        "final-val-accuracy": float(evaluated["val-accuracy"].iloc[-1]) if len(evaluated) else None,
-        "best-val-accuracy": best.accuracy if best.state is not None else None,
-        "best-val-round": best.round if best.state is not None else None,
-        "final-test-accuracy": test_acc,
-        "final-test-loss": test_loss,
-        "best-model-test-accuracy": best_test_acc,
-        "best-model-test-loss": best_test_loss,
-        "bytes-down": 0.0,
-        "bytes-up": 0.0,
-        "wall-time-s": time.perf_counter() - t_start,
-    }
-    run_dir.write_json("summary.json", summary)  # last: its presence says the run finished
+    summary = write_summary(
+        run_dir,
+        run_name,
+        metrics.frame(),
+        best,
+        cfg.epochs,
+        (test_loss, test_acc),
+        (best_test_loss, best_test_acc),
+        time.perf_counter() - t_start,
+        {"mode": MODE},
+    )
     log(
         f"final test accuracy {test_acc:.4f} (best-validation model, epoch "
         f"{summary['best-val-round']}: {best_test_acc:.4f}); results written to {run_dir.path}"

@@ -26,12 +26,11 @@ from flower_app.data import (
     ImageSplit,
     batch_preprocessor,
     load_node_data,
-    load_splits,
     partition_indices,
     preprocess_batch,
 )
 from flower_app.model import build_model
-from flower_app.runtime import resolve_device, use_bf16
+from flower_app.runtime import resolve_device, run_splits, use_bf16
 from strategies import protocol
 from strategies.sparse_codec import decode_mask, gather_masked
 
@@ -101,14 +100,7 @@ def get_runtime(cfg: RunConfig, partition_id: int, node_data_dir: str = "") -> C
     data_key = (cfg.dataset, str(cfg.data_path), cfg.val_fraction, cfg.seed)
     data_key += (cfg.synthetic_train_per_class, str(device))
     if data_key not in _DATA:
-        splits = load_splits(
-            cfg.dataset,
-            cfg.data_path,
-            cfg.download,  # in simulation the server has fetched it already
-            cfg.val_fraction,
-            cfg.seed,
-            cfg.synthetic_train_per_class,
-        )
+        splits = run_splits(cfg)
         _DATA[data_key] = ImageSplit(splits.train.images.to(device), splits.train.labels.to(device))
     train = _DATA[data_key]
     part_key = (*data_key, cfg.num_clients, cfg.sharding, cfg.classes_per_client)

@@ -13,19 +13,13 @@ import argparse
 from pathlib import Path
 
 from flower_app.config import RunConfig, load_preset, parse_overrides
-from flower_app.data import ImageSplit, load_splits, partition_indices, save_node_data
+from flower_app.data import ImageSplit, partition_indices, save_node_data
+from flower_app.runtime import run_splits
 
 
 def write_node_data(cfg: RunConfig, out: Path) -> list[Path]:
     """One ``node-data.npz`` per partition under ``out``."""
-    splits = load_splits(
-        cfg.dataset,
-        cfg.data_path,
-        cfg.download,
-        cfg.val_fraction,
-        cfg.seed,
-        cfg.synthetic_train_per_class,
-    )
+    splits = run_splits(cfg)
     train = splits.train
     parts = partition_indices(
         train.labels.numpy(), cfg.num_clients, cfg.sharding, cfg.classes_per_client, cfg.seed

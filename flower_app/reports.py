@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
-from flower_app.results import atomic_write_bytes
+from flower_app.results import atomic_write_bytes, save_figure
 
 MANIFEST = "sweep.csv"
 MANIFEST_COLUMNS = ["study", "setting", "seed", "run-name", "status", "seconds", "detail"]
@@ -141,21 +139,6 @@ def load_metrics(study_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.tight_layout()
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
-
-
 def _figure(ncols: int = 1):
     import matplotlib
 
@@ -192,7 +175,7 @@ def plot_accuracy(metrics: pd.DataFrame, path: Path, title: str, x: str = "round
     xlabel = "round x local steps" if x == "client-steps" else x
     ax.set(xlabel=xlabel, ylabel="validation accuracy", title=title)
     ax.legend(fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_final_accuracy(table: pd.DataFrame, path: Path, title: str) -> Path:
@@ -202,7 +185,7 @@ def plot_final_accuracy(table: pd.DataFrame, path: Path, title: str) -> Path:
     std = table["test-accuracy-std"].fillna(0.0)
     ax.bar(table["setting"].astype(str), table["test-accuracy-mean"], yerr=std, capsize=4)
     ax.set(xlabel="setting", ylabel="final test accuracy", title=title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_accuracy_vs_bytes(metrics: pd.DataFrame, path: Path, title: str) -> Path:
@@ -216,7 +199,7 @@ def plot_accuracy_vs_bytes(metrics: pd.DataFrame, path: Path, title: str) -> Pat
         ax.plot(stats["mb"], stats["val-accuracy"], marker="o", ms=2, label=str(setting))
     ax.set(xlabel="MB communicated (down + up)", ylabel="validation accuracy", title=title)
     ax.legend(fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_interference(metrics: pd.DataFrame, path: Path, title: str, x: str = "round") -> Path:
@@ -230,7 +213,7 @@ def plot_interference(metrics: pd.DataFrame, path: Path, title: str, x: str = "r
             _lines(ax, metrics, x, column)
         ax.set(xlabel=x, ylabel=label, title=title)
         ax.legend(fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_report(study_dir: Path, study: str) -> dict[str, Path]:

@@ -192,10 +192,17 @@ def plot_metrics(frame: pd.DataFrame, path: Path, title: str) -> Path:
     ax_loss.set(xlabel="round", ylabel="cross-entropy", title="loss")
     ax_loss.legend()
     fig.suptitle(title)
-    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write the PNG under a temporary name, rename it over ``path``, close."""
+    import matplotlib.pyplot as plt
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
     try:
+        fig.tight_layout()
         fig.savefig(tmp, dpi=100)
         os.replace(tmp, path)
     finally:
@@ -209,3 +216,40 @@ def task_vector(
 ) -> dict[str, torch.Tensor]:
     """Final minus initial weights: the object task arithmetic adds and negates."""
     return {k: final[k].float() - initial[k].float() for k in final if final[k].is_floating_point()}
+
+
+def write_summary(
+    run_dir: RunDirectory,
+    run_name: str,
+    frame: pd.DataFrame,
+    best: BestModel,
+    rounds: int,
+    test: tuple[float, float],
+    best_test: tuple[float, float],
+    wall_time_s: float,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Plot the metrics, then write ``summary.json`` last: its presence says the run finished.
+
+    ``test`` and ``best_test`` are (loss, accuracy) of the final and the best-validation
+    model on the test split; federated and centralized runs share these keys.
+    """
+    plot_metrics(frame, run_dir.path / "metrics.png", run_name)
+    evaluated = frame.dropna(subset=["val-accuracy"])
+    summary = {
+        "run-name": run_name,
+        "status": "completed",
+        "rounds": rounds,
+        "final-val-accuracy": float(evaluated["val-accuracy"].iloc[-1]) if len(evaluated) else None,
+        "best-val-accuracy": best.accuracy if best.state is not None else None,
+        "best-val-round": best.round if best.state is not None else None,
+        "final-test-accuracy": test[1],
+        "final-test-loss": test[0],
+        "best-model-test-accuracy": best_test[1],
+        "best-model-test-loss": best_test[0],
+        "bytes-down": float(frame["bytes-down"].sum()),
+        "bytes-up": float(frame["bytes-up"].sum()),
+        "wall-time-s": wall_time_s,
+    } | dict(extra or {})
+    run_dir.write_json("summary.json", summary)
+    return summary

@@ -21,18 +21,17 @@ from flower_app.checkpoint import (
     load_checkpoint,
 )
 from flower_app.config import ConfigError, RunConfig
-from flower_app.data import ImageSplit, batch_preprocessor, load_splits
-from flower_app.model import create_initial_model
+from flower_app.data import ImageSplit, batch_preprocessor
 from flower_app.results import (
     BestModel,
     MetricsTable,
     ProgressLog,
     RunDirectory,
     partitions_frame,
-    plot_metrics,
     task_vector,
+    write_summary,
 )
-from flower_app.runtime import resolve_device, use_bf16
+from flower_app.runtime import initial_model, resolve_device, run_splits, use_bf16
 from flower_app.schedule import lr_at_round
 from strategies import protocol
 from strategies.fedavg import CentralEvaluate, OrderedFedAvg, RoundHook
@@ -223,17 +222,8 @@ def main(grid: Grid, context: Context) -> None:
     node_ids = wait_for_nodes(grid, cfg.num_clients, cfg.node_wait_timeout)
 
     device = resolve_device(cfg.device)
-    splits = load_splits(
-        cfg.dataset,
-        cfg.data_path,
-        cfg.download,
-        cfg.val_fraction,
-        cfg.seed,
-        cfg.synthetic_train_per_class,
-    )
-    model = create_initial_model(
-        cfg.model, cfg.num_classes, cfg.image_size, cfg.weights, cfg.pretrained_path, cfg.seed
-    )
+    splits = run_splits(cfg)
+    model = initial_model(cfg)
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if checkpoint is not None:
         initial_state = checkpoint.initial
@@ -302,23 +292,15 @@ def main(grid: Grid, context: Context) -> None:
             "mask-density": mask_density(strategy.mask),
             "mask-strategy": cfg.mask_strategy,
         }
-    frame = metrics.frame()
-    plot_metrics(frame, run_dir.path / "metrics.png", run_name)
-    evaluated = frame.dropna(subset=["val-accuracy"])
-    summary = {
-        "run-name": run_name,
-        "status": "completed",
-        "rounds": cfg.num_server_rounds,
-        "final-val-accuracy": float(evaluated["val-accuracy"].iloc[-1]) if len(evaluated) else None,
-        "best-val-accuracy": best.accuracy if best.state is not None else None,
-        "best-val-round": best.round if best.state is not None else None,
-        "final-test-accuracy": test_acc,
-        "final-test-loss": test_loss,
-        "best-model-test-accuracy": best_test_acc,
-        "best-model-test-loss": best_test_loss,
-        "bytes-down": float(frame["bytes-down"].sum()),
-        "bytes-up": float(frame["bytes-up"].sum()),
-        "wall-time-s": time.perf_counter() - t_start,
-    } | sparse_summary
-    run_dir.write_json("summary.json", summary)
+    write_summary(
+        run_dir,
+        run_name,
+        metrics.frame(),
+        best,
+        cfg.num_server_rounds,
+        (test_loss, test_acc),
+        (best_test_loss, best_test_acc),
+        time.perf_counter() - t_start,
+        sparse_summary,
+    )
     print(f"results written to {run_dir.path}", flush=True)
