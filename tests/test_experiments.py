@@ -11,11 +11,14 @@ from pathlib import Path
 import matplotlib.image
 import pandas as pd
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from flower_app import experiments
 from flower_app.checkpoint import CHECKPOINT_NAME
-from flower_app.config import ConfigError
+from flower_app.config import ConfigError, RunConfig
 from flower_app.reports import load_runs, markdown_table, summary_table, write_report
+from flower_app.runtime import initial_model
 from flower_app.studies import LOCAL_STEPS, base_config, scaled_rounds, study_settings
 from tests.conftest import ROOT
 
@@ -192,16 +195,19 @@ def test_table_is_mean_and_sample_std_over_seeds(tmp_path):
 
 
 # ---- a real quick sweep through flwr run, then the notebook on its results ------------------
+SETTINGS = ("dense", "lowest_magnitude")  # dense and sparse; the magnitude mask needs no Fisher
 SWEEP = [
-    "heterogeneity",
+    "mask-strategies",
     "--quick",
     "--seeds",
     "2",
     "--settings",
-    "nc10,iid",
+    ",".join(SETTINGS),
     "num-server-rounds=2",
     "synthetic-train-per-class=20",
     "eval-every=1",
+    "num-clients=10",  # fewer nodes to start and query than the quick study's 100
+    "fraction-train=0.5",
 ]
 
 
@@ -218,32 +224,49 @@ def quick_sweep(tmp_path_factory) -> tuple[Path, str]:
 @pytest.mark.e2e
 def test_quick_sweep_writes_tables_and_plots_and_skips_finished_runs(quick_sweep, capsys):
     out, log = quick_sweep
-    study = out / "heterogeneity"
-    assert "[4/4] heterogeneity/iid-seed1: run, completed" in log
+    study = out / "mask-strategies"
+    assert "[4/4] mask-strategies/lowest_magnitude-seed1: run, completed" in log
     summaries = {
         (s, k): json.loads((study / f"{s}-seed{k}" / "summary.json").read_text())
-        for s in ("nc10", "iid")
+        for s in SETTINGS
         for k in (0, 1)
     }
     table = pd.read_csv(study / "table.csv").set_index("setting")
-    for setting in ("nc10", "iid"):
+    for setting in SETTINGS:
         accs = pd.Series([summaries[(setting, k)]["final-test-accuracy"] for k in (0, 1)])
         assert table.loc[setting, "test-accuracy-mean"] == pytest.approx(accs.mean())
         assert table.loc[setting, "test-accuracy-std"] == pytest.approx(accs.std(ddof=1))
         assert table.loc[setting, "runs"] == 2
     assert "± " in (study / "table.md").read_text()
-    for name in ("accuracy.png", "final_accuracy.png", "interference.png"):
+    assert table.loc["lowest_magnitude", "bytes-mean"] < table.loc["dense", "bytes-mean"]
+    for name in ("accuracy.png", "final_accuracy.png", "accuracy_vs_bytes.png", "interference.png"):
         assert (study / name).read_bytes()[:8] == PNG_MAGIC
-    metrics = pd.read_csv(study / "iid-seed0" / "metrics.csv")
-    cosine = metrics["update-cosine"].dropna()
-    assert len(cosine) == 2 and cosine.between(-1, 1).all()
-    assert metrics["update-norm-ratio"].dropna().between(0, 1 + 1e-9).all()
+    for setting in SETTINGS:
+        metrics = pd.read_csv(study / f"{setting}-seed0" / "metrics.csv")
+        cosine = metrics["update-cosine"].dropna()
+        assert len(cosine) == 2 and cosine.between(-1, 1).all()
+        assert metrics["update-norm-ratio"].dropna().between(0, 1 + 1e-9).all()
 
     stamps = {p: p.stat().st_mtime_ns for p in study.glob("*/summary.json")}
     code = experiments.main([*SWEEP, "--output-dir", str(out), "--app", str(ROOT)])
     again = capsys.readouterr().out
     assert code == 0 and again.count("skipped (finished earlier)") == 4
     assert {p: p.stat().st_mtime_ns for p in study.glob("*/summary.json")} == stamps
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sparse_runs_through_ray_keep_masked_entries(quick_sweep, seed):
+    """The mask reaches Ray's worker processes once and lives in each node's context.state."""
+    run = quick_sweep[0] / "mask-strategies" / f"lowest_magnitude-seed{seed}"
+    mask = {k: v.bool() for k, v in load_file(run / "mask.safetensors").items()}
+    final = load_file(run / "final_model.safetensors")
+    config = json.loads((run / "config.json").read_text())
+    config.pop("run-name")
+    initial = initial_model(RunConfig.from_run_config(config)).state_dict()
+    for name, m in mask.items():
+        assert torch.equal(final[name][~m], initial[name][~m]), name
+    assert any(not torch.equal(final[n][m], initial[n][m]) for n, m in mask.items())
 
 
 @pytest.mark.e2e
@@ -267,7 +290,7 @@ def test_analysis_notebook_runs_on_quick_results(quick_sweep, monkeypatch):
         if c.cell_type == "code"
         for o in c.outputs
     ]
-    assert any("results in" in t and "heterogeneity" in t for t in texts)
+    assert any("results in" in t and "mask-strategies" in t for t in texts)
     assert any("update-cosine" in t for t in texts)
     outputs = [o for c in notebook.cells for o in c.get("outputs", [])]
     assert not any(o.get("output_type") == "error" for o in outputs)
