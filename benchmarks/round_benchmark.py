@@ -59,7 +59,7 @@ import torch
 from clients.training import train_local
 from flower_app.config import RunConfig, write_run_config
 from flower_app.data import batch_preprocessor
-from flower_app.local_superlink import LocalSuperLink
+from flower_app.local_superlink import LocalSuperLink, pids_with_env
 from flower_app.model import build_model
 from flower_app.runtime import use_bf16
 
@@ -124,18 +124,8 @@ def simulation_pids(marker: bytes, keep: int) -> list[int]:
     too; they are this process's children and are left out, except ``keep`` (the
     SuperLink, which everything else of the simulation descends from).
     """
-    me, pids = os.getpid(), []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        pid = int(entry.name)
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if marker in environ.split(b"\0") and (pid == keep or _parent_pid(pid) != me):
-            pids.append(pid)
-    return pids
+    me = os.getpid()
+    return [pid for pid in pids_with_env(marker) if pid == keep or _parent_pid(pid) != me]
 
 
 @dataclass

@@ -198,12 +198,7 @@ class RunConfig:
         _at_least("head-warmup-rounds", self.head_warmup_rounds, 0)
         _at_least("epochs", self.epochs, 1)
         _at_least("warmup-epochs", self.warmup_epochs, 0)
-        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
-            raise _err(
-                "warmup-epochs",
-                self.warmup_epochs,
-                f"must be smaller than epochs ({self.epochs})",
-            )
+        _warmup_below("warmup-epochs", self.warmup_epochs, "epochs", self.epochs)
         if not 0.0 <= self.sparsity < 1.0:
             raise _err("sparsity", self.sparsity, "must be in [0, 1) (the fraction frozen)")
         if not 0.0 < self.calibration_fraction <= 1.0:
@@ -216,12 +211,8 @@ class RunConfig:
         _at_least("eval-every", self.eval_every, 1)
         _at_least("synthetic-train-per-class", self.synthetic_train_per_class, 2)
         _at_least("warmup-rounds", self.warmup_rounds, 0)
-        if self.warmup_rounds >= self.num_server_rounds and self.warmup_rounds > 0:
-            raise _err(
-                "warmup-rounds",
-                self.warmup_rounds,
-                f"must be smaller than num-server-rounds ({self.num_server_rounds})",
-            )
+        rounds = self.num_server_rounds
+        _warmup_below("warmup-rounds", self.warmup_rounds, "num-server-rounds", rounds)
         if not 0.0 < self.fraction_train <= 1.0:
             raise _err("fraction-train", self.fraction_train, "must be in (0, 1]")
         if not 0.0 <= self.fraction_evaluate <= 1.0:
@@ -349,6 +340,12 @@ def _coerce(key: str, raw: Any, default: Any) -> Any:
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise _err(key, value, f"must be one of {', '.join(allowed)}")
+
+
+def _warmup_below(key: str, value: int, total_key: str, total: int) -> None:
+    """A warm-up (0 = none) must leave at least one step of the schedule after it."""
+    if value > 0 and value >= total:
+        raise _err(key, value, f"must be smaller than {total_key} ({total})")
 
 
 def _at_least(key: str, value: int, low: int) -> None:

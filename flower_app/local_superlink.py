@@ -26,7 +26,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pids_with_env(marker: bytes) -> list[int]:
+def pids_with_env(marker: bytes) -> list[int]:
     """PIDs whose environment holds ``marker`` (a ``KEY=value`` entry)."""
     pids = []
     for entry in Path("/proc").iterdir():
@@ -200,7 +200,7 @@ class LocalSuperLink:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=10)
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in _pids_with_env(marker):
+            for pid in pids_with_env(marker):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
             time.sleep(1)
