@@ -351,33 +351,27 @@ def run_one(link: LocalSuperLink, spec: RunSpec, out: Path, timeout: float) -> R
     toml = write_run_config(out / f"{spec.name}.toml", config)
     federation = f"num-supernodes={spec.num_clients} {spec.federation}".strip()
     marker = f"FLWR_HOME={link.home}".encode()
-    start = time.monotonic()
     sampler = MemorySampler(marker, link.process.pid, out / spec.name / "metrics.csv")
     try:
         with sampler:
-            run_id = link.submit(APP_DIR, toml, federation)
-            try:
-                status = link.wait_for_run(run_id, APP_DIR, timeout)["status"]
-            except TimeoutError:
-                link.flwr("stop", str(run_id), app_dir=APP_DIR, timeout=120)
-                status = f"timed out after {timeout:.0f} s"
+            outcome = link.run_to_end(APP_DIR, toml, federation, timeout=timeout)
     except RuntimeError as exc:  # flwr run refused the run
         return RunResult(spec, False, str(exc), memory=sampler.samples)
-    wall = time.monotonic() - start
     run_dir = out / spec.name
     summary_path = run_dir / "summary.json"
-    if status != "finished:completed" or not summary_path.is_file():
-        tail = link.run_log(run_id, APP_DIR).strip()[-3000:]
-        detail = f"flwr run {run_id}: {status}; last lines of its log:\n{tail}"
-        return RunResult(spec, False, detail, memory=sampler.samples, wall_s=wall)
+    if not outcome.completed or not summary_path.is_file():
+        status = f"timed out after {timeout:.0f} s" if outcome.timed_out else outcome.status
+        tail = outcome.log.strip()[-3000:]
+        detail = f"flwr run {outcome.run_id}: {status}; last lines of its log:\n{tail}"
+        return RunResult(spec, False, detail, memory=sampler.samples, wall_s=outcome.seconds)
     return RunResult(
         spec,
         True,
-        f"flwr run {run_id}",
+        f"flwr run {outcome.run_id}",
         pd.read_csv(run_dir / "metrics.csv"),
         json.loads(summary_path.read_text()),
         sampler.samples,
-        wall,
+        outcome.seconds,
     )
 
 
@@ -409,6 +403,132 @@ def _col(frame: pd.DataFrame, name: str) -> pd.Series:
     return frame[name] if name in frame else pd.Series(np.nan, index=frame.index)
 
 
+@dataclass(frozen=True)
+class RoundFigures:
+    """A run's training rounds after warm-up: medians in seconds, and the floor they face."""
+
+    round_times: pd.Series  # per measured round, evaluation excluded
+    images: int  # per round: clients x J steps x batch
+    workers: int  # client workers running at once
+    eval_every: int
+    client_phase: float
+    compute_sum: float  # the clients' compute of a round, summed
+    slowest_client: float
+    aggregate: float
+    eval_s: float  # nan without an evaluation
+    gpu_mb: float  # peak allocated per worker; nan on a CPU
+    floor: Floor
+
+    @property
+    def median_round(self) -> float:
+        return float(self.round_times.median())
+
+    @property
+    def client_compute(self) -> float:
+        return self.compute_sum / self.workers
+
+    @property
+    def communication(self) -> float:
+        return self.client_phase - self.client_compute
+
+    @property
+    def ratio_to_floor(self) -> float:
+        return self.median_round / self.floor.seconds
+
+    @property
+    def flower_overhead(self) -> float:
+        return self.median_round - self.floor.bare_round_s
+
+    @property
+    def canonical_evals(self) -> int:
+        return CANONICAL_ROUNDS // CANONICAL_EVAL_EVERY
+
+    @property
+    def projected_canonical(self) -> float:
+        return CANONICAL_ROUNDS * self.median_round + self.canonical_evals * self.eval_s
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rounds-measured": len(self.round_times),
+            "median-round-s": self.median_round,
+            "images-per-s": self.images / self.median_round,
+            "client-phase-s": self.client_phase,
+            "client-compute-s": self.client_compute,
+            "communication-s": self.communication,
+            "aggregate-s": self.aggregate,
+            "eval-s": self.eval_s,
+            "gpu-memory-mb": None if math.isnan(self.gpu_mb) else self.gpu_mb,
+            "floor-s": self.floor.seconds,
+            "ratio-to-floor": self.ratio_to_floor,
+            "bare-round-s": self.floor.bare_round_s,
+            "flower-overhead-s": self.flower_overhead,
+            "projected-canonical-s": self.projected_canonical,
+        }
+
+
+def round_figures(spec: RunSpec, metrics: pd.DataFrame, floor: Floor) -> RoundFigures:
+    """The figures of a run from its ``metrics.csv`` rows."""
+    trained = metrics[metrics["round"] > spec.warmup]
+    cfg = RunConfig.from_run_config(spec.config)
+    median = lambda name: float(_col(trained, name).median())  # noqa: E731
+    evals = _col(metrics, "seconds-eval").dropna()
+    return RoundFigures(
+        round_times=trained["seconds"] - _col(trained, "seconds-eval").fillna(0.0),
+        images=cfg.clients_per_round * cfg.local_steps * cfg.batch_size,
+        workers=workers_of(spec.federation, cfg.clients_per_round),
+        eval_every=cfg.eval_every,
+        client_phase=median("seconds-clients"),
+        compute_sum=median("seconds-client-compute-sum"),
+        slowest_client=median("seconds-client-compute"),
+        aggregate=median("seconds-aggregate"),
+        eval_s=float(evals.median()) if len(evals) else math.nan,
+        gpu_mb=float(_col(metrics, "gpu-memory-mb").max()),
+        floor=floor,
+    )
+
+
+def write_round_split(fig: RoundFigures, warmup: int, write: Callable[[str], None]) -> None:
+    """Round time, images/s, where a round's time goes, and peak GPU memory."""
+    write(f"   rounds measured: {len(fig.round_times)} after {warmup} warm-up")
+    write(f"   round time (training, eval excluded): {_median_spread(fig.round_times)}")
+    write(f"   images/round {fig.images}, images/s {fig.images / fig.median_round:.1f}")
+    write(
+        f"   split (medians): client phase {fig.client_phase:.3f} s = client compute "
+        f"{fig.client_compute:.3f} s (sum {fig.compute_sum:.3f} s over {fig.workers} workers; "
+        f"slowest client {fig.slowest_client:.3f} s) + communication/scheduling "
+        f"{fig.communication:.3f} s"
+    )
+    write(
+        f"                    server aggregation {fig.aggregate:.3f} s, other server "
+        f"{fig.median_round - fig.client_phase - fig.aggregate:.3f} s, evaluation "
+        f"{fig.eval_s:.3f} s (every {fig.eval_every} rounds)"
+    )
+    write(
+        "   GPU memory per worker (peak allocated): "
+        + (f"{fig.gpu_mb:.0f} MB" if not math.isnan(fig.gpu_mb) else "n/a (CPU run)")
+    )
+
+
+def write_against_floor(fig: RoundFigures, tiny: bool, write: Callable[[str], None]) -> None:
+    """The median round against the compute floor, and the projected canonical run."""
+    floor, median_round = fig.floor, fig.median_round
+    write(
+        f"   compute floor {floor.seconds:.3f} s ({floor.best}, {floor.rates[floor.best]:.0f} "
+        f"img/s x{floor.parallel}): median round / floor = {fig.ratio_to_floor:.2f}x"
+    )
+    if tiny:
+        write(
+            f"   Flower path overhead per round: {fig.flower_overhead:.3f} s (median round "
+            f"{median_round:.3f} s - bare client compute {floor.bare_round_s:.3f} s; ratio "
+            f"{median_round / floor.bare_round_s:.2f}x)"
+        )
+    write(
+        f"   projected canonical wall time: {CANONICAL_ROUNDS} x {median_round:.3f} s + "
+        f"{fig.canonical_evals} x {fig.eval_s:.3f} s eval = {fig.projected_canonical:.0f} s "
+        f"({fig.projected_canonical / 3600:.2f} h; start-up and checkpoints not included)"
+    )
+
+
 def report_run(result: RunResult, floor: Floor, tiny: bool, write: Callable[[str], None]) -> dict:
     """Print the figures of one run; return them as a dict (for the JSON report)."""
     spec = result.spec
@@ -416,78 +536,16 @@ def report_run(result: RunResult, floor: Floor, tiny: bool, write: Callable[[str
     write(f"   {result.detail}; wall {result.wall_s:.1f} s end to end")
     if not result.ok or result.metrics is None:
         return {"run": spec.name, "ok": False, "detail": result.detail}
-    frame = result.metrics
-    trained = frame[frame["round"] > spec.warmup].copy()
-    eval_s = _col(frame, "seconds-eval")
-    trained["train-round"] = trained["seconds"] - _col(trained, "seconds-eval").fillna(0.0)
-    cfg = RunConfig.from_run_config(spec.config)
-    workers = workers_of(spec.federation, cfg.clients_per_round)
-    images = cfg.clients_per_round * cfg.local_steps * cfg.batch_size
-    median_round = float(trained["train-round"].median())
-    median = lambda name: float(_col(trained, name).median())  # noqa: E731
-    compute = median("seconds-client-compute-sum") / workers
-    clients = median("seconds-clients")
-    aggregate = median("seconds-aggregate")
-    evals = eval_s.dropna()
-    eval_median = float(evals.median()) if len(evals) else math.nan
-    write(f"   rounds measured: {len(trained)} after {spec.warmup} warm-up")
-    write(f"   round time (training, eval excluded): {_median_spread(trained['train-round'])}")
-    write(f"   images/round {images}, images/s {images / median_round:.1f}")
-    write(
-        f"   split (medians): client phase {clients:.3f} s = client compute {compute:.3f} s "
-        f"(sum {median('seconds-client-compute-sum'):.3f} s over {workers} workers; slowest "
-        f"client {median('seconds-client-compute'):.3f} s) + communication/scheduling "
-        f"{clients - compute:.3f} s"
-    )
-    write(
-        f"                    server aggregation {aggregate:.3f} s, other server "
-        f"{median_round - clients - aggregate:.3f} s, evaluation {eval_median:.3f} s "
-        f"(every {cfg.eval_every} rounds)"
-    )
-    gpu = _col(frame, "gpu-memory-mb").max()
-    write(
-        "   GPU memory per worker (peak allocated): "
-        + (f"{gpu:.0f} MB" if not math.isnan(gpu) else "n/a (CPU run)")
-    )
-    ratio = median_round / floor.seconds
-    write(
-        f"   compute floor {floor.seconds:.3f} s ({floor.best}, {floor.rates[floor.best]:.0f} "
-        f"img/s x{floor.parallel}): median round / floor = {ratio:.2f}x"
-    )
-    overhead = median_round - floor.bare_round_s
-    if tiny:
-        write(
-            f"   Flower path overhead per round: {overhead:.3f} s (median round "
-            f"{median_round:.3f} s - bare client compute {floor.bare_round_s:.3f} s; ratio "
-            f"{median_round / floor.bare_round_s:.2f}x)"
-        )
-    evals_in_run = CANONICAL_ROUNDS // CANONICAL_EVAL_EVERY
-    projected = CANONICAL_ROUNDS * median_round + evals_in_run * eval_median
-    write(
-        f"   projected canonical wall time: {CANONICAL_ROUNDS} x {median_round:.3f} s + "
-        f"{evals_in_run} x {eval_median:.3f} s eval = {projected:.0f} s "
-        f"({projected / 3600:.2f} h; start-up and checkpoints not included)"
-    )
+    figures = round_figures(spec, result.metrics, floor)
+    write_round_split(figures, spec.warmup, write)
+    write_against_floor(figures, tiny, write)
     memory = report_memory(result, write)
     return {
         "run": spec.name,
         "ok": True,
         "num-clients": spec.num_clients,
         "model": spec.config["model"],
-        "rounds-measured": len(trained),
-        "median-round-s": median_round,
-        "images-per-s": images / median_round,
-        "client-phase-s": clients,
-        "client-compute-s": compute,
-        "communication-s": clients - compute,
-        "aggregate-s": aggregate,
-        "eval-s": eval_median,
-        "gpu-memory-mb": None if math.isnan(gpu) else float(gpu),
-        "floor-s": floor.seconds,
-        "ratio-to-floor": ratio,
-        "bare-round-s": floor.bare_round_s,
-        "flower-overhead-s": overhead,
-        "projected-canonical-s": projected,
+        **figures.as_dict(),
         **memory,
     }
 
@@ -548,31 +606,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Floor, dense and sparse runs (and K=1000); exit 1 if a run failed."""
-    args = parse_args(argv)
+def pick_device(choice: str) -> torch.device | None:
+    """The device of ``--device``; None for ``cuda`` on a machine without a GPU."""
     cuda = torch.cuda.is_available()
-    if args.device == "cuda" and not cuda:
-        print("error: --device cuda but this machine sees no GPU", file=sys.stderr)
-        return 2
-    device = torch.device("cuda" if args.device != "cpu" and cuda else "cpu")
-    tiny = args.tiny or device.type == "cpu"
-    form = TINY_FORM if tiny else GPU_FORM
-    form = form | {"device": device.type, "compile": args.compile}
-    federation = args.federation_config or (
-        "client-resources-num-cpus=1"
-        if device.type == "cpu"
-        else f"client-resources-num-cpus={max(1, (os.cpu_count() or 2) // 4)} "
+    if choice == "cuda" and not cuda:
+        return None
+    return torch.device("cuda" if choice != "cpu" and cuda else "cpu")
+
+
+def default_federation(device: torch.device) -> str:
+    """Client resources: one CPU per client worker on a CPU, two workers per GPU."""
+    if device.type == "cpu":
+        return "client-resources-num-cpus=1"
+    return (
+        f"client-resources-num-cpus={max(1, (os.cpu_count() or 2) // 4)} "
         "client-resources-num-gpus=0.5"
     )
-    cfg = RunConfig.from_run_config(form)
+
+
+def print_setup(
+    device: torch.device, tiny: bool, asked_tiny: bool, cfg: RunConfig, federation: str
+) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"device: {device.type} ({name}), {os.cpu_count()} CPU cores, torch "
         f"{torch.__version__}; form: {'tiny (CPU)' if tiny else 'canonical (GPU)'}",
         flush=True,
     )
-    if device.type == "cpu" and not args.tiny:
+    if device.type == "cpu" and not asked_tiny:
         print("no GPU: running the tiny CPU form (vit_tiny_test, 32 px)", flush=True)
     print(
         f"setup: {cfg.model} at {cfg.image_size} px, K={cfg.num_clients}, C={cfg.fraction_train}, "
@@ -580,17 +641,15 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
+
+def floor_of_round(
+    cfg: RunConfig, device: torch.device, federation: str, compile_floor: bool
+) -> Floor:
+    """Measure the compute floor with one client worker's threads, and print it."""
     workers = workers_of(federation, cfg.clients_per_round)
     threads = max(1, int(float(_resources(federation).get("client-resources-num-cpus", 2))))
     parallel = workers if device.type == "cpu" else 1
-    floor = measure_floor(
-        cfg,
-        device,
-        [64, 128, 256],
-        device.type == "cuda" and not args.no_floor_compile,
-        threads,
-        parallel,
-    )
+    floor = measure_floor(cfg, device, [64, 128, 256], compile_floor, threads, parallel)
     rates = ", ".join(f"{k} {v:.0f}" for k, v in floor.rates.items())
     print(f"compute floor, one process with {threads} thread(s) (img/s): {rates}", flush=True)
     print(
@@ -600,42 +659,57 @@ def main(argv: list[str] | None = None) -> int:
         f"{floor.bare_round_s:.3f} s",
         flush=True,
     )
+    return floor
 
-    out = args.output_dir or Path(tempfile.mkdtemp(prefix="round-benchmark-"))
-    out = out.expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+
+def run_specs(
+    args: argparse.Namespace,
+    form: dict[str, Any],
+    federation: str,
+    device: torch.device,
+    tiny: bool,
+) -> list[RunSpec]:
+    """Dense and sparse runs of ``form``; unless --skip-k1000, the quick model at K=1000
+    (and, in the GPU form, at K=100 as its memory reference)."""
     specs = [
         RunSpec("dense", form, federation, args.warmup, args.rounds),
         RunSpec("sparse", form | SPARSE, federation, args.warmup, args.rounds),
     ]
-    if not args.skip_k1000:
-        quick = TINY_FORM | {"device": device.type}
-        quick_fed = "client-resources-num-cpus=1"
-        if device.type == "cuda":
-            quick_fed = federation
-        k1000_rounds = args.k1000_rounds or args.rounds
-        if not tiny:  # the K=100 reference for memory, with the same quick model
-            specs.append(RunSpec("quick-k100", quick, quick_fed, args.warmup, k1000_rounds))
-        specs.append(
-            RunSpec(
-                "quick-k1000",
-                quick | {"num-clients": 1000, "fraction-train": 0.01},
-                quick_fed,
-                args.warmup,
-                k1000_rounds,
-            )
+    if args.skip_k1000:
+        return specs
+    quick = TINY_FORM | {"device": device.type}
+    quick_fed = "client-resources-num-cpus=1"
+    if device.type == "cuda":
+        quick_fed = federation
+    k1000_rounds = args.k1000_rounds or args.rounds
+    if not tiny:  # the K=100 reference for memory, with the same quick model
+        specs.append(RunSpec("quick-k100", quick, quick_fed, args.warmup, k1000_rounds))
+    specs.append(
+        RunSpec(
+            "quick-k1000",
+            quick | {"num-clients": 1000, "fraction-train": 0.01},
+            quick_fed,
+            args.warmup,
+            k1000_rounds,
         )
+    )
+    return specs
 
+
+def run_all(specs: list[RunSpec], out: Path, timeout: float) -> list[RunResult]:
+    """Every spec through ``flwr run`` on a SuperLink of its own, stopped by PID after."""
     link = LocalSuperLink.start(out / ".flwr-home")
     results: list[RunResult] = []
     try:
         for spec in specs:
             print(f"\nrunning {spec.name} ({spec.warmup} + {spec.rounds} rounds) ...", flush=True)
-            results.append(run_one(link, spec, out, args.run_timeout))
+            results.append(run_one(link, spec, out, timeout))
     finally:
         link.stop()
+    return results
 
-    report = [report_run(r, floor, tiny, lambda line: print(line, flush=True)) for r in results]
+
+def print_memory_by_k(report: list[dict]) -> None:
     memory = [r for r in report if r.get("ok") and "pss-slope-mb-per-round" in r]
     if memory:
         print("\nhost memory by K (after the last round; slope = linear fit over rounds):")
@@ -645,11 +719,39 @@ def main(argv: list[str] | None = None) -> int:
                 f"RSS {r['host-rss-mb']:7.0f} MB  slope {r['pss-slope-mb-per-round']:+.2f} "
                 "MB/round (PSS)"
             )
+
+
+def write_benchmark_json(out: Path, device: torch.device, floor: Floor, report: list[dict]) -> None:
     floor_info = {"rates": floor.rates, "best": floor.best, "seconds": floor.seconds}
     floor_info["bare-round-s"] = floor.bare_round_s
     (out / "benchmark.json").write_text(
         json.dumps({"device": device.type, "floor": floor_info, "runs": report}, indent=2) + "\n"
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Floor, dense and sparse runs (and K=1000); exit 1 if a run failed."""
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    if device is None:
+        print("error: --device cuda but this machine sees no GPU", file=sys.stderr)
+        return 2
+    tiny = args.tiny or device.type == "cpu"
+    form = (TINY_FORM if tiny else GPU_FORM) | {"device": device.type, "compile": args.compile}
+    federation = args.federation_config or default_federation(device)
+    cfg = RunConfig.from_run_config(form)
+    print_setup(device, tiny, args.tiny, cfg, federation)
+    compile_floor = device.type == "cuda" and not args.no_floor_compile
+    floor = floor_of_round(cfg, device, federation, compile_floor)
+
+    out = args.output_dir or Path(tempfile.mkdtemp(prefix="round-benchmark-"))
+    out = out.expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results = run_all(run_specs(args, form, federation, device, tiny), out, args.run_timeout)
+
+    report = [report_run(r, floor, tiny, lambda line: print(line, flush=True)) for r in results]
+    print_memory_by_k(report)
+    write_benchmark_json(out, device, floor, report)
     print(f"\nresults: {out} (benchmark.json, one folder per run)")
     failed = [r.spec.name for r in results if not r.ok]
     if failed:

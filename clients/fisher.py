@@ -35,11 +35,9 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def _check_label_mode(label_mode: str) -> None:
+    """Callers validate their own settings (the run-config does); this guards the math."""
     if label_mode not in FISHER_LABEL_MODES:
-        raise ValueError(
-            f"run-config key 'fisher-labels' = {label_mode!r} is not allowed: "
-            f"must be one of {', '.join(FISHER_LABEL_MODES)}"
-        )
+        raise ValueError(f"label_mode={label_mode!r} is not one of {', '.join(FISHER_LABEL_MODES)}")
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -97,7 +95,7 @@ def diagonal_fisher(
     """
     _check_label_mode(label_mode)
     if batch_size < 1:
-        raise ValueError(f"run-config key 'fisher-batch-size' = {batch_size!r}: must be >= 1")
+        raise ValueError(f"batch_size={batch_size!r} must be >= 1")
     if len(images) == 0 or len(images) != len(labels):
         raise ValueError(
             f"need as many labels as images (>= 1): got {len(images)} images, {len(labels)} labels"

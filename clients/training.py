@@ -75,14 +75,29 @@ def train_local(
     for step in range(steps):
         idx = batches[step]
         x = preprocess(images[idx], True, augment_generator)
-        y = labels[idx]
-        with autocast_context(device, bf16):
-            loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=False)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach().float()
+        loss_sum += sgd_step(model, optimizer, x, labels[idx], bf16).float()
     return LocalTrainResult(float(loss_sum) / steps, steps, steps * batch_size)
+
+
+def sgd_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    bf16: bool = False,
+) -> torch.Tensor:
+    """One optimizer step on the batch ``(x, y)``; the batch's mean cross-entropy, detached.
+
+    Shared by the clients and the centralized baseline, so both train with the same
+    arithmetic. Gradients are zeroed in place (not set to None) so their buffers are
+    reused; the loss stays on the device, for the caller to sum without a sync.
+    """
+    with autocast_context(x.device, bf16):
+        loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=False)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 @torch.no_grad()

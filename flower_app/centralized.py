@@ -21,51 +21,26 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from flwr.app import ArrayRecord
+from torch import nn
 
-from clients.training import autocast_context, batch_schedule, evaluate
+from clients.training import Preprocess, batch_schedule, evaluate, sgd_step
 from flower_app.config import ConfigError, RunConfig, load_preset, parse_overrides
 from flower_app.data import ImageSplit, batch_preprocessor
-from flower_app.results import BestModel, MetricsTable, RunDirectory, task_vector, write_summary
+from flower_app.hooks import BestModel, MetricsTable
+from flower_app.results import RunDirectory, finish_run
 from flower_app.runtime import initial_model, resolve_device, run_splits, use_bf16
+from flower_app.schedule import lr_at_step
 from flower_app.server_app import writable_output_dir
 
 MODE = "centralized"
 
-
-def lr_at_step(
-    step: int,
-    total_steps: int,
-    warmup_steps: int,
-    lr: float,
-    min_lr: float,
-    schedule: str = "cosine",
-) -> float:
-    """Learning rate of optimizer step ``step`` (0-based) out of ``total_steps``.
-
-    Linear warm-up: step s < ``warmup_steps`` trains at ``lr * (s + 1) / warmup_steps``
-    (the last warm-up step at ``lr``). Then cosine from ``lr`` at step ``warmup_steps``
-    to ``min_lr`` at step ``total_steps`` (one past the last step, which trains just
-    above ``min_lr``), as the federated schedule treats rounds; or ``lr`` throughout
-    with ``schedule = "constant"``.
-    """
-    if not 0 <= step <= total_steps or not 0 <= warmup_steps < max(total_steps, 1):
-        raise ValueError(
-            f"step={step}, total_steps={total_steps}, warmup_steps={warmup_steps}: need "
-            "0 <= step <= total_steps and 0 <= warmup_steps < total_steps"
-        )
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if schedule == "constant":
-        return lr
-    progress = (step - warmup_steps) / (total_steps - warmup_steps)
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+State = dict[str, torch.Tensor]
 
 
 def default_run_name(cfg: RunConfig, timestamp: str) -> str:
@@ -86,6 +61,136 @@ def _to_device(split: ImageSplit, device: torch.device) -> ImageSplit:
     return ImageSplit(split.images.to(device), split.labels.to(device))
 
 
+@dataclass
+class _Trainer:
+    """What every epoch shares: model, optimizer, the splits on the device, the step plan."""
+
+    cfg: RunConfig
+    device: torch.device
+    bf16: bool
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train: ImageSplit
+    val: ImageSplit
+    test: ImageSplit
+    preprocess: Preprocess
+    batches: torch.Tensor  # (epochs * steps_per_epoch, batch-size) indices into train
+    augment: torch.Generator
+    steps_per_epoch: int
+
+    def train_epoch(self, epoch: int) -> tuple[float, float]:
+        """SGD steps of ``epoch`` (1-based); mean training loss and the last step's lr."""
+        cfg, per_epoch = self.cfg, self.steps_per_epoch
+        total_steps, warmup_steps = cfg.epochs * per_epoch, cfg.warmup_epochs * per_epoch
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        lr = cfg.lr
+        for step in range((epoch - 1) * per_epoch, epoch * per_epoch):
+            lr = lr_at_step(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr, cfg.lr_schedule)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            idx = self.batches[step]
+            x = self.preprocess(self.train.images[idx], True, self.augment)
+            loss = sgd_step(self.model, self.optimizer, x, self.train.labels[idx], self.bf16)
+            loss_sum += loss.float()
+        return float(loss_sum) / per_epoch, lr
+
+    def score(self, split: ImageSplit) -> tuple[float, float]:
+        """(loss, accuracy) of the model as it is on ``split``."""
+        return evaluate(
+            self.model,
+            split.images,
+            split.labels,
+            self.cfg.eval_batch_size,
+            self.preprocess,
+            self.bf16,
+        )
+
+    def test_state(self, state: Mapping[str, torch.Tensor]) -> tuple[float, float]:
+        """(loss, accuracy) of ``state`` on the test split; the model keeps ``state``."""
+        self.model.load_state_dict(state, strict=True)
+        return self.score(self.test)
+
+
+def _prepare(cfg: RunConfig) -> tuple[_Trainer, State]:
+    """Data, model (and a copy of its initial weights), optimizer and seeded batch plan.
+
+    The order (splits, then the model) is the federated run's, so the same ``seed``
+    gives the same initial weights.
+    """
+    device = resolve_device(cfg.device)
+    splits = run_splits(cfg)
+    model = initial_model(cfg)
+    initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.to(device)
+    train, val, test = (_to_device(s, device) for s in (splits.train, splits.val, splits.test))
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    # one seeded permutation per pass over the data, continued across epochs
+    batches = batch_schedule(
+        len(train),
+        cfg.epochs * steps_per_epoch,
+        cfg.batch_size,
+        torch.Generator().manual_seed(cfg.seed),
+    ).to(device)
+    trainer = _Trainer(
+        cfg=cfg,
+        device=device,
+        bf16=use_bf16(cfg.precision, device),
+        model=model,
+        optimizer=optimizer,
+        train=train,
+        val=val,
+        test=test,
+        preprocess=batch_preprocessor(cfg.image_size),
+        batches=batches,
+        augment=torch.Generator(device=device).manual_seed(cfg.seed + 1),
+        steps_per_epoch=steps_per_epoch,
+    )
+    return trainer, initial_state
+
+
+def _epoch_row(trainer: _Trainer, epoch: int) -> dict[str, float]:
+    """Train one epoch, then validate: the epoch's row of ``metrics.csv``."""
+    t_epoch = time.perf_counter()
+    train_loss, lr = trainer.train_epoch(epoch)
+    t_eval = time.perf_counter()
+    val_loss, val_acc = trainer.score(trainer.val)
+    now = time.perf_counter()
+    return {
+        "round": epoch,
+        "phase": "train",
+        "lr": lr,  # of the epoch's last step
+        "num-examples": trainer.steps_per_epoch * trainer.cfg.batch_size,
+        "train-loss": train_loss,
+        "val-loss": val_loss,
+        "val-accuracy": val_acc,
+        "bytes-down": 0,
+        "bytes-up": 0,
+        "seconds-eval": now - t_eval,
+        "seconds": now - t_epoch,
+    }
+
+
+def _train_epochs(
+    trainer: _Trainer, metrics: MetricsTable, log: Callable[[str], None]
+) -> BestModel:
+    """All epochs: one metrics row and one log line each; returns the best-validation epoch."""
+    epochs, best = trainer.cfg.epochs, BestModel()
+    for epoch in range(1, epochs + 1):
+        row = _epoch_row(trainer, epoch)
+        metrics.append(row)
+        best.offer(epoch, row["val-accuracy"], lambda: _cpu_state(trainer.model))
+        log(
+            f"epoch {epoch}/{epochs} | lr {row['lr']:.5f} | train-loss {row['train-loss']:.4f} "
+            f"| val-loss {row['val-loss']:.4f} | val-accuracy {row['val-accuracy']:.4f} | "
+            f"seconds {row['seconds']:.1f}"
+        )
+    return best
+
+
 def train_centralized(
     cfg: RunConfig,
     output_dir: Path,
@@ -97,111 +202,40 @@ def train_centralized(
     Returns the summary (also written, last, to ``summary.json``).
     """
     t_start = time.perf_counter()
-    device = resolve_device(cfg.device)
-    bf16 = use_bf16(cfg.precision, device)
-    splits = run_splits(cfg)
-    model = initial_model(cfg)
-    initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.to(device)
-    train, val, test = (_to_device(s, device) for s in (splits.train, splits.val, splits.test))
-    preprocess = batch_preprocessor(cfg.image_size)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = cfg.warmup_epochs * steps_per_epoch
-    # one seeded permutation per pass over the data, continued across epochs
-    batches = batch_schedule(
-        len(train), total_steps, cfg.batch_size, torch.Generator().manual_seed(cfg.seed)
-    ).to(device)
-    augment = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    trainer, initial_state = _prepare(cfg)
     run_dir = RunDirectory.create(output_dir, run_name)
     run_dir.write_json("config.json", cfg.to_dict() | {"run-name": run_name, "mode": MODE})
     log(f"run directory: {run_dir.path}")
     log(
-        f"centralized: {len(train)} training images, {steps_per_epoch} steps of batch "
-        f"{cfg.batch_size} per epoch, {cfg.epochs} epochs, device {device}"
+        f"centralized: {len(trainer.train)} training images, {trainer.steps_per_epoch} steps "
+        f"of batch {cfg.batch_size} per epoch, {cfg.epochs} epochs, device {trainer.device}"
     )
-
-    metrics, best = MetricsTable(run_dir), BestModel()
-    for epoch in range(1, cfg.epochs + 1):
-        t_epoch = time.perf_counter()
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        lr = cfg.lr
-        for step in range((epoch - 1) * steps_per_epoch, epoch * steps_per_epoch):
-            lr = lr_at_step(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr, cfg.lr_schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            idx = batches[step]
-            x = preprocess(train.images[idx], True, augment)
-            with autocast_context(device, bf16):
-                loss = F.cross_entropy(model(x), train.labels[idx])
-            optimizer.zero_grad(set_to_none=False)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach().float()
-        train_loss = float(loss_sum) / steps_per_epoch
-        t_eval = time.perf_counter()
-        val_loss, val_acc = evaluate(
-            model, val.images, val.labels, cfg.eval_batch_size, preprocess, bf16
-        )
-        now = time.perf_counter()
-        row = {
-            "round": epoch,
-            "lr": lr,  # of the epoch's last step
-            "num-examples": steps_per_epoch * cfg.batch_size,
-            "train-loss": train_loss,
-            "val-loss": val_loss,
-            "val-accuracy": val_acc,
-            "bytes-down": 0,
-            "bytes-up": 0,
-            "seconds-eval": now - t_eval,
-            "seconds": now - t_epoch,
-        }
-        metrics.append(row)
-        if not math.isnan(val_acc) and val_acc > best.accuracy:
-            best(epoch, ArrayRecord(_cpu_state(model)), row)
-        log(
-            f"epoch {epoch}/{cfg.epochs} | lr {lr:.5f} | train-loss {train_loss:.4f} | "
-            f"val-loss {val_loss:.4f} | val-accuracy {val_acc:.4f} | seconds {now - t_epoch:.1f}"
-        )
-
-    final_state = _cpu_state(model)
-    test_loss, test_acc = evaluate(
-        model, test.images, test.labels, cfg.eval_batch_size, preprocess, bf16
-    )
-    if best.state is None or best.round == cfg.epochs:  # the best model is the final one
-        best_state, best_test_loss, best_test_acc = final_state, test_loss, test_acc
-    else:
-        best_state = best.state
-        model.load_state_dict(best_state, strict=True)
-        best_test_loss, best_test_acc = evaluate(
-            model, test.images, test.labels, cfg.eval_batch_size, preprocess, bf16
-        )
-    run_dir.save_weights("final_model.safetensors", final_state)
-    run_dir.save_weights("best_model.safetensors", best_state)
-    run_dir.save_weights("task_vector.safetensors", task_vector(final_state, initial_state))
-    summary = write_summary(
+    metrics = MetricsTable(run_dir)
+    best = _train_epochs(trainer, metrics, log)
+    found = best.state is not None
+    summary = finish_run(
         run_dir,
         run_name,
-        metrics.frame(),
-        best,
-        cfg.epochs,
-        (test_loss, test_acc),
-        (best_test_loss, best_test_acc),
-        time.perf_counter() - t_start,
-        {"mode": MODE},
+        metrics=metrics.frame(),
+        rounds=cfg.epochs,
+        final_state=_cpu_state(trainer.model),
+        initial_state=initial_state,
+        best_state=best.state,
+        best_accuracy=best.accuracy if found else None,
+        best_round=best.round if found else None,
+        test=trainer.test_state,
+        wall_time_s=time.perf_counter() - t_start,
+        extra_summary={"mode": MODE},
     )
     log(
-        f"final test accuracy {test_acc:.4f} (best-validation model, epoch "
-        f"{summary['best-val-round']}: {best_test_acc:.4f}); results written to {run_dir.path}"
+        f"final test accuracy {summary['final-test-accuracy']:.4f} (best-validation model, "
+        f"epoch {summary['best-val-round']}: {summary['best-model-test-accuracy']:.4f}); "
+        f"results written to {run_dir.path}"
     )
     return summary
 
 
-def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _cpu_state(model: nn.Module) -> State:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 

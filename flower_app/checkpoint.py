@@ -1,51 +1,58 @@
 """Checkpoints: everything a run needs to continue exactly, written atomically.
 
-A checkpoint holds the global weights, the initial weights (for the task vector), the
-best-validation weights, the metrics rows so far, the sparse mask and the round
-counters. Client sampling and client batches are seeded by (seed, round), so no
-generator state needs saving: a resumed run draws what the uninterrupted one drew.
-The file is written to a temporary name, fsynced and renamed, so a crash while
-writing leaves the previous checkpoint intact.
+A checkpoint holds the global weights, the initial weights (for the task vector) and the
+state of every stateful component of the run (the round clock, the strategy, the tables,
+the best model, the stopwatch), each saved by the component itself
+(``state_dict``) and loaded by it (``load_state_dict``): the checkpoint only collects
+them. Client sampling and client batches are seeded from (seed, purpose, round, ...), so
+no generator state needs saving. The file is written to a temporary name, fsynced and
+renamed, so a crash while writing leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from flwr.app import ArrayRecord
 
-from flower_app.results import BestModel, MetricsTable, RunDirectory, atomic_write_bytes
+from flower_app.results import atomic_write_bytes
+from strategies.plan import RoundClock
+from strategies.record import RoundRecord
 
 CHECKPOINT_NAME = "checkpoint.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: components' own state dicts, one global round counter
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, corrupt, or from another experiment."""
 
 
+class Saveable(Protocol):
+    """A component that saves and loads its own state."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
 @dataclass
 class Checkpoint:
-    """The state of a run after ``phase_round`` training rounds."""
+    """The weights and the components' states after ``completed_rounds`` global rounds."""
 
     identity: dict[str, Any]
-    phase_round: int
-    round_offset: int
     arrays: dict[str, torch.Tensor]
     initial: dict[str, torch.Tensor]
-    metrics_rows: list[dict[str, Any]]
-    calibration_rows: list[dict[str, Any]] = field(default_factory=list)
-    best_accuracy: float = -math.inf
-    best_round: int = -1
-    best_state: dict[str, torch.Tensor] | None = None
-    mask: dict[str, torch.Tensor] | None = None
+    components: dict[str, dict[str, Any]]
     format_version: int = FORMAT_VERSION
+
+    @property
+    def completed_rounds(self) -> int:
+        return int(self.components["clock"]["completed"])
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
@@ -61,9 +68,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
-            raise ValueError("not a checkpoint of this format")
+            raise ValueError(f"not a checkpoint of format {FORMAT_VERSION}")
         checkpoint = Checkpoint(**raw)
-        if not checkpoint.arrays or not isinstance(checkpoint.phase_round, int):
+        if not checkpoint.arrays or not isinstance(checkpoint.completed_rounds, int):
             raise ValueError("weights or round missing")
     except Exception as exc:
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
@@ -85,48 +92,45 @@ def check_identity(saved: Mapping[str, Any], current: Mapping[str, Any], path: P
         raise CheckpointError(f"checkpoint {path} is from a different config: {'; '.join(diffs)}")
 
 
+def restore(checkpoint: Checkpoint, components: Mapping[str, Saveable], path: Path) -> None:
+    """Load every component's state from the checkpoint; a missing one is refused."""
+    missing = sorted(set(components) - set(checkpoint.components))
+    if missing:
+        raise CheckpointError(f"checkpoint {path} holds no state for {', '.join(missing)}")
+    for name, component in components.items():
+        component.load_state_dict(checkpoint.components[name])
+
+
 class Checkpointer:
-    """Round hook: a checkpoint every ``every`` training rounds and after the last one."""
+    """Round hook: a checkpoint every ``every`` rounds and after the last one."""
 
     def __init__(
         self,
-        run_dir: RunDirectory,
+        path: Path,
         every: int,
-        strategy: Any,
         identity: dict[str, Any],
         initial: dict[str, torch.Tensor],
-        metrics: MetricsTable,
-        calibration: MetricsTable,
-        best: BestModel,
+        clock: RoundClock,
+        components: Mapping[str, Saveable],
     ) -> None:
-        self.path = run_dir.path / CHECKPOINT_NAME
+        self.path = path
         self.every = every
-        self.strategy = strategy
         self.identity = identity
         self.initial = initial
-        self.metrics = metrics
-        self.calibration = calibration
-        self.best = best
+        self.clock = clock
+        self.components = dict(components)
 
-    def __call__(self, phase_round: int, arrays: ArrayRecord, row: Mapping[str, float]) -> None:
-        if phase_round == 0 or getattr(self.strategy, "phase", "train") != "train":
-            return  # warm-up and calibration restart from scratch (they are seeded)
-        if phase_round % self.every and phase_round != self.strategy.num_rounds:
-            return
-        mask = getattr(self.strategy, "mask", None) or None
-        save_checkpoint(
-            self.path,
-            Checkpoint(
-                identity=self.identity,
-                phase_round=phase_round,
-                round_offset=self.strategy.round_offset,
-                arrays=dict(arrays.to_torch_state_dict()),
-                initial=self.initial,
-                metrics_rows=list(self.metrics.rows),
-                calibration_rows=list(self.calibration.rows),
-                best_accuracy=self.best.accuracy,
-                best_round=self.best.round,
-                best_state=self.best.state,
-                mask=dict(mask) if mask else None,
-            ),
+    def due(self, record: RoundRecord) -> bool:
+        return record.round > 0 and (record.round % self.every == 0 or self.clock.finished)
+
+    def collect(self, arrays: ArrayRecord) -> Checkpoint:
+        return Checkpoint(
+            identity=self.identity,
+            arrays=dict(arrays.to_torch_state_dict()),
+            initial=self.initial,
+            components={name: c.state_dict() for name, c in self.components.items()},
         )
+
+    def __call__(self, record: RoundRecord, arrays: ArrayRecord) -> None:
+        if self.due(record):
+            save_checkpoint(self.path, self.collect(arrays))

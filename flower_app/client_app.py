@@ -20,7 +20,7 @@ from torch import nn
 
 from clients.fisher import diagonal_fisher
 from clients.sparse_sgdm import SparseSGDM
-from clients.training import evaluate, train_local
+from clients.training import train_local
 from flower_app.config import RunConfig
 from flower_app.data import (
     ImageSplit,
@@ -32,6 +32,7 @@ from flower_app.data import (
 from flower_app.model import build_model
 from flower_app.runtime import resolve_device, run_splits, use_bf16
 from strategies import protocol
+from strategies.seeds import derive_seed
 from strategies.sparse_codec import decode_mask, gather_masked
 
 app = ClientApp()
@@ -135,12 +136,12 @@ def _partition_id(context: Context, cfg: RunConfig) -> int:
     return pid
 
 
-def _generators(cfg: RunConfig, server_round: int, pid: int, device: torch.device):
-    """Seeded by (seed, round, partition): the same run repeats exactly on a CPU."""
-    seed = (cfg.seed * 1_000_003 + server_round) * 100_003 + pid
-    batches = torch.Generator().manual_seed(seed)
-    augment = torch.Generator(device=device).manual_seed(seed + 1)
-    return batches, augment
+def _generators(
+    cfg: RunConfig, purposes: tuple[str, str], server_round: int, pid: int, device: torch.device
+) -> tuple[torch.Generator, torch.Generator]:
+    """A CPU and a device generator seeded from (seed, purpose, global round, partition)."""
+    first, second = (derive_seed(cfg.seed, p, server_round, pid) for p in purposes)
+    return torch.Generator().manual_seed(first), torch.Generator(device=device).manual_seed(second)
 
 
 def _synchronized_clock(device: torch.device) -> float:
@@ -161,8 +162,8 @@ def inject_failure(cfg: RunConfig, config: ConfigRecord, pid: int, kind: str) ->
         return
     server_round = int(config[protocol.SERVER_ROUND])
     attempt = int(config.get(protocol.ATTEMPT, 0))
-    key = f"fail-{kind}-{cfg.seed}-{server_round}-{attempt}-{pid}"
-    if random.Random(key).random() < cfg.client_failure_rate:
+    draw = random.Random(derive_seed(cfg.seed, "failure", server_round, attempt, pid)).random()
+    if draw < cfg.client_failure_rate:
         raise RuntimeError(
             f"injected failure of partition {pid} in {kind} round {server_round} "
             f"(client-failure-rate={cfg.client_failure_rate})"
@@ -205,6 +206,52 @@ def _sparse_optimizer(
     return SparseSGDM(params, masks, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def _optimizer(
+    rt: ClientRuntime,
+    mask: dict[str, torch.Tensor] | None,
+    train_head: bool,
+    lr: float,
+    cfg: RunConfig,
+) -> torch.optim.Optimizer:
+    """Dense SGD with momentum, or SparseSGDM over the mask (and the head when it trains)."""
+    if mask is not None:
+        return _sparse_optimizer(rt.model, mask, train_head, lr, cfg)
+    return torch.optim.SGD(
+        rt.model.parameters(),
+        lr=lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        foreach=True,
+    )
+
+
+def _trained_values(
+    rt: ClientRuntime, mask: dict[str, torch.Tensor] | None, train_head: bool
+) -> dict[str, torch.Tensor]:
+    """What goes back: all weights, or the mask's entries (plus the head when it trained)."""
+    state = rt.model.state_dict()
+    if mask is None:
+        return state
+    sent = gather_masked(state, mask)
+    if train_head:
+        sent |= {k: v for k, v in state.items() if k.startswith("head.")}
+    return sent
+
+
+def _train_metrics(rt: ClientRuntime, pid: int, loss: float, seconds: float) -> MetricRecord:
+    metrics = MetricRecord(
+        {
+            protocol.NUM_EXAMPLES: len(rt.shard),
+            protocol.PARTITION_ID: pid,
+            protocol.TRAIN_LOSS: loss,
+            protocol.CLIENT_SECONDS: seconds,
+        }
+    )
+    if rt.device.type == "cuda":
+        metrics[protocol.GPU_MEMORY_MB] = torch.cuda.max_memory_allocated(rt.device) / 2**20
+    return metrics
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """J local steps from the received global weights: dense SGD, or SparseSGDM on a mask."""
@@ -215,17 +262,8 @@ def train(msg: Message, context: Context) -> Message:
     server_round, lr = int(config[protocol.SERVER_ROUND]), float(config[protocol.LR])
     mask = node_mask(msg, context)
     train_head = bool(config.get(protocol.TRAIN_HEAD, True))
-    if mask is None:
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(
-            rt.model.parameters(),
-            lr=lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            foreach=True,
-        )
-    else:
-        optimizer = _sparse_optimizer(rt.model, mask, train_head, lr, cfg)
-    batch_gen, augment_gen = _generators(cfg, server_round, pid, rt.device)
+    optimizer = _optimizer(rt, mask, train_head, lr, cfg)
+    batch_gen, augment_gen = _generators(cfg, ("batches", "augment"), server_round, pid, rt.device)
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     t_start = _synchronized_clock(rt.device)
@@ -246,23 +284,12 @@ def train(msg: Message, context: Context) -> Message:
     finally:
         rt.model.requires_grad_(True)  # the cached model is reused by the next message
     seconds = _synchronized_clock(rt.device) - t_start
-    state = rt.model.state_dict()
-    if mask is not None:
-        sent = gather_masked(state, mask)
-        if train_head:
-            sent |= {k: v for k, v in state.items() if k.startswith("head.")}
-        state = sent
-    metrics = MetricRecord(
+    content = RecordDict(
         {
-            protocol.NUM_EXAMPLES: len(rt.shard),
-            protocol.PARTITION_ID: pid,
-            protocol.TRAIN_LOSS: result.mean_loss,
-            protocol.CLIENT_SECONDS: seconds,
+            protocol.ARRAYS: ArrayRecord(_trained_values(rt, mask, train_head)),
+            protocol.METRICS: _train_metrics(rt, pid, result.mean_loss, seconds),
         }
     )
-    if rt.device.type == "cuda":
-        metrics[protocol.GPU_MEMORY_MB] = torch.cuda.max_memory_allocated(rt.device) / 2**20
-    content = RecordDict({protocol.ARRAYS: ArrayRecord(state), protocol.METRICS: metrics})
     return Message(content, reply_to=msg)
 
 
@@ -277,7 +304,8 @@ def fisher(msg: Message, context: Context) -> Message:
     config = msg.content[protocol.CONFIG]
     inject_failure(cfg, config, pid, "fisher")
     server_round = int(config[protocol.SERVER_ROUND])
-    pick_gen, label_gen = _generators(cfg, 10_000 + server_round, pid, rt.device)
+    purposes = ("fisher-examples", "fisher-labels")
+    pick_gen, label_gen = _generators(cfg, purposes, server_round, pid, rt.device)
     count = min(int(config[protocol.FISHER_SAMPLES]), len(rt.shard))
     idx = rt.shard[torch.randperm(len(rt.shard), generator=pick_gen)[:count]].to(rt.device)
     images = preprocess_batch(rt.train.images[idx], cfg.image_size, False, None)
@@ -301,30 +329,6 @@ def fisher(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content, reply_to=msg)
-
-
-@app.evaluate()
-def evaluate_local(msg: Message, context: Context) -> Message:
-    """Loss and accuracy of the received weights on this client's shard."""
-    cfg, _, rt = node_runtime(context)
-    _load_weights(rt.model, msg.content[protocol.ARRAYS])
-    idx = rt.shard.to(rt.device)
-    loss, acc = evaluate(
-        rt.model,
-        rt.train.images[idx],
-        rt.train.labels[idx],
-        cfg.eval_batch_size,
-        batch_preprocessor(cfg.image_size),
-        rt.bf16,
-    )
-    metrics = MetricRecord(
-        {
-            protocol.NUM_EXAMPLES: len(rt.shard),
-            protocol.EVAL_LOSS: loss,
-            protocol.EVAL_ACCURACY: acc,
-        }
-    )
-    return Message(RecordDict({protocol.METRICS: metrics}), reply_to=msg)
 
 
 @app.query("partition")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clients.fisher import FISHER_LABEL_MODES
 from flower_app.data import (
     NUM_CLASSES_BY_DATASET,
     cifar100_files_present,
@@ -25,7 +26,6 @@ from flower_app.model import MODEL_SPECS
 from strategies.masks import CALIBRATION_SCHEDULES, MASK_SCOPES, MASK_STRATEGIES
 
 STRATEGIES = ("fedavg", "sparse-fedavg")
-FISHER_LABELS = ("sampled", "empirical")
 HEAD_MODES = ("train", "frozen")
 SHARDINGS = ("iid", "non-iid")
 WEIGHTS = ("pretrained", "random")
@@ -56,7 +56,6 @@ class RunConfig:
     image_size: int = 224
     num_clients: int = 100
     fraction_train: float = 0.1
-    fraction_evaluate: float = 0.0
     local_steps: int = 4
     batch_size: int = 64
     lr: float = 0.01
@@ -178,7 +177,26 @@ class RunConfig:
 
     # ---- validation -----------------------------------------------------------------
     def validate(self) -> None:
-        """Check every value; cheap (no data, model or network)."""
+        """Check every value; cheap (no data, model or network).
+
+        Every key that ``clients/`` and ``strategies/`` also check is checked here, so a
+        user sees this one-line run-config error before any work starts.
+        """
+        self._validate_choices()
+        self._validate_sparse()
+        self._validate_training()
+        self._validate_reliability()
+        if not 1 <= self.classes_per_client <= self.num_classes:
+            raise _err(
+                "classes-per-client",
+                self.classes_per_client,
+                f"must be in 1..{self.num_classes} (classes of {self.dataset})",
+            )
+        self._validate_model()
+        self._validate_partition()
+        self._validate_paths()
+
+    def _validate_choices(self) -> None:
         _choice("dataset", self.dataset, tuple(NUM_CLASSES_BY_DATASET))
         _choice("model", self.model, tuple(MODEL_SPECS))
         _choice("weights", self.weights, WEIGHTS)
@@ -190,8 +208,12 @@ class RunConfig:
         _choice("mask-strategy", self.mask_strategy, MASK_STRATEGIES)
         _choice("mask-scope", self.mask_scope, MASK_SCOPES)
         _choice("calibration-schedule", self.calibration_schedule, CALIBRATION_SCHEDULES)
-        _choice("fisher-labels", self.fisher_labels, FISHER_LABELS)
+        _choice("fisher-labels", self.fisher_labels, FISHER_LABEL_MODES)
         _choice("head", self.head, HEAD_MODES)
+
+    def _validate_sparse(self) -> None:
+        """Sparse fine-tuning and centralized-epoch keys, in the order they always were
+        checked (with several bad keys, the first is the one reported)."""
         _at_least("calibration-rounds", self.calibration_rounds, 1)
         _at_least("fisher-samples", self.fisher_samples, 1)
         _at_least("fisher-batch-size", self.fisher_batch_size, 1)
@@ -203,6 +225,9 @@ class RunConfig:
             raise _err("sparsity", self.sparsity, "must be in [0, 1) (the fraction frozen)")
         if not 0.0 < self.calibration_fraction <= 1.0:
             raise _err("calibration-fraction", self.calibration_fraction, "must be in (0, 1]")
+
+    def _validate_training(self) -> None:
+        """Counts, fractions and optimizer settings of the training rounds."""
         _at_least("num-clients", self.num_clients, 1)
         _at_least("local-steps", self.local_steps, 1)
         _at_least("batch-size", self.batch_size, 1)
@@ -215,8 +240,6 @@ class RunConfig:
         _warmup_below("warmup-rounds", self.warmup_rounds, "num-server-rounds", rounds)
         if not 0.0 < self.fraction_train <= 1.0:
             raise _err("fraction-train", self.fraction_train, "must be in (0, 1]")
-        if not 0.0 <= self.fraction_evaluate <= 1.0:
-            raise _err("fraction-evaluate", self.fraction_evaluate, "must be in [0, 1]")
         if not (self.lr > 0.0 and math.isfinite(self.lr)):
             raise _err("lr", self.lr, "must be a finite number > 0")
         if not 0.0 <= self.min_lr <= self.lr:
@@ -227,6 +250,9 @@ class RunConfig:
             raise _err("weight-decay", self.weight_decay, "must be in [0, 1)")
         if not 0.0 <= self.val_fraction < 1.0:
             raise _err("val-fraction", self.val_fraction, "must be in [0, 1)")
+
+    def _validate_reliability(self) -> None:
+        """Checkpoints, retries, failures, resume and timeouts."""
         _at_least("checkpoint-every", self.checkpoint_every, 1)
         _at_least("max-round-retries", self.max_round_retries, 0)
         if not 1 <= self.min_train_clients <= self.clients_per_round:
@@ -250,15 +276,6 @@ class RunConfig:
             raise _err("round-timeout", self.round_timeout, "must be > 0 seconds")
         if self.node_wait_timeout <= 0:
             raise _err("node-wait-timeout", self.node_wait_timeout, "must be > 0 seconds")
-        if not 1 <= self.classes_per_client <= self.num_classes:
-            raise _err(
-                "classes-per-client",
-                self.classes_per_client,
-                f"must be in 1..{self.num_classes} (classes of {self.dataset})",
-            )
-        self._validate_model()
-        self._validate_partition()
-        self._validate_paths()
 
     def _validate_model(self) -> None:
         spec = MODEL_SPECS[self.model]
@@ -351,6 +368,14 @@ def _warmup_below(key: str, value: int, total_key: str, total: int) -> None:
 def _at_least(key: str, value: int, low: int) -> None:
     if value < low:
         raise _err(key, value, f"must be an integer >= {low}")
+
+
+def explain_insufficient_replies(reason: str, cfg: RunConfig) -> str:
+    """A strategy's "too few replies" reason, with the run-config keys that decide it."""
+    return (
+        f"{reason}; check the clients' logs, or lower run-config min-train-clients="
+        f"{cfg.min_train_clients} / raise max-round-retries={cfg.max_round_retries}"
+    )
 
 
 # ---- run-configs outside Flower (console scripts, sweeps, benchmarks) -------------------

@@ -207,17 +207,14 @@ class SweepRunner:
         if self.link is None:
             self.link = LocalSuperLink.start(self.output_dir / ".flwr-home")
         federation = f"num-supernodes={run.num_clients} {self.federation}".strip()
-        run_id = self.link.submit(self.app_dir, toml, federation)
-        try:
-            status = self.link.wait_for_run(run_id, self.app_dir, self.timeout)["status"]
-        except TimeoutError:
-            self.link.flwr("stop", str(run_id), app_dir=self.app_dir, timeout=120)
-            status = f"timed out after {self.timeout:.0f} s"
+        outcome = self.link.run_to_end(self.app_dir, toml, federation, timeout=self.timeout)
         log = self.log_path(run)
-        log.write_text(self.link.run_log(run_id, self.app_dir))
-        if status == "finished:completed" and read_summary(run.run_dir) is not None:
-            return True, f"flwr run {run_id}"
-        return False, f"flwr run {run_id} {status}; log: {log}; last line: {_last_line(log)}"
+        log.write_text(outcome.log)
+        name = f"flwr run {outcome.run_id}"
+        if outcome.completed and read_summary(run.run_dir) is not None:
+            return True, name
+        status = f"timed out after {self.timeout:.0f} s" if outcome.timed_out else outcome.status
+        return False, f"{name} {status}; log: {log}; last line: {_last_line(log)}"
 
     def _centralized(self, run: PlannedRun, toml: Path) -> tuple[bool, str]:
         log = self.log_path(run)

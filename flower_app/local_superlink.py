@@ -4,6 +4,10 @@
 (a test, the sweep runner, the benchmark) starts it on a free port with its own
 FLWR_HOME, so ``flwr run`` reuses it, and ``stop`` ends every process that carries
 that FLWR_HOME in its environment (the SuperLink, the ServerApp, Ray's workers), by PID.
+``run_to_end`` is the one place that spells a run's life: submit, wait, stop on timeout, log.
+
+The Flower executables are taken from beside the running interpreter (the venv's ``bin``),
+so ``.venv/bin/python -m pytest`` works without an activated venv.
 """
 
 from __future__ import annotations
@@ -11,19 +15,62 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+TIMED_OUT = "timeout"  # RunOutcome.status of a run stopped by run_to_end's timeout
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def flower_executable(name: str) -> str:
+    """Path of a Flower executable (``flwr``, ``flower-superlink``, ...).
+
+    The one beside the running interpreter first (``Path(sys.executable).parent``, the
+    venv's ``bin``, also when the venv is not activated), else the one on PATH.
+    """
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} is neither beside {sys.executable} nor on PATH")
+    return found
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a run ended (``LocalSuperLink.run_to_end``).
+
+    ``status`` is Flower's (``finished:completed``, ``finished:failed``, ...) or
+    ``TIMED_OUT``; ``log`` is what the run's ServerApp printed; ``seconds`` runs from
+    submitting the run until it finished or was stopped (fetching the log not included).
+    """
+
+    run_id: int
+    status: str
+    log: str
+    seconds: float
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "finished:completed"
+
+    @property
+    def timed_out(self) -> bool:
+        return self.status == TIMED_OUT
 
 
 def pids_with_env(marker: bytes) -> list[int]:
@@ -56,7 +103,11 @@ class LocalSuperLink:
         """``simulation=False`` starts a Deployment Engine SuperLink for real SuperNodes."""
         home.mkdir(parents=True, exist_ok=True)
         http_port = free_port()
+        superlink = flower_executable("flower-superlink")
+        # Flower starts flower-superexec, flwr-simulation, ... by name: the same bin first.
+        path = [str(Path(superlink).parent), os.environ.get("PATH", "")]
         env = os.environ.copy() | {
+            "PATH": os.pathsep.join(p for p in path if p),
             "FLWR_HOME": str(home),
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -66,7 +117,7 @@ class LocalSuperLink:
         log = open(home / "superlink.out", "wb")  # noqa: SIM115 - closed with the process
         process = subprocess.Popen(
             [
-                "flower-superlink",
+                superlink,
                 "--insecure",
                 *(["--simulation", "--isolation", "subprocess"] if simulation else []),
                 "--host",
@@ -101,7 +152,7 @@ class LocalSuperLink:
         log = open(self.home / f"supernode-{index}.out", "wb")  # noqa: SIM115
         process = subprocess.Popen(
             [
-                "flower-supernode",
+                flower_executable("flower-supernode"),
                 "--insecure",
                 "--superlink",
                 f"127.0.0.1:{self.port}",
@@ -132,7 +183,7 @@ class LocalSuperLink:
 
     def flwr(self, *args: str, app_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess:
         return subprocess.run(
-            ["flwr", *args],
+            [flower_executable("flwr"), *args],
             env=self.env,
             cwd=app_dir,
             capture_output=True,
@@ -141,18 +192,27 @@ class LocalSuperLink:
         )
 
     def submit(
-        self, app_dir: Path, run_config: Path, federation_config: str, timeout: float = 600
+        self,
+        app_dir: Path,
+        run_config: Path,
+        federation_config: str = "",
+        timeout: float = 600,
+        *,
+        connection: str = "",
     ) -> int:
-        """``flwr run APP --run-config FILE --federation-config ...``; returns the run id."""
+        """``flwr run APP [CONNECTION] --run-config FILE [--federation-config ...]``.
+
+        Returns the run id; raises RuntimeError when ``flwr run`` started no run.
+        """
         out = self.flwr(
             "run",
             str(app_dir),
+            *_target(connection),
             "--format",
             "json",
             "--run-config",
             str(run_config),
-            "--federation-config",
-            federation_config,
+            *(["--federation-config", federation_config] if federation_config else []),
             app_dir=app_dir,
             timeout=timeout,
         )
@@ -164,15 +224,56 @@ class LocalSuperLink:
                 f"{(out.stdout + out.stderr).strip()[-2000:]}"
             ) from exc
 
-    def run_log(self, run_id: int, app_dir: Path) -> str:
+    def run_log(self, run_id: int, app_dir: Path, connection: str = "") -> str:
         """What the run's ServerApp printed (``flwr log RUN --show``)."""
-        out = self.flwr("log", str(run_id), "--show", app_dir=app_dir, timeout=120)
+        target = _target(connection)
+        out = self.flwr("log", str(run_id), *target, "--show", app_dir=app_dir, timeout=120)
         return out.stdout + out.stderr
 
+    def stop_run(self, run_id: int, app_dir: Path, connection: str = "") -> None:
+        """``flwr stop RUN``: the SuperLink ends the run (the SuperLink keeps running)."""
+        self.flwr("stop", str(run_id), *_target(connection), app_dir=app_dir, timeout=120)
+
     def runs(self, app_dir: Path, connection: str = "") -> list[dict]:
-        target = [connection] if connection else []
+        target = _target(connection)
         out = self.flwr("ls", *target, "--format", "json", app_dir=app_dir, timeout=120)
         return json.loads(out.stdout)["runs"]
+
+    def run_to_end(
+        self,
+        app_dir: Path,
+        run_config: Path,
+        federation_config: str = "",
+        *,
+        connection: str = "",
+        timeout: float,
+        on_submitted: Callable[[int], None] | None = None,
+    ) -> RunOutcome:
+        """Submit a run, wait until it is ``finished:*``, and return its status and log.
+
+        Without ``connection`` the run goes to this simulation SuperLink (``flwr run APP
+        --federation-config ...``); with one (see ``add_connection``) it goes to that
+        connection (``flwr run APP CONNECTION``), and ``flwr ls/stop/log`` name it too.
+        ``on_submitted(run_id)``, if given, is called once the run is submitted (to act
+        on it while it runs); ``timeout`` counts the seconds after it returns.
+
+        A run not finished within ``timeout`` does not raise: it is stopped with ``flwr
+        stop`` and its outcome has status ``TIMED_OUT`` ("timeout"), so the caller still
+        gets its log. The log (``flwr log RUN --show``) is fetched in every case. Raises
+        RuntimeError when ``flwr run`` starts no run; an exception from ``on_submitted``
+        propagates and leaves the run to the caller (``stop`` ends it with the SuperLink).
+        """
+        start = time.monotonic()
+        run_id = self.submit(app_dir, run_config, federation_config, connection=connection)
+        if on_submitted is not None:
+            on_submitted(run_id)
+        try:
+            status = self.wait_for_run(run_id, app_dir, timeout, connection)["status"]
+        except TimeoutError:
+            self.stop_run(run_id, app_dir, connection)
+            status = TIMED_OUT
+        seconds = time.monotonic() - start
+        return RunOutcome(run_id, status, self.run_log(run_id, app_dir, connection), seconds)
 
     def wait_for_run(
         self, run_id: int, app_dir: Path, timeout: float, connection: str = ""
@@ -207,3 +308,8 @@ class LocalSuperLink:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+
+
+def _target(connection: str) -> list[str]:
+    """The SUPERLINK argument of a flwr command: the named connection, or none (local)."""
+    return [connection] if connection else []

@@ -8,55 +8,45 @@ finished, so its presence is what says a run succeeded.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-from flwr.app import ArrayRecord
 from safetensors.torch import save_file
 
-METRIC_COLUMNS = [
-    "round",
-    "lr",
-    "clients",
-    "failures",
-    "num-examples",
-    "train-loss",
-    "val-loss",
-    "val-accuracy",
-    "bytes-down",
-    "bytes-up",
-    "update-cosine",
-    "update-norm-ratio",
-    "update-norm",
-    "seconds-clients",
-    "seconds-client-compute",
-    "seconds-client-compute-sum",
-    "gpu-memory-mb",
-    "seconds-aggregate",
-    "seconds-eval",
-    "seconds",
-]
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A new empty temporary file next to ``path`` for the caller to write.
+
+    On success it is renamed over ``path`` (atomic: same folder, same file system), so
+    readers see the old file or the whole new one; on any exception, interrupts
+    included, it is removed and ``path`` is left as it was.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` atomically, fsynced so a crash cannot leave it empty."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _json_default(value: Any) -> Any:
@@ -95,14 +85,8 @@ class RunDirectory:
     def save_weights(self, name: str, state: Mapping[str, torch.Tensor]) -> Path:
         """A safetensors file (contiguous CPU copies, as safetensors requires)."""
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp)
-            os.replace(tmp, self.path / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(self.path / name) as tmp:
+            save_file(tensors, str(tmp))
         return self.path / name
 
 
@@ -119,60 +103,6 @@ def partitions_frame(replies: list[Mapping[str, Any]]) -> pd.DataFrame:
         for r in replies
     ]
     return pd.DataFrame(rows).sort_values("partition-id").reset_index(drop=True)
-
-
-class MetricsTable:
-    """Round hook: appends the round's row and rewrites its CSV atomically."""
-
-    def __init__(
-        self, run_dir: RunDirectory, name: str = "metrics.csv", columns: list[str] | None = None
-    ) -> None:
-        self.run_dir = run_dir
-        self.name = name
-        self.columns = METRIC_COLUMNS if columns is None else columns
-        self.rows: list[dict[str, float]] = []
-
-    def __call__(self, server_round: int, arrays: ArrayRecord, row: Mapping[str, float]) -> None:
-        self.append(row)
-
-    def append(self, row: Mapping[str, float]) -> None:
-        self.rows.append(dict(row))
-        self.run_dir.write_csv(self.name, self.frame())
-
-    def frame(self) -> pd.DataFrame:
-        frame = pd.DataFrame(self.rows)
-        extra = [c for c in frame.columns if c not in self.columns]
-        return frame.reindex(columns=self.columns + extra)
-
-
-class BestModel:
-    """Round hook: keeps a copy of the weights with the best validation accuracy so far."""
-
-    def __init__(self) -> None:
-        self.accuracy = -math.inf
-        self.round = -1
-        self.state: dict[str, torch.Tensor] | None = None
-
-    def __call__(self, server_round: int, arrays: ArrayRecord, row: Mapping[str, float]) -> None:
-        acc = row.get("val-accuracy")
-        if acc is not None and not math.isnan(acc) and acc > self.accuracy:
-            self.accuracy, self.round = float(acc), server_round
-            self.state = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
-
-
-class ProgressLog:
-    """Round hook: one line per round on the ServerApp log."""
-
-    def __init__(self, num_rounds: int, write: Callable[[str], None] = print) -> None:
-        self.num_rounds = num_rounds
-        self.write = write
-
-    def __call__(self, server_round: int, arrays: ArrayRecord, row: Mapping[str, float]) -> None:
-        parts = [f"round {server_round}/{self.num_rounds}"]
-        for key in ("train-loss", "val-loss", "val-accuracy", "seconds"):
-            if key in row:
-                parts.append(f"{key} {row[key]:.4f}")
-        self.write(" | ".join(parts))
 
 
 def plot_metrics(frame: pd.DataFrame, path: Path, title: str) -> Path:
@@ -196,18 +126,15 @@ def plot_metrics(frame: pd.DataFrame, path: Path, title: str) -> Path:
 
 
 def save_figure(fig, path: Path) -> Path:
-    """Lay out, write the PNG under a temporary name, rename it over ``path``, close."""
+    """Lay out, write the PNG atomically to ``path``, and close the figure either way."""
     import matplotlib.pyplot as plt
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.tight_layout()
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.tight_layout()
+            fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 
@@ -218,12 +145,67 @@ def task_vector(
     return {k: final[k].float() - initial[k].float() for k in final if final[k].is_floating_point()}
 
 
+def finish_run(
+    run_dir: RunDirectory,
+    run_name: str,
+    *,
+    metrics: pd.DataFrame,
+    rounds: int,
+    final_state: dict[str, torch.Tensor],
+    initial_state: dict[str, torch.Tensor],
+    best_state: dict[str, torch.Tensor] | None,
+    best_accuracy: float | None,
+    best_round: int | None,
+    test: Callable[[Mapping[str, torch.Tensor]], tuple[float, float]],
+    wall_time_s: float,
+    extra_summary: Mapping[str, Any] | None = None,
+    extra_weights: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    final_round: int | None = None,
+) -> dict[str, Any]:
+    """Test the final and the best-validation model, save the weights, write the summary.
+
+    The one ending of federated and centralized runs, so both leave the same files.
+    ``test`` gives (loss, accuracy) on the test split of a state dict; the best model is
+    tested only when it is not the final one (``best_state`` None or ``best_round`` ==
+    ``final_round``, the round of the final model: ``rounds`` unless given).
+    ``wall_time_s`` is the time the run took before this call; the time spent here is
+    added, so the summary's ``wall-time-s`` covers the whole run.
+    ``extra_weights`` are further safetensors files (file name -> state), e.g. a mask.
+    """
+    t_start = time.perf_counter()
+    final_test = test(final_state)
+    last = rounds if final_round is None else final_round
+    if best_state is None or best_round == last:  # the best model is the final one
+        best_state, best_test = final_state, final_test
+    else:
+        best_test = test(best_state)
+    run_dir.save_weights("final_model.safetensors", final_state)
+    run_dir.save_weights("best_model.safetensors", best_state)
+    run_dir.save_weights("task_vector.safetensors", task_vector(final_state, initial_state))
+    for name, weights in (extra_weights or {}).items():
+        run_dir.save_weights(name, weights)
+    return write_summary(
+        run_dir,
+        run_name,
+        metrics,
+        rounds=rounds,
+        best_accuracy=best_accuracy,
+        best_round=best_round,
+        test=final_test,
+        best_test=best_test,
+        wall_time_s=wall_time_s + time.perf_counter() - t_start,
+        extra=extra_summary,
+    )
+
+
 def write_summary(
     run_dir: RunDirectory,
     run_name: str,
     frame: pd.DataFrame,
-    best: BestModel,
+    *,
     rounds: int,
+    best_accuracy: float | None,
+    best_round: int | None,
     test: tuple[float, float],
     best_test: tuple[float, float],
     wall_time_s: float,
@@ -231,8 +213,10 @@ def write_summary(
 ) -> dict[str, Any]:
     """Plot the metrics, then write ``summary.json`` last: its presence says the run finished.
 
-    ``test`` and ``best_test`` are (loss, accuracy) of the final and the best-validation
-    model on the test split; federated and centralized runs share these keys.
+    ``best_accuracy``/``best_round`` are the best validation accuracy and its round
+    (None when no round was evaluated); ``test`` and ``best_test`` are (loss, accuracy)
+    of the final and the best-validation model on the test split. Federated and
+    centralized runs share these keys.
     """
     plot_metrics(frame, run_dir.path / "metrics.png", run_name)
     evaluated = frame.dropna(subset=["val-accuracy"])
@@ -241,8 +225,8 @@ def write_summary(
         "status": "completed",
         "rounds": rounds,
         "final-val-accuracy": float(evaluated["val-accuracy"].iloc[-1]) if len(evaluated) else None,
-        "best-val-accuracy": best.accuracy if best.state is not None else None,
-        "best-val-round": best.round if best.state is not None else None,
+        "best-val-accuracy": best_accuracy,
+        "best-val-round": best_round,
         "final-test-accuracy": test[1],
         "final-test-loss": test[0],
         "best-model-test-accuracy": best_test[1],

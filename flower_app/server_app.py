@@ -1,14 +1,22 @@
-"""ServerApp: parse the run-config, prepare data and model, run FedAvg, write results."""
+"""ServerApp: prepare (config, data, model, nodes, components), run the plan, finish.
+
+``main`` reads as those three steps. Preparing validates everything before heavy work
+and builds the run's components: the round clock, the strategy and the hooks declared
+in ``round_hooks``. Running is the strategy's loop over the clock. Finishing tests the
+final and the best model and writes the weights and ``summary.json``.
+"""
 
 from __future__ import annotations
 
 import functools
 import os
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from clients.training import evaluate
@@ -16,26 +24,29 @@ from flower_app.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
     Checkpointer,
-    CheckpointError,
+    Saveable,
     check_identity,
     load_checkpoint,
+    restore,
 )
-from flower_app.config import ConfigError, RunConfig
+from flower_app.config import ConfigError, RunConfig, explain_insufficient_replies
 from flower_app.data import ImageSplit, batch_preprocessor
-from flower_app.results import (
+from flower_app.hooks import (
     BestModel,
+    CentralEvaluation,
     MetricsTable,
     ProgressLog,
-    RunDirectory,
-    partitions_frame,
-    task_vector,
-    write_summary,
+    Stopwatch,
+    calibration_table,
 )
+from flower_app.results import RunDirectory, finish_run, partitions_frame
 from flower_app.runtime import initial_model, resolve_device, run_splits, use_bf16
 from flower_app.schedule import lr_at_round
 from strategies import protocol
-from strategies.fedavg import CentralEvaluate, OrderedFedAvg, RoundHook
-from strategies.masks import eligible_names
+from strategies.fedavg import OrderedFedAvg
+from strategies.masks import eligible_names, needs_fisher
+from strategies.plan import CALIBRATION, HEAD_WARMUP, TRAIN, Phase, RoundClock
+from strategies.rounds import InsufficientRepliesError, RetryPolicy, RoundHook
 from strategies.sparse_fedavg import SparseFedAvg, mask_density
 
 app = ServerApp()
@@ -93,17 +104,16 @@ def query_partitions(grid: Grid, node_ids: list[int], timeout: float) -> list[di
 
 
 class CentralEvaluator:
-    """The global model evaluated on the server's validation or test split."""
+    """A model's loss and accuracy on one of the server's splits (validation or test)."""
 
     def __init__(self, model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> None:
         self.model = model.to(device)
         self.cfg = cfg
-        self.device = device
         self.bf16 = use_bf16(cfg.precision, device)
         self.preprocess = batch_preprocessor(cfg.image_size)
 
-    def __call__(self, arrays: ArrayRecord, split: ImageSplit) -> tuple[float, float]:
-        self.model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    def __call__(self, state: Mapping[str, torch.Tensor], split: ImageSplit) -> tuple[float, float]:
+        self.model.load_state_dict(state, strict=True)
         return evaluate(
             self.model,
             split.images,
@@ -118,28 +128,31 @@ def _to_device(split: ImageSplit, device: torch.device) -> ImageSplit:
     return ImageSplit(split.images.to(device), split.labels.to(device))
 
 
+def plan_for(cfg: RunConfig) -> RoundClock:
+    """The run's phases: FedAvg trains; sparse FedAvg warms the head up and calibrates first."""
+    if cfg.strategy == "fedavg":
+        return RoundClock([Phase(TRAIN, cfg.num_server_rounds)])
+    calibration = cfg.calibration_rounds if needs_fisher(cfg.mask_strategy) else 0
+    return RoundClock(
+        [
+            Phase(HEAD_WARMUP, cfg.head_warmup_rounds),
+            Phase(CALIBRATION, calibration),
+            Phase(TRAIN, cfg.num_server_rounds),
+        ]
+    )
+
+
 def build_strategy(
-    cfg: RunConfig,
-    model: torch.nn.Module,
-    partition_to_node: dict[int, int],
-    central_evaluate: CentralEvaluate | None,
-    hooks: list[RoundHook],
-    calibration_table: MetricsTable,
+    cfg: RunConfig, model: torch.nn.Module, partition_to_node: dict[int, int], clock: RoundClock
 ) -> OrderedFedAvg:
-    """The strategy the run-config's ``strategy`` names."""
+    """The strategy the run-config's ``strategy`` names, on the run's clock."""
     common = {
         "partition_to_node": partition_to_node,
         "clients_per_round": cfg.clients_per_round,
         "seed": cfg.seed,
+        "clock": clock,
         "lr_at": functools.partial(lr_at_round, cfg=cfg),
-        "num_rounds": cfg.num_server_rounds,
-        "eval_every": cfg.eval_every,
-        "central_evaluate": central_evaluate,
-        "hooks": hooks,
-        "fraction_evaluate": cfg.fraction_evaluate,
-        "min_train_clients": cfg.min_train_clients,
-        "max_round_retries": cfg.max_round_retries,
-        "round_timeout": cfg.round_timeout,
+        "retry": RetryPolicy(cfg.min_train_clients, cfg.max_round_retries, cfg.round_timeout),
         "update_metrics": cfg.update_metrics,
     }
     if cfg.strategy == "fedavg":
@@ -148,10 +161,8 @@ def build_strategy(
     return SparseFedAvg(
         eligible=eligible_names(shapes, cfg.mask_scope),
         head_mode=cfg.head,
-        head_warmup_rounds=cfg.head_warmup_rounds,
         sparsity=cfg.sparsity,
         mask_strategy=cfg.mask_strategy,
-        calibration_rounds=cfg.calibration_rounds,
         calibration_schedule=cfg.calibration_schedule,
         calibration_clients=cfg.calibration_clients,
         fisher_config={
@@ -159,7 +170,6 @@ def build_strategy(
             protocol.FISHER_LABELS: cfg.fisher_labels,
         },
         warmup_lr=cfg.lr,
-        calibration_hooks=[calibration_table.append],
         **common,
     )
 
@@ -180,127 +190,175 @@ def writable_output_dir(output_dir: str) -> Path:
     return path
 
 
-def restore(
-    checkpoint: Checkpoint,
-    strategy: OrderedFedAvg,
-    metrics: MetricsTable,
-    calibration: MetricsTable,
-    best: BestModel,
-) -> None:
-    """Put a checkpoint's state back into the strategy and the round hooks."""
-    strategy.resume_offset = checkpoint.phase_round
-    strategy.round_offset = checkpoint.round_offset
-    metrics.rows = list(checkpoint.metrics_rows)
-    calibration.rows = list(checkpoint.calibration_rows)
-    best.accuracy, best.round = checkpoint.best_accuracy, checkpoint.best_round
-    best.state = checkpoint.best_state
-    if isinstance(strategy, SparseFedAvg):
-        if checkpoint.mask is None:
-            raise CheckpointError("checkpoint of a sparse run holds no mask")
-        strategy.restore_mask(checkpoint.mask)
+def open_checkpoint(cfg: RunConfig, run_path: Path) -> Checkpoint:
+    """The checkpoint ``resume=true`` continues from, checked against this run-config."""
+    path = run_path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise ConfigError(
+            f"run-config key 'resume' = True is not allowed: no checkpoint at {path} "
+            "(a run writes one every checkpoint-every rounds)"
+        )
+    checkpoint = load_checkpoint(path)
+    check_identity(checkpoint.identity, cfg.experiment_identity(), path)
+    return checkpoint
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Validate, prepare, train for ``num-server-rounds``, then test and write results."""
-    t_start = time.perf_counter()
-    cfg = RunConfig.from_run_config(dict(context.run_config))
-    output_dir = writable_output_dir(cfg.output_dir)
-    run_name = cfg.resolved_run_name(time.strftime("%Y%m%d-%H%M%S"))
-    checkpoint = None
-    if cfg.resume:
-        path = output_dir / run_name / CHECKPOINT_NAME
-        if not path.is_file():
-            raise ConfigError(
-                f"run-config key 'resume' = True is not allowed: no checkpoint at {path} "
-                "(a run writes one every checkpoint-every training rounds)"
-            )
-        checkpoint = load_checkpoint(path)
-        check_identity(checkpoint.identity, cfg.experiment_identity(), path)
-    elif (output_dir / run_name).exists():
-        RunDirectory.create(output_dir, run_name)  # raises the one-line error
+@dataclass
+class Components:
+    """The stateful parts of a run: each saves and loads itself, the checkpoint collects them."""
+
+    clock: RoundClock
+    strategy: OrderedFedAvg
+    metrics: MetricsTable
+    calibration: MetricsTable
+    best: BestModel
+    stopwatch: Stopwatch
+
+    def saveables(self) -> dict[str, Saveable]:
+        return dict(vars(self))
+
+
+def round_hooks(
+    components: Components,
+    evaluate_val,
+    cfg: RunConfig,
+    run_dir: RunDirectory,
+    initial_state: dict[str, torch.Tensor],
+) -> list[RoundHook]:
+    """What runs after every round, in this order (each hook sees what earlier ones added)."""
+    c = components
+    return [
+        CentralEvaluation(evaluate_val, cfg.eval_every),
+        c.stopwatch,  # the round's seconds include its evaluation
+        c.best,
+        c.metrics,
+        c.calibration,
+        ProgressLog(c.clock, c.stopwatch.total, write=lambda line: print(line, flush=True)),
+        # last: it saves what the hooks before it recorded
+        Checkpointer(
+            run_dir.path / CHECKPOINT_NAME,
+            cfg.checkpoint_every,
+            cfg.experiment_identity(),
+            initial_state,
+            c.clock,
+            c.saveables(),
+        ),
+    ]
+
+
+@dataclass
+class PreparedRun:
+    """Everything ``main`` needs after preparing: what to run and where results go."""
+
+    cfg: RunConfig
+    run_name: str
+    run_dir: RunDirectory
+    components: Components
+    hooks: list[RoundHook]
+    start: ArrayRecord
+    initial_state: dict[str, torch.Tensor]
+    evaluator: CentralEvaluator
+    test: ImageSplit
+
+
+def open_run_dir(cfg: RunConfig, run_path: Path, resumed: bool) -> RunDirectory:
+    """A fresh run directory with ``config.json``, or the one a resumed run continues."""
+    if resumed:
+        return RunDirectory(run_path)
+    run_dir = RunDirectory.create(run_path.parent, run_path.name)
+    run_dir.write_json("config.json", cfg.to_dict() | {"run-name": run_path.name})
+    return run_dir
+
+
+def prepare(grid: Grid, cfg: RunConfig, run_path: Path) -> PreparedRun | None:
+    """Check, load and build everything; None when a resumed run had finished already."""
+    clock = plan_for(cfg)
+    checkpoint = open_checkpoint(cfg, run_path) if cfg.resume else None
+    finished = checkpoint is not None and checkpoint.completed_rounds >= clock.total_rounds
+    if finished and (run_path / "summary.json").is_file():
+        print(
+            f"run {run_path.name} finished already ({clock.total_rounds} rounds, "
+            f"results in {run_path}); nothing to do",
+            flush=True,
+        )
+        return None
+    if checkpoint is None and run_path.exists():
+        RunDirectory.create(run_path.parent, run_path.name)  # raises the one-line error
     node_ids = wait_for_nodes(grid, cfg.num_clients, cfg.node_wait_timeout)
-
     device = resolve_device(cfg.device)
     splits = run_splits(cfg)
     model = initial_model(cfg)
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if checkpoint is not None:
         initial_state = checkpoint.initial
-    start_state = checkpoint.arrays if checkpoint is not None else initial_state
-    initial = ArrayRecord(start_state)
-    val, test = _to_device(splits.val, device), _to_device(splits.test, device)
     evaluator = CentralEvaluator(model, cfg, device)
-
+    val, test = _to_device(splits.val, device), _to_device(splits.test, device)
     partitions = query_partitions(grid, node_ids, cfg.round_timeout)
-    if checkpoint is None:
-        run_dir = RunDirectory.create(output_dir, run_name)
-        run_dir.write_json("config.json", cfg.to_dict() | {"run-name": run_name})
-    else:
-        run_dir = RunDirectory(output_dir / run_name)
+    run_dir = open_run_dir(cfg, run_path, checkpoint is not None)
     run_dir.write_csv("partitions.csv", partitions_frame(partitions))
-    print(f"run directory: {run_dir.path}", flush=True)
-
-    metrics, best = MetricsTable(run_dir), BestModel()
-    calibration = MetricsTable(run_dir, "calibration.csv", [])
-    strategy = build_strategy(
-        cfg,
-        model,
-        partition_to_node={int(p[protocol.PARTITION_ID]): p["node-id"] for p in partitions},
-        central_evaluate=functools.partial(evaluator, split=val) if len(val.labels) else None,
-        hooks=[metrics, best, ProgressLog(cfg.num_server_rounds)],
-        calibration_table=calibration,
+    print(f"run directory: {run_dir.path}; plan: {clock.describe()} rounds", flush=True)
+    to_node = {int(p[protocol.PARTITION_ID]): p["node-id"] for p in partitions}
+    components = Components(
+        clock,
+        build_strategy(cfg, model, to_node, clock),
+        MetricsTable(run_dir),
+        calibration_table(run_dir),
+        BestModel(),
+        Stopwatch(),
     )
-    strategy.hooks.append(  # last: it saves what the hooks before it recorded
-        Checkpointer(
-            run_dir,
-            cfg.checkpoint_every,
-            strategy,
-            cfg.experiment_identity(),
-            initial_state,
-            metrics,
-            calibration,
-            best,
-        )
-    )
+    evaluate_val = None
+    if len(val.labels):
+        evaluate_val = lambda arrays: evaluator(arrays.to_torch_state_dict(), val)  # noqa: E731
+    hooks = round_hooks(components, evaluate_val, cfg, run_dir, initial_state)
+    start = ArrayRecord(initial_state)
     if checkpoint is not None:
-        restore(checkpoint, strategy, metrics, calibration, best)
-        print(f"resuming after training round {checkpoint.phase_round}", flush=True)
-    remaining = cfg.num_server_rounds - strategy.resume_offset
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=remaining,
-        timeout=cfg.round_timeout,
-        train_config=ConfigRecord(),
-        evaluate_fn=strategy.on_round_end,
+        restore(checkpoint, components.saveables(), run_path / CHECKPOINT_NAME)
+        start = ArrayRecord(checkpoint.arrays)
+        print(f"resuming after round {clock.completed} of {clock.total_rounds}", flush=True)
+    return PreparedRun(
+        cfg, run_path.name, run_dir, components, hooks, start, initial_state, evaluator, test
     )
-    final_arrays = result.arrays if remaining > 0 else initial
-    final_state = final_arrays.to_torch_state_dict()
-    test_loss, test_acc = evaluator(final_arrays, test)
-    best_state = best.state if best.state is not None else final_state
-    best_test_loss, best_test_acc = evaluator(ArrayRecord(best_state), test)
-    run_dir.save_weights("final_model.safetensors", final_state)
-    run_dir.save_weights("best_model.safetensors", best_state)
-    run_dir.save_weights("task_vector.safetensors", task_vector(final_state, initial_state))
-    sparse_summary = {}
-    if isinstance(strategy, SparseFedAvg):
-        run_dir.save_weights(
-            "mask.safetensors", {k: m.to(torch.uint8) for k, m in strategy.mask.items()}
-        )
-        sparse_summary = {
-            "mask-density": mask_density(strategy.mask),
-            "mask-strategy": cfg.mask_strategy,
-        }
-    write_summary(
-        run_dir,
-        run_name,
-        metrics.frame(),
-        best,
-        cfg.num_server_rounds,
-        (test_loss, test_acc),
-        (best_test_loss, best_test_acc),
-        time.perf_counter() - t_start,
-        sparse_summary,
+
+
+def finish(run: PreparedRun, final: ArrayRecord) -> None:
+    """Test the final and the best model; write weights, plot and ``summary.json``."""
+    c, cfg = run.components, run.cfg
+    extra_summary: dict = {"total-rounds": c.clock.total_rounds, "segments": c.stopwatch.segments}
+    extra_weights = {}
+    if isinstance(c.strategy, SparseFedAvg):
+        mask = c.strategy.mask
+        extra_weights["mask.safetensors"] = {k: m.to(torch.uint8) for k, m in mask.items()}
+        extra_summary |= {"mask-density": mask_density(mask), "mask-strategy": cfg.mask_strategy}
+    finish_run(
+        run.run_dir,
+        run.run_name,
+        metrics=c.metrics.frame(),
+        rounds=cfg.num_server_rounds,
+        final_state=final.to_torch_state_dict(),
+        initial_state=run.initial_state,
+        best_state=c.best.state,
+        best_accuracy=c.best.accuracy if c.best.state is not None else None,
+        best_round=c.best.round if c.best.state is not None else None,
+        test=lambda state: run.evaluator(state, run.test),
+        wall_time_s=c.stopwatch.total(),
+        extra_summary=extra_summary,
+        extra_weights=extra_weights,
+        final_round=c.clock.total_rounds,
     )
-    print(f"results written to {run_dir.path}", flush=True)
+    print(f"results written to {run.run_dir.path}", flush=True)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Prepare, run the plan of rounds, finish."""
+    cfg = RunConfig.from_run_config(dict(context.run_config))
+    output_dir = writable_output_dir(cfg.output_dir)
+    run_path = output_dir / cfg.resolved_run_name(time.strftime("%Y%m%d-%H%M%S"))
+    run = prepare(grid, cfg, run_path)
+    if run is None:
+        return
+    try:
+        result = run.components.strategy.start(grid, run.start, hooks=run.hooks)
+    except InsufficientRepliesError as exc:
+        raise InsufficientRepliesError(explain_insufficient_replies(str(exc), cfg)) from exc
+    finish(run, result.arrays)

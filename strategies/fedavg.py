@@ -1,33 +1,31 @@
-"""Weighted FedAvg with seeded sampling, a fixed aggregation order and round hooks.
+"""Weighted FedAvg that decides and aggregates; the network is used in strategies/rounds.py.
 
 Flower's FedAvg samples with the global ``random`` and sums replies in arrival order,
-so two runs with one seed differ. Here clients are sampled by partition id from a
-generator seeded by (seed, round), replies are summed in partition order in float64,
-and every round ends in one call (``on_round_end``) that runs central evaluation
-when due and hands a metrics row to the hooks the ServerApp attached.
+so two runs with one seed differ. Here clients are sampled by partition id with a seed
+derived from (seed, round, attempt), replies are summed in partition order in float64,
+and the round number comes from the run's ``RoundClock``.
 """
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Result, Strategy
 
 from strategies import protocol
 from strategies.interference import interference_metrics
+from strategies.plan import RoundClock, RoundPosition
+from strategies.record import RoundRecord
+from strategies.rounds import RetryPolicy, RoundHook, run_plan, send_with_retries
+from strategies.seeds import sample_partitions
 
 RoundRow = dict[str, float]
-RoundHook = Callable[[int, ArrayRecord, RoundRow], None]
-CentralEvaluate = Callable[[ArrayRecord], tuple[float, float]]
-
-
-class InsufficientRepliesError(RuntimeError):
-    """A training round got no usable reply."""
+NO_RETRIES = RetryPolicy()
 
 
 def weighted_average(
@@ -60,20 +58,22 @@ def weighted_average(
     return out
 
 
-def sample_partitions(
-    num_partitions: int, per_round: int, seed: int, server_round: int, attempt: int = 0
-) -> list[int]:
-    """The partitions trained in a round: seeded by (seed, round, attempt), returned sorted.
+def in_partition_order(replies: Iterable[Message]) -> list[Message]:
+    return sorted(replies, key=lambda r: int(r.content[protocol.METRICS][protocol.PARTITION_ID]))
 
-    No generator state carries from round to round, so a resumed run samples exactly
-    what an uninterrupted one would.
+
+def example_weights(replies: Sequence[Message]) -> list[float]:
+    """The FedAvg weight of each reply: the client's ``num-examples``."""
+    return [float(r.content[protocol.METRICS][protocol.NUM_EXAMPLES]) for r in replies]
+
+
+class OrderedFedAvg(Strategy):
+    """FedAvg weighted by ``num-examples``, reproducible for a seed, over a plan of rounds.
+
+    A Flower ``Strategy``: ``configure_train`` and ``aggregate_train`` keep Flower's
+    signatures (and do no network I/O); ``start`` runs the plan. The global model is
+    evaluated on the server (a hook), so Flower's client evaluation is not used.
     """
-    key = f"sample-{seed}-{server_round}" + (f"-retry{attempt}" if attempt else "")
-    return sorted(random.Random(key).sample(range(num_partitions), per_round))
-
-
-class OrderedFedAvg(FedAvg):
-    """FedAvg weighted by ``num-examples``, reproducible for a seed, with round hooks."""
 
     def __init__(
         self,
@@ -81,233 +81,187 @@ class OrderedFedAvg(FedAvg):
         partition_to_node: Mapping[int, int],
         clients_per_round: int,
         seed: int,
+        clock: RoundClock,
         lr_at: Callable[[int], float],
-        num_rounds: int,
-        eval_every: int,
-        central_evaluate: CentralEvaluate | None = None,
-        hooks: Sequence[RoundHook] = (),
-        fraction_evaluate: float = 0.0,
-        min_train_clients: int = 1,
-        max_round_retries: int = 0,
-        round_timeout: float = 3600.0,
+        retry: RetryPolicy = NO_RETRIES,
         update_metrics: bool = True,
     ) -> None:
-        num_nodes = len(partition_to_node)
-        super().__init__(
-            fraction_train=clients_per_round / num_nodes,
-            fraction_evaluate=fraction_evaluate,
-            min_train_nodes=clients_per_round,
-            min_evaluate_nodes=1 if fraction_evaluate > 0 else 0,
-            min_available_nodes=num_nodes,
-            weighted_by_key=protocol.NUM_EXAMPLES,
-            arrayrecord_key=protocol.ARRAYS,
-            configrecord_key=protocol.CONFIG,
-        )
         self.partition_to_node = dict(partition_to_node)
         self.clients_per_round = clients_per_round
         self.seed = seed
+        self.clock = clock
         self.lr_at = lr_at
-        self.num_rounds = num_rounds
-        self.eval_every = eval_every
-        self.central_evaluate = central_evaluate
-        self.hooks = list(hooks)
-        self.min_train_clients = min_train_clients
-        self.max_round_retries = max_round_retries
-        self.round_timeout = round_timeout
+        self.retry = retry
         self.update_metrics = update_metrics
-        self._row: RoundRow = {}
-        self._round_start = time.perf_counter()
-        self._t_sent = self._round_start
-        self._pending: tuple[Grid, ArrayRecord, ConfigRecord] | None = None
-        self.phase = "train"
-        self.round_offset = 0  # rounds of an earlier phase (sparse head warm-up)
-        self.resume_offset = 0  # rounds of this phase done before a resume
 
-    def phase_round(self, server_round: int) -> int:
-        """Flower counts the rounds of each ``start``; a resumed run continues the count."""
-        return self.resume_offset + server_round
+    # ---- deciding ------------------------------------------------------------------------
+    def sample(self, position: RoundPosition, count: int, attempt: int) -> list[int]:
+        """The partitions asked in a round, sorted (a retry draws a new sample)."""
+        return sample_partitions(
+            len(self.partition_to_node), count, self.seed, position.round, attempt
+        )
 
-    # ---- training ------------------------------------------------------------------
-    def round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
-        """What every sampled client receives besides the weights."""
-        out = ConfigRecord(dict(config))
-        out[protocol.SERVER_ROUND] = server_round
-        out[protocol.LR] = float(self.lr_at(server_round))
-        return out
+    def lr(self, position: RoundPosition) -> float:
+        """The schedule's learning rate at the position's round of its phase."""
+        return float(self.lr_at(position.phase_round))
+
+    def round_config(self, position: RoundPosition, attempt: int) -> ConfigRecord:
+        """What every client asked in a training round receives besides the weights."""
+        return ConfigRecord(
+            {
+                protocol.SERVER_ROUND: position.round,
+                protocol.LR: self.lr(position),
+                protocol.ATTEMPT: attempt,
+            }
+        )
 
     def message_for(
-        self,
-        pid: int,
-        arrays: ArrayRecord,
-        config: ConfigRecord,
-        message_type: str = protocol.TRAIN,
+        self, pid: int, arrays: ArrayRecord, config: ConfigRecord, message_type: str
     ) -> Message:
         """The message for one partition's node (sparse strategies add the mask)."""
         content = RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: config})
         return Message(content, dst_node_id=self.partition_to_node[pid], message_type=message_type)
 
+    def train_messages(
+        self, position: RoundPosition, arrays: ArrayRecord, attempt: int
+    ) -> list[Message]:
+        """One training message per sampled partition, in partition order."""
+        config = self.round_config(position, attempt)
+        pids = self.sample(position, self.clients_per_round, attempt)
+        return [self.message_for(pid, arrays, config, protocol.TRAIN) for pid in pids]
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Seeded sample of partitions, one message each, in partition order."""
-        self._round_start = time.perf_counter()
-        phase_round = self.phase_round(server_round)
-        self._pending = (grid, arrays, config)
-        messages = self.train_messages(phase_round, arrays, config, attempt=0)
-        self._row = {
-            "round": self.round_offset + phase_round,
-            "lr": float(self.lr_at(phase_round)),
-            "clients": len(messages),
-            "bytes-down": float(sum(content_bytes(m.content) for m in messages)),
-        }
-        self._t_sent = time.perf_counter()
-        return messages
+        """Flower's entry point: the messages of global round ``server_round``."""
+        attempt = int(config.get(protocol.ATTEMPT, 0))
+        return self.train_messages(self.clock.position(server_round), arrays, attempt)
 
-    def train_messages(
-        self, phase_round: int, arrays: ArrayRecord, config: ConfigRecord, attempt: int
-    ) -> list[Message]:
-        pids = sample_partitions(
-            len(self.partition_to_node), self.clients_per_round, self.seed, phase_round, attempt
-        )
-        config = self.round_config(phase_round, config)
-        config[protocol.ATTEMPT] = attempt
-        return [self.message_for(pid, arrays, config) for pid in pids]
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """No client evaluation: the server evaluates the global model (a round hook)."""
+        return []
 
-    def valid_replies(
-        self, replies: Iterable[Message], sent: int, what: str
-    ) -> tuple[list[Message], int]:
-        """Replies without error in partition order, and how many of ``sent`` failed."""
-        replies = list(replies)
-        valid = [r for r in replies if not r.has_error()]
-        for r in replies:
-            if r.has_error():
-                self.on_client_failure(r.metadata.src_node_id)
-                print(f"{what}: client failed: {r.error.reason}", flush=True)
-        valid.sort(key=lambda r: int(r.content[protocol.METRICS][protocol.PARTITION_ID]))
-        return valid, sent - len(valid)
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return None
 
-    def with_retries(
-        self,
-        replies: Iterable[Message],
-        sent: int,
-        resend: Callable[[int], list[Message]],
-        grid: Grid,
-        what: str,
-    ) -> tuple[list[Message], int, int]:
-        """At least ``min-train-clients`` replies, resampling up to ``max-round-retries`` times.
+    def summary(self) -> None:
+        """Flower logs this at start; the ServerApp prints the plan instead."""
 
-        Returns the usable replies, the failures over all attempts and the bytes of the
-        extra messages sent.
-        """
-        valid, failures = self.valid_replies(replies, sent, what)
-        extra_bytes, attempt = 0, 0
-        while len(valid) < self.min_train_clients and attempt < self.max_round_retries:
-            attempt += 1
-            print(f"{what}: {len(valid)} replies < min-train-clients, retry {attempt}", flush=True)
-            messages = resend(attempt)
-            extra_bytes += sum(content_bytes(m.content) for m in messages)
-            again = grid.send_and_receive(messages, timeout=self.round_timeout)
-            valid, failed = self.valid_replies(again, len(messages), what)
-            failures += failed
-        if len(valid) < self.min_train_clients:
-            raise InsufficientRepliesError(
-                f"{what}: {len(valid)} replies, fewer than min-train-clients="
-                f"{self.min_train_clients}, after {attempt + 1} attempts ({failures} client "
-                "failures); check the clients' logs, or lower min-train-clients / raise "
-                "max-round-retries"
-            )
-        return valid, failures, extra_bytes
+    # ---- aggregating ---------------------------------------------------------------------
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The example-weighted mean of the replies' arrays and losses, in partition order."""
+        replies = in_partition_order(replies)
+        if not replies:
+            return None, None
+        weights = example_weights(replies)
+        states = [r.content[protocol.ARRAYS].to_torch_state_dict() for r in replies]
+        losses = [float(r.content[protocol.METRICS][protocol.TRAIN_LOSS]) for r in replies]
+        total = sum(weights)
+        loss = sum(w * x for w, x in zip(weights, losses, strict=True)) / total
+        metrics = MetricRecord({protocol.TRAIN_LOSS: loss, protocol.NUM_EXAMPLES: total})
+        return ArrayRecord(weighted_average(states, weights)), metrics
+
+    def aggregate_round(
+        self, base: ArrayRecord, replies: Sequence[Message], record: RoundRecord
+    ) -> ArrayRecord:
+        """The next global weights from ``base`` (what was sent) and the usable replies."""
+        mean, metrics = self.aggregate_train(record.round, replies)
+        if mean is None or metrics is None:
+            raise ValueError(f"round {record.round}: no replies to aggregate")
+        record.add({key: float(value) for key, value in metrics.items()})
+        record.add(client_compute_metrics([r.content[protocol.METRICS] for r in replies]))
+        base_state = base.to_torch_state_dict() if self.needs_base() else {}
+        if self.update_metrics:
+            ordered = in_partition_order(replies)
+            updates = [self.client_update(base_state, r) for r in ordered]
+            record.add(interference_metrics(updates, example_weights(ordered)))
+        return self.merge(base_state, mean)
+
+    def needs_base(self) -> bool:
+        """Whether aggregation reads the sent weights (dense FedAvg: only for interference)."""
+        return self.update_metrics
+
+    def client_update(
+        self, base: Mapping[str, torch.Tensor], reply: Message
+    ) -> dict[str, torch.Tensor]:
+        """A client's update (its task vector of the round): its weights minus the sent ones."""
+        state = reply.content[protocol.ARRAYS].to_torch_state_dict()
+        return {k: v - base[k] for k, v in state.items() if v.is_floating_point()}
+
+    def merge(self, base: Mapping[str, torch.Tensor], mean: ArrayRecord) -> ArrayRecord:
+        """The new global weights: dense FedAvg takes the mean as it is."""
+        return mean
+
+    # ---- the plan ------------------------------------------------------------------------
+    def enter_phase(self, position: RoundPosition, arrays: ArrayRecord) -> None:
+        """Called at the first round of each phase (dense FedAvg has only training)."""
 
     def on_client_failure(self, node_id: int) -> None:
         """Called for each failed reply (sparse strategies forget the node's mask)."""
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the replies in partition order, weighted by their ``num-examples``."""
-        t_received = time.perf_counter()
-        grid, arrays_sent, config = self._pending
-        phase_round = self.phase_round(server_round)
-        valid, failures, extra_bytes = self.with_retries(
-            replies,
-            self.clients_per_round,
-            lambda attempt: self.train_messages(phase_round, arrays_sent, config, attempt),
-            grid,
-            f"round {self.round_offset + phase_round}",
-        )
-        metrics = [r.content[protocol.METRICS] for r in valid]
-        weights = [float(m[protocol.NUM_EXAMPLES]) for m in metrics]
-        arrays = self.aggregate_arrays(server_round, [r.content for r in valid], weights)
-        total = sum(weights)
-        losses = [float(m[protocol.TRAIN_LOSS]) for m in metrics]
-        train_loss = sum(w * x for w, x in zip(weights, losses, strict=True)) / total
-        self._row["bytes-down"] += extra_bytes
-        self._row.update(
-            {
-                "train-loss": train_loss,
-                "failures": float(failures),
-                "num-examples": total,
-                "bytes-up": float(sum(content_bytes(r.content) for r in valid)),
-                "seconds-clients": t_received - self._t_sent,
-                "seconds-aggregate": time.perf_counter() - t_received,
-            }
-        )
-        self._row.update(client_compute_metrics(metrics))
-        return arrays, MetricRecord({protocol.TRAIN_LOSS: train_loss})
-
-    def aggregate_arrays(
-        self, server_round: int, contents: list[RecordDict], weights: list[float]
+    def run_round(
+        self, grid: Grid, position: RoundPosition, arrays: ArrayRecord, record: RoundRecord
     ) -> ArrayRecord:
-        """Dense FedAvg of the full weights (sparse strategies override this)."""
-        states = [c[protocol.ARRAYS].to_torch_state_dict() for c in contents]
-        if self.update_metrics:
-            sent = self._pending[1].to_torch_state_dict()
-            updates = [{k: s[k] - sent[k] for k in s if s[k].is_floating_point()} for s in states]
-            self.log_interference(updates, weights)
-        return ArrayRecord(weighted_average(states, weights))
+        """A training round: messages, replies (with retries), the aggregate."""
+        record.add({"lr": self.lr(position)})
+        replies = send_with_retries(
+            grid,
+            lambda attempt: self.train_messages(position, arrays, attempt),
+            self.retry,
+            record,
+            self.on_client_failure,
+        )
+        return self.timed_aggregate(arrays, replies, record)
 
-    def log_interference(
-        self, updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
-    ) -> None:
-        """Put the round's update cosine and norm ratio (strategies/interference.py) in the row."""
-        self._row.update(interference_metrics(updates, weights))
+    def timed_aggregate(
+        self, base: ArrayRecord, replies: Sequence[Message], record: RoundRecord
+    ) -> ArrayRecord:
+        """``aggregate_round`` with its wall time in the record."""
+        t0 = time.perf_counter()
+        arrays = self.aggregate_round(base, replies, record)
+        record.add({"seconds-aggregate": time.perf_counter() - t0})
+        return arrays
 
-    # ---- end of round: central evaluation and hooks ----------------------------------
-    def eval_due(self, phase_round: int) -> bool:
-        return phase_round % self.eval_every == 0 or phase_round in (0, self.num_rounds)
+    # ---- Saveable ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Dense FedAvg keeps nothing between rounds: sampling is derived from the round."""
+        return {}
 
-    def on_round_end(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Flower calls this after every round (and at round 0) as its ``evaluate_fn``."""
-        if server_round == 0 and (self.round_offset > 0 or self.resume_offset > 0):
-            return None  # round 0 of a later phase or a resume: evaluated already
-        server_round = self.phase_round(server_round)
-        row: RoundRow = dict(self._row) if server_round > 0 else {"round": 0}
-        self._row = {}
-        result = None
-        if self.central_evaluate is not None and self.eval_due(server_round):
-            t_eval = time.perf_counter()
-            loss, acc = self.central_evaluate(arrays)
-            row.update(
-                {
-                    "val-loss": loss,
-                    "val-accuracy": acc,
-                    "seconds-eval": time.perf_counter() - t_eval,
-                }
-            )
-            result = MetricRecord({"val-loss": loss, "val-accuracy": acc})
-        if server_round > 0:
-            row["seconds"] = time.perf_counter() - self._round_start
-        for hook in self.hooks:
-            hook(server_round, arrays, row)
-        return result
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Nothing to restore (see ``state_dict``)."""
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int | None = None,
+        timeout: float | None = None,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: object = None,
+        hooks: Sequence[RoundHook] = (),
+    ) -> Result:
+        """Run the rest of the clock's plan; ``hooks`` run after every round (see rounds.py).
+
+        The plan, not ``num_rounds``, says how many rounds run; the retry policy, not
+        ``timeout``, how long a round waits. Flower's client evaluation is not used.
+        """
+        if num_rounds is not None and num_rounds != self.clock.total_rounds - self.clock.completed:
+            raise ValueError(f"num_rounds={num_rounds} disagrees with the plan's remaining rounds")
+        return Result(arrays=run_plan(self, self.clock, grid, initial_arrays, hooks))
 
 
 def client_compute_metrics(metrics: Sequence[MetricRecord]) -> RoundRow:
     """Client compute seconds (slowest client, and the sum) and peak GPU memory of a round.
 
     The slowest client bounds the round when every client has its own worker; the sum
-    is the work to share when fewer workers than clients run. Replies of older clients
-    without these keys are skipped.
+    is the work to share when fewer workers than clients run.
     """
     seconds = [float(m[protocol.CLIENT_SECONDS]) for m in metrics if protocol.CLIENT_SECONDS in m]
     memory = [float(m[protocol.GPU_MEMORY_MB]) for m in metrics if protocol.GPU_MEMORY_MB in m]
@@ -318,8 +272,3 @@ def client_compute_metrics(metrics: Sequence[MetricRecord]) -> RoundRow:
     if memory:
         row["gpu-memory-mb"] = max(memory)
     return row
-
-
-def content_bytes(content: RecordDict) -> int:
-    """Bytes of the arrays in a message (what dominates communication)."""
-    return sum(record.count_bytes() for record in content.array_records.values())

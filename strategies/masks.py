@@ -28,7 +28,7 @@ EMBEDDING_NAMES = ("cls_token", "pos_embed", "reg_token")
 
 def needs_fisher(strategy: str) -> bool:
     """Sensitivity strategies need federated calibration; the others need only weights."""
-    _check_choice("mask-strategy", strategy, MASK_STRATEGIES)
+    _check_choice("strategy", strategy, MASK_STRATEGIES)
     return strategy in ("least_sensitive", "most_sensitive")
 
 
@@ -41,7 +41,7 @@ def eligible_names(
     ``backbone-no-embed``: without patch embedding, class, register and position tokens;
     ``blocks``: only the transformer blocks.
     """
-    _check_choice("mask-scope", scope, MASK_SCOPES)
+    _check_choice("scope", scope, MASK_SCOPES)
     names = [n for n in named_shapes if not n.startswith(head_prefix)]
     if scope == "backbone-no-embed":
         names = [n for n in names if not (n.startswith("patch_embed.") or n in EMBEDDING_NAMES)]
@@ -58,14 +58,10 @@ def density_schedule(sparsity: float, rounds: int, schedule: str) -> list[float]
     ``one-shot``: d from the first round on (later rounds only re-score those entries).
     """
     if not 0.0 <= sparsity < 1.0:
-        raise ValueError(
-            f"run-config key 'sparsity' = {sparsity!r} is not allowed: must be in [0, 1)"
-        )
+        raise ValueError(f"sparsity={sparsity!r} is not in [0, 1)")
     if rounds < 1:
-        raise ValueError(
-            f"run-config key 'calibration-rounds' = {rounds!r} is not allowed: must be >= 1"
-        )
-    _check_choice("calibration-schedule", schedule, CALIBRATION_SCHEDULES)
+        raise ValueError(f"rounds={rounds!r} must be >= 1")
+    _check_choice("schedule", schedule, CALIBRATION_SCHEDULES)
     d = 1.0 - sparsity
     if schedule == "one-shot":
         return [d] * rounds
@@ -83,7 +79,7 @@ def scores_for(
     ``random`` draws uniform scores from a generator seeded with ``seed``, tensor by
     tensor in the order of ``params``: same seed and names, same mask.
     """
-    _check_choice("mask-strategy", strategy, MASK_STRATEGIES)
+    _check_choice("strategy", strategy, MASK_STRATEGIES)
     if needs_fisher(strategy):
         if fisher is None:
             raise ValueError(f"mask strategy {strategy!r} needs the Fisher information")
@@ -162,9 +158,7 @@ def mask_density(mask: Mapping[str, torch.Tensor]) -> float:
     return sum(int(m.sum()) for m in mask.values()) / max(total, 1)
 
 
-def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+def _check_choice(argument: str, value: str, allowed: tuple[str, ...]) -> None:
+    """Name the argument, not a run-config key: callers validate their own settings."""
     if value not in allowed:
-        raise ValueError(
-            f"run-config key {key!r} = {value!r} is not allowed: "
-            f"must be one of {', '.join(allowed)}"
-        )
+        raise ValueError(f"{argument}={value!r} is not one of {', '.join(allowed)}")

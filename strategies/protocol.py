@@ -10,7 +10,6 @@ from flwr.app import MessageType
 
 # Message types
 TRAIN = MessageType.TRAIN
-EVALUATE = MessageType.EVALUATE
 QUERY_PARTITION = f"{MessageType.QUERY}.partition"  # which shard does a node hold?
 
 # Record keys in a message's RecordDict
@@ -26,8 +25,6 @@ LR = "lr"
 NUM_EXAMPLES = "num-examples"  # client data size: the FedAvg weight
 PARTITION_ID = "partition-id"  # fixes the aggregation order
 TRAIN_LOSS = "train-loss"
-EVAL_LOSS = "eval-loss"
-EVAL_ACCURACY = "eval-accuracy"
 CLASSES = "classes"  # list of class ids a shard holds (partition query)
 CLASS_COUNTS = "class-counts"  # examples per class, aligned with CLASSES
 CLIENT_SECONDS = "client-seconds"  # wall seconds of local training (GPU synchronised)

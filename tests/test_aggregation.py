@@ -1,12 +1,14 @@
-"""FedAvg aggregation: a weighted average in a fixed order, and seeded sampling."""
+"""FedAvg deciding and aggregating: a weighted average in a fixed order, and seeded sampling."""
 
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from strategies import protocol
-from strategies.fedavg import OrderedFedAvg, sample_partitions, weighted_average
+from strategies.fedavg import OrderedFedAvg, weighted_average
+from strategies.plan import TRAIN, Phase, RoundClock
+from strategies.seeds import derive_seed, sample_partitions
 
 
 def _states(seed: int = 0):
@@ -31,42 +33,52 @@ def test_weighted_average_keeps_integer_buffers_and_dtype():
     assert out["h"].dtype == torch.float16 and torch.equal(out["h"], torch.full((2,), 2.0).half())
 
 
-def _reply(pid: int, n: int, state, identity_msg) -> Message:
+def _reply(pid: int, n: int, state, sent: Message) -> Message:
     content = RecordDict(
         {
             protocol.ARRAYS: ArrayRecord(state),
             protocol.METRICS: MetricRecord(
-                {protocol.NUM_EXAMPLES: n, protocol.PARTITION_ID: pid, protocol.TRAIN_LOSS: 1.0}
+                {protocol.NUM_EXAMPLES: n, protocol.PARTITION_ID: pid, protocol.TRAIN_LOSS: pid}
             ),
         }
     )
-    return Message(content, reply_to=identity_msg)
+    return Message(content, reply_to=sent)
 
 
-def _strategy():
+def _strategy(rounds: int = 2) -> OrderedFedAvg:
     return OrderedFedAvg(
         partition_to_node={i: 100 + i for i in range(3)},
         clients_per_round=3,
         seed=0,
-        lr_at=lambda r: 0.1,
-        num_rounds=1,
-        eval_every=1,
+        clock=RoundClock([Phase(TRAIN, rounds)]),
+        lr_at=lambda r: 0.1 / r,
     )
 
 
 def test_aggregate_train_is_independent_of_reply_order(identity):
     states, sizes = _states(1), [5, 7, 11]
     strategy = _strategy()
-    msgs = list(strategy.configure_train(1, ArrayRecord(states[0]), _config(), _grid()))
+    msgs = list(strategy.configure_train(1, ArrayRecord(states[0]), ConfigRecord(), None))
     replies = [_reply(i, sizes[i], states[i], msgs[i]) for i in range(3)]
-    forward, _ = strategy.aggregate_train(1, replies)
-    strategy.configure_train(1, ArrayRecord(states[0]), _config(), _grid())
+    forward, metrics = strategy.aggregate_train(1, replies)
     backward, _ = strategy.aggregate_train(1, list(reversed(replies)))
     f, b = forward.to_torch_state_dict(), backward.to_torch_state_dict()
     expected = weighted_average(states, [float(s) for s in sizes])
     for key in expected:
         assert torch.equal(f[key], b[key])
         torch.testing.assert_close(f[key], expected[key])
+    assert metrics[protocol.NUM_EXAMPLES] == 23
+    assert metrics[protocol.TRAIN_LOSS] == (0 * 5 + 1 * 7 + 2 * 11) / 23
+
+
+def test_training_messages_carry_the_global_round_the_lr_and_the_attempt(identity):
+    strategy = _strategy(rounds=4)
+    arrays = ArrayRecord(_states()[0])
+    messages = list(strategy.configure_train(3, arrays, ConfigRecord({protocol.ATTEMPT: 2}), None))
+    assert [m.metadata.dst_node_id for m in messages] == [100, 101, 102]
+    config = messages[0].content[protocol.CONFIG]
+    assert config[protocol.SERVER_ROUND] == 3 and config[protocol.ATTEMPT] == 2
+    assert config[protocol.LR] == 0.1 / 3  # the schedule at the phase's round 3
 
 
 def test_sampling_is_seeded_and_sorted():
@@ -75,17 +87,14 @@ def test_sampling_is_seeded_and_sorted():
     assert a == sorted(a) and len(set(a)) == 10
     assert a != sample_partitions(100, 10, seed=1, server_round=3)
     assert a != sample_partitions(100, 10, seed=0, server_round=4)
+    assert a != sample_partitions(100, 10, seed=0, server_round=3, attempt=1)
 
 
-def _config():
-    from flwr.app import ConfigRecord
-
-    return ConfigRecord()
-
-
-def _grid():
-    class _G:
-        def get_node_ids(self):
-            return [100, 101, 102]
-
-    return _G()
+def test_derived_seeds_differ_by_purpose_and_key_and_repeat():
+    seeds = {
+        derive_seed(0, purpose, *keys)
+        for purpose in ("sample", "batches", "augment")
+        for keys in ((1,), (2,), (1, 0), (1, 1))
+    }
+    assert len(seeds) == 12 and all(0 <= s < 2**63 for s in seeds)
+    assert derive_seed(5, "batches", 3, 7) == derive_seed(5, "batches", 3, 7)

@@ -1,8 +1,7 @@
-"""The centralized baseline: schedule, config errors, and a quick run that learns."""
+"""The centralized baseline: its SGD step, config errors, and a quick run that learns."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import subprocess
@@ -12,13 +11,16 @@ import tomllib
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from flower_app.centralized import lr_at_step, main
+from clients.training import sgd_step
+from flower_app.centralized import main
 from flower_app.config import ConfigError, RunConfig
+from flower_app.hooks import METRIC_COLUMNS
 from flower_app.model import create_initial_model
-from flower_app.results import METRIC_COLUMNS
 from tests.conftest import ROOT
+from tests.invalid_configs import INVALID
 
 QUICK = ROOT / "configs" / "centralized_quick.toml"
 RUN_FILES = {
@@ -48,36 +50,30 @@ SUMMARY_KEYS = {  # flower_app/server_app.py's summary, plus "mode"
 }
 
 
-# ---- schedule ------------------------------------------------------------------------------
-def test_warmup_is_linear_then_cosine_to_min_lr():
-    total, warm, lr = 100, 10, 0.1
-    assert lr_at_step(0, total, warm, lr, 0.0) == pytest.approx(0.01)
-    assert lr_at_step(4, total, warm, lr, 0.0) == pytest.approx(0.05)
-    assert lr_at_step(9, total, warm, lr, 0.0) == pytest.approx(0.1)
-    assert lr_at_step(10, total, warm, lr, 0.0) == pytest.approx(0.1)  # cosine starts at lr
-    assert lr_at_step(55, total, warm, lr, 0.0) == pytest.approx(0.05)  # half way: (lr+min)/2
-    assert lr_at_step(100, total, warm, lr, 0.0) == pytest.approx(0.0, abs=1e-15)
-    assert lr_at_step(55, total, warm, lr, 0.01) == pytest.approx(0.055)
-    assert lr_at_step(100, total, warm, lr, 0.01) == pytest.approx(0.01)
+# ---- the SGD step (shared with clients.training.train_local) -----------------------------
+def _model_and_optimizer() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    return model, optimizer
 
 
-def test_cosine_without_warmup_hand_computed():
-    # step 25 of 100: 0.05 * (1 + cos(pi / 4))
-    assert lr_at_step(0, 100, 0, 0.1, 0.0) == pytest.approx(0.1)
-    assert lr_at_step(25, 100, 0, 0.1, 0.0) == pytest.approx(0.0853553390593)
-    assert lr_at_step(75, 100, 0, 0.1, 0.0) == pytest.approx(0.0146446609407)
-    lrs = [lr_at_step(s, 100, 0, 0.1, 0.001) for s in range(101)]
-    assert all(a > b for a, b in itertools.pairwise(lrs))
-    assert lrs[-1] == pytest.approx(0.001) and min(lrs[:-1]) > 0.001
-
-
-def test_constant_schedule_and_bad_steps():
-    assert {lr_at_step(s, 50, 5, 0.2, 0.0, "constant") for s in range(5, 51)} == {0.2}
-    assert lr_at_step(1, 50, 5, 0.2, 0.0, "constant") == pytest.approx(0.08)
-    with pytest.raises(ValueError):
-        lr_at_step(101, 100, 0, 0.1, 0.0)
-    with pytest.raises(ValueError):
-        lr_at_step(0, 100, 100, 0.1, 0.0)
+def test_sgd_step_is_the_old_inline_step_bit_for_bit():
+    batches = [(torch.randn(5, 6), torch.randint(0, 3, (5,))) for _ in range(4)]
+    model, optimizer = _model_and_optimizer()
+    losses = [sgd_step(model, optimizer, x, y, bf16=False) for x, y in batches]
+    ref_model, ref_optimizer = _model_and_optimizer()
+    ref_losses = []
+    for x, y in batches:  # the loop body train_local and train_centralized each had
+        loss = F.cross_entropy(ref_model(x), y)
+        ref_optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        ref_optimizer.step()
+        ref_losses.append(loss.detach())
+    assert all(not loss.requires_grad for loss in losses)
+    assert torch.equal(torch.stack(losses), torch.stack(ref_losses))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, ref_model.state_dict()[key]), key
 
 
 # ---- config --------------------------------------------------------------------------------
@@ -114,6 +110,15 @@ def test_bad_config_exits_2_with_one_line_and_no_run_dir(tmp_path, capsys, overr
     assert rc == 2
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert expected in err
+    assert not (out / "bad").exists()
+
+
+@pytest.mark.parametrize("case", INVALID, ids=str)
+def test_every_invalid_run_config_value_exits_2_before_work(tmp_path, capsys, case):
+    out = tmp_path / "out"
+    rc = main(["--run-config", str(QUICK), f"output-dir={out}", "run-name=bad", *case.as_cli()])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and case.allowed in err and f"'{case.key}'" in err
     assert not (out / "bad").exists()
 
 

@@ -69,17 +69,6 @@ def test_partition_query_reports_shard():
     assert sum(metrics[protocol.CLASS_COUNTS]) == metrics[protocol.NUM_EXAMPLES] == 450
 
 
-def test_evaluate_reports_loss_and_accuracy_on_the_shard():
-    grid = InProcessGrid(client_app.app, CONFIG, num_nodes=4)
-    content = RecordDict({protocol.ARRAYS: ArrayRecord(_initial_state())})
-    msg = Message(content, dst_node_id=1000, message_type=protocol.EVALUATE)
-    (reply,) = grid.send_and_receive([msg])
-    metrics = reply.content[protocol.METRICS]
-    assert metrics[protocol.NUM_EXAMPLES] == 450
-    assert 0.0 <= metrics[protocol.EVAL_ACCURACY] <= 1.0
-    assert metrics[protocol.EVAL_LOSS] > 3.0  # an untrained 100-class model: about ln(100)
-
-
 def test_node_local_data_dir_replaces_the_shared_partition(tmp_path):
     from flower_app.data import ImageSplit, save_node_data
 

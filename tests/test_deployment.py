@@ -71,31 +71,26 @@ def test_three_supernodes_with_private_data_survive_a_killed_node(deployment, tm
         }
     run_config = tmp_path / "run-config.toml"
     run_config.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in config.items()))
-    out = deployment.flwr(
-        "run",
-        str(ROOT),
-        "loopback",
-        "--format",
-        "json",
-        "--run-config",
-        str(run_config),
-        app_dir=ROOT,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    run_id = int(json.loads(out.stdout)["run-id"])
-
     metrics_csv = results / "deployed" / "metrics.csv"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # kill node 2 once round 1 is aggregated
-        if metrics_csv.exists() and (pd.read_csv(metrics_csv)["round"] >= 1).any():
-            break
-        time.sleep(1)
-    else:
-        pytest.fail(f"round 1 did not finish: {deployment.log()[-3000:]}")
-    os.killpg(deployment.supernodes[2].pid, signal.SIGKILL)
 
-    run = deployment.wait_for_run(run_id, ROOT, timeout=600, connection="loopback")
-    assert run["status"] == "finished:completed", run
+    def kill_node_2_after_round_1(run_id: int) -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # kill node 2 once round 1 is aggregated
+            if metrics_csv.exists() and (pd.read_csv(metrics_csv)["round"] >= 1).any():
+                break
+            time.sleep(1)
+        else:
+            pytest.fail(f"round 1 of run {run_id} did not finish: {deployment.log()[-3000:]}")
+        os.killpg(deployment.supernodes[2].pid, signal.SIGKILL)
+
+    run = deployment.run_to_end(
+        ROOT,
+        run_config,
+        connection="loopback",
+        timeout=600,
+        on_submitted=kill_node_2_after_round_1,
+    )
+    assert run.completed, (run.run_id, run.status, run.log[-3000:])
     partitions = pd.read_csv(results / "deployed" / "partitions.csv")
     assert list(partitions["partition-id"]) == [0, 1, 2]
     assert partitions["num-examples"].tolist() == [3000, 3000, 3000]  # each node's own data

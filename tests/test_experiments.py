@@ -21,6 +21,7 @@ from flower_app.reports import load_runs, markdown_table, summary_table, write_r
 from flower_app.runtime import initial_model
 from flower_app.studies import LOCAL_STEPS, base_config, scaled_rounds, study_settings
 from tests.conftest import ROOT
+from tests.invalid_configs import INVALID
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -58,6 +59,17 @@ def test_studies_cover_the_questions():
     sparse = study_settings("mask-strategies", {}, quick=False)[1:]
     assert all(s.overrides["strategy"] == "sparse-fedavg" for s in sparse)
     assert study_settings("centralized", {}, quick=False)[0].centralized
+
+
+@pytest.mark.parametrize("case", INVALID, ids=str)
+def test_every_invalid_run_config_value_stops_the_sweep_before_work(tmp_path, capsys, case):
+    argv = ["fedavg", "--quick", *case.as_cli(), "--output-dir", str(tmp_path / "out")]
+    code = experiments.main([*argv, "--app", str(ROOT)])
+    err = capsys.readouterr().err
+    owned = [k for k in case.overrides() if k in ("seed", "resume", "run-name")]
+    expected = f"override '{owned[0]}' is not allowed" if owned else case.allowed  # runner's
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 # ---- planning: every bad input stops before any run -----------------------------------------

@@ -124,9 +124,9 @@ def test_sampled_labels_follow_the_model():
 def test_bad_arguments_are_named():
     model = _tiny_vit()
     images, labels = _data(4)
-    with pytest.raises(ValueError, match=r"'fisher-labels' = 'true'.*sampled, empirical"):
+    with pytest.raises(ValueError, match=r"label_mode='true' is not one of sampled, empirical"):
         diagonal_fisher(model, images, labels, ["head.bias"], "true", 4, None)
     with pytest.raises(ValueError, match=r"not parameters of the model: head\.b"):
         diagonal_fisher(model, images, labels, ["head.b"], "empirical", 4, None)
-    with pytest.raises(ValueError, match="'fisher-batch-size' = 0"):
+    with pytest.raises(ValueError, match="batch_size=0 must be >= 1"):
         diagonal_fisher(model, images, labels, ["head.bias"], "empirical", 0, None)

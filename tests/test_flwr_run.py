@@ -11,7 +11,7 @@ import tomllib
 
 import pytest
 
-from flower_app.local_superlink import LocalSuperLink
+from flower_app.local_superlink import LocalSuperLink, RunOutcome
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
@@ -26,13 +26,12 @@ def superlink(tmp_path):
         link.stop()
 
 
-def _run(link: LocalSuperLink, tmp_path, overrides: dict, supernodes: int) -> dict:
+def _run(link: LocalSuperLink, tmp_path, overrides: dict, supernodes: int) -> RunOutcome:
     with open(ROOT / "configs" / "quick.toml", "rb") as f:
         config = tomllib.load(f) | overrides
     path = tmp_path / "run-config.toml"
     path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in config.items()) + "\n")
-    run_id = link.submit(ROOT, path, f"num-supernodes={supernodes}")
-    return link.wait_for_run(run_id, ROOT, timeout=480)
+    return link.run_to_end(ROOT, path, f"num-supernodes={supernodes}", timeout=480)
 
 
 @pytest.mark.parametrize(
@@ -49,6 +48,6 @@ def test_bad_runs_are_marked_failed_with_their_one_line_error(
     results = tmp_path / "results"
     config = {"output-dir": str(results), "run-name": "bad"} | overrides
     run = _run(superlink, tmp_path, config, supernodes)
-    assert run["status"] == "finished:failed", run
+    assert run.status == "finished:failed", (run.run_id, run.status, run.log[-3000:])
     assert not (results / "bad").exists()
-    assert message in superlink.run_log(int(run["run-id"]), ROOT)
+    assert message in run.log

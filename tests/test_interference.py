@@ -6,11 +6,13 @@ import math
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from strategies import protocol
 from strategies.fedavg import OrderedFedAvg
 from strategies.interference import interference_metrics, update_gram
+from strategies.plan import TRAIN, Phase, RoundClock
+from strategies.record import RoundRecord
 from strategies.sparse_codec import gather_masked
 from strategies.sparse_fedavg import SparseFedAvg
 
@@ -56,63 +58,76 @@ def _strategy(cls, **extra):
         partition_to_node={0: 10, 1: 11},
         clients_per_round=2,
         seed=0,
+        clock=RoundClock([Phase(TRAIN, 1)]),
         lr_at=lambda r: 0.1,
-        num_rounds=1,
-        eval_every=1,
         **extra,
     )
 
 
-def _content(state: dict[str, torch.Tensor]) -> RecordDict:
-    return RecordDict({protocol.ARRAYS: ArrayRecord(state)})
+def _replies(states: list[dict[str, torch.Tensor]], sizes: list[int]) -> list[Message]:
+    """Training replies of partitions 0, 1, ... holding ``states`` and ``sizes`` examples."""
+    out = []
+    for pid, (state, size) in enumerate(zip(states, sizes, strict=True)):
+        metrics = MetricRecord(
+            {protocol.NUM_EXAMPLES: size, protocol.PARTITION_ID: pid, protocol.TRAIN_LOSS: 1.0}
+        )
+        content = RecordDict({protocol.ARRAYS: ArrayRecord(state), protocol.METRICS: metrics})
+        out.append(Message(content, reply_to=_sent()))
+    return out
 
 
-def test_dense_strategy_logs_the_metrics_of_client_minus_global():
+def _sent() -> Message:
+    return Message(RecordDict(), dst_node_id=10, message_type=protocol.TRAIN)
+
+
+def _record() -> RoundRecord:
+    return RoundRecord(RoundClock([Phase(TRAIN, 1)]).position(1))
+
+
+def test_dense_strategy_records_the_metrics_of_client_minus_global(identity):
     glob = {"w": torch.tensor([[1.0, 1.0]]), "steps": torch.tensor([3])}
     clients = [
         {"w": torch.tensor([[4.0, 5.0]]), "steps": torch.tensor([3])},  # update (3, 4)
         {"w": torch.tensor([[5.0, 4.0]]), "steps": torch.tensor([3])},  # update (4, 3)
     ]
-    strategy = _strategy(OrderedFedAvg)
-    strategy._pending = (None, ArrayRecord(glob), ConfigRecord())
-    strategy.aggregate_arrays(1, [_content(c) for c in clients], [1.0, 3.0])
-    assert strategy._row["update-cosine"] == pytest.approx(0.96)
+    record = _record()
+    _strategy(OrderedFedAvg).aggregate_round(ArrayRecord(glob), _replies(clients, [1, 3]), record)
+    assert record.get("update-cosine") == pytest.approx(0.96)
     agg = math.hypot(0.25 * 3 + 0.75 * 4, 0.25 * 4 + 0.75 * 3)
-    assert strategy._row["update-norm-ratio"] == pytest.approx(agg / 5)
+    assert record.get("update-norm-ratio") == pytest.approx(agg / 5)
 
-    quiet = _strategy(OrderedFedAvg, update_metrics=False)
-    quiet._pending = strategy._pending
-    quiet.aggregate_arrays(1, [_content(c) for c in clients], [1.0, 3.0])
-    assert "update-cosine" not in quiet._row
+    quiet = _record()
+    _strategy(OrderedFedAvg, update_metrics=False).aggregate_round(
+        ArrayRecord(glob), _replies(clients, [1, 3]), quiet
+    )
+    assert quiet.get("update-cosine") is None and quiet.get("train-loss") == 1.0
 
 
-def test_sparse_strategy_measures_updates_on_the_trained_entries_only():
+def test_sparse_strategy_measures_updates_on_the_trained_entries_only(identity):
     glob = {"w": torch.tensor([[1.0, 2.0, 3.0]]), "head": torch.tensor([0.0])}
     mask = {"w": torch.tensor([[True, False, True]])}
     strategy = _strategy(
         SparseFedAvg,
         eligible=["w"],
         head_mode="train",
-        head_warmup_rounds=0,
         sparsity=0.5,
         mask_strategy="random",
-        calibration_rounds=1,
         calibration_schedule="linear",
         calibration_clients=2,
         fisher_config={},
         warmup_lr=0.1,
     )
-    strategy.mask, strategy._global = mask, glob
-    strategy._pending = (None, ArrayRecord(glob), ConfigRecord())
+    strategy.load_state_dict({"mask": mask, "mask-version": 1})
     # clients send the masked entries of w (1 and 3 -> 4 and 3) and the whole head
     sent = [
         gather_masked({"w": torch.tensor([[4.0, 2.0, 3.0]])}, mask) | {"head": torch.tensor([4.0])},
         gather_masked({"w": torch.tensor([[1.0, 2.0, -1.0]])}, mask) | {"head": torch.zeros(1)},
     ]
-    out = strategy.aggregate_arrays(1, [_content(s) for s in sent], [1.0, 1.0])
+    record = _record()
+    out = strategy.aggregate_round(ArrayRecord(glob), _replies(sent, [1, 1]), record)
     # updates (3, 0, 4) and (0, -4, 0) over (w[0], w[2], head): norms 5 and 4
-    assert strategy._row["update-cosine"] == pytest.approx(0.0)
-    assert strategy._row["update-norm"] == pytest.approx(4.5)
+    assert record.get("update-cosine") == pytest.approx(0.0)
+    assert record.get("update-norm") == pytest.approx(4.5)
     aggregated = math.sqrt(1.5**2 + 2**2 + 2**2)  # (1.5, -2, 2)
-    assert strategy._row["update-norm-ratio"] == pytest.approx(aggregated / 4.5)
+    assert record.get("update-norm-ratio") == pytest.approx(aggregated / 4.5)
     assert out.to_torch_state_dict()["w"].tolist() == [[2.5, 2.0, 1.0]]

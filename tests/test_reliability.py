@@ -23,8 +23,9 @@ from flower_app.checkpoint import (
     save_checkpoint,
 )
 from flower_app.config import ConfigError
-from strategies.fedavg import InsufficientRepliesError
+from strategies.rounds import InsufficientRepliesError
 from tests.conftest import ROOT, quick_run_config
+from tests.invalid_configs import INVALID
 from tests.run_in_process import run
 
 TIMING = [
@@ -77,7 +78,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, strategy):
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
-            if checkpoint.exists() and load_checkpoint(checkpoint).phase_round >= 2:
+            if checkpoint.exists() and load_checkpoint(checkpoint).completed_rounds >= 2:
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -90,9 +91,40 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, strategy):
     _assert_same_run(tmp_path / "straight", tmp_path / "killed", strategy == "sparse-fedavg")
 
 
-def _checkpoint(phase_round: int) -> Checkpoint:
-    state = {"w": torch.full((3,), float(phase_round))}
-    return Checkpoint({"seed": 0}, phase_round, 0, state, state, [{"round": phase_round}])
+def test_resuming_a_finished_run_changes_no_file(tmp_path, capsys):
+    config = _config(tmp_path, "done", num_server_rounds=2)
+    run(config)
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "done").iterdir()}
+    capsys.readouterr()
+    run(config | {"resume": True})
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "done").iterdir()}
+    assert after == before
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [
+        f"run done finished already (2 rounds, results in {tmp_path / 'done'}); nothing to do"
+    ]
+
+
+def test_wall_time_sums_the_segments_of_a_resumed_run(tmp_path):
+    config = _config(tmp_path, "segments", num_server_rounds=4)
+    run(config)
+    path = tmp_path / "segments" / CHECKPOINT_NAME
+    checkpoint = load_checkpoint(path)
+    # pretend the run was cut after round 2 of a first segment that took 1000 s
+    checkpoint.components["clock"]["completed"] = 2
+    checkpoint.components["stopwatch"] = {"elapsed": 1000.0, "segments": 1}
+    checkpoint.components["metrics"]["rows"] = checkpoint.components["metrics"]["rows"][:3]
+    save_checkpoint(path, checkpoint)
+    (tmp_path / "segments" / "summary.json").unlink()
+    run(config | {"resume": True})
+    summary = json.loads((tmp_path / "segments" / "summary.json").read_text())
+    assert summary["segments"] == 2 and 1000.0 < summary["wall-time-s"] < 1300.0
+    assert pd.read_csv(tmp_path / "segments" / "metrics.csv")["round"].tolist() == [0, 1, 2, 3, 4]
+
+
+def _checkpoint(completed: int) -> Checkpoint:
+    state = {"w": torch.full((3,), float(completed))}
+    return Checkpoint({"seed": 0}, state, state, {"clock": {"completed": completed}})
 
 
 def test_crash_between_write_and_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -106,7 +138,7 @@ def test_crash_between_write_and_rename_keeps_the_previous_checkpoint(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, _checkpoint(4))
     monkeypatch.undo()
-    assert load_checkpoint(path).phase_round == 2
+    assert load_checkpoint(path).completed_rounds == 2
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]  # no temporary left
 
 
@@ -150,7 +182,9 @@ def test_too_few_replies_retry_then_fail_clearly(tmp_path):
     )
     with pytest.raises(InsufficientRepliesError) as info:
         run(config)
-    assert "fewer than min-train-clients=2, after 3 attempts" in str(info.value)
+    message = str(info.value)
+    assert "fewer than the 2 required, after 3 attempts" in message and "\n" not in message
+    assert "min-train-clients=2 / raise max-round-retries=2" in message
     assert not (tmp_path / "broken" / "summary.json").exists()
 
 
@@ -171,38 +205,22 @@ def test_same_seed_same_metrics_other_seed_other_metrics(tmp_path):
     assert not _metrics(tmp_path / "a").equals(_metrics(tmp_path / "c"))
 
 
+SERVER_ONLY = [  # what only the ServerApp can know: its checkpoint and its output folder
+    ({"resume": True, "run_name": "never-ran"}, "no checkpoint at"),
+    ({"output_dir": "/proc/forbidden"}, "'output-dir' = '/proc/forbidden'"),
+]
+
+
 @pytest.mark.parametrize(
-    ("overrides", "error", "text"),
-    [
-        ({"resume": True, "run_name": "never-ran"}, ConfigError, "no checkpoint at"),
-        ({"resume": True, "run_name": ""}, ConfigError, "'resume' = True"),
-        ({"output_dir": "/proc/forbidden"}, ConfigError, "'output-dir' = '/proc/forbidden'"),
-        ({"min_train_clients": 3}, ConfigError, "'min-train-clients' = 3"),
-        ({"client_failure_rate": 1.0}, ConfigError, "'client-failure-rate' = 1.0"),
-        ({"checkpoint_every": 0}, ConfigError, "'checkpoint-every' = 0"),
-        ({"max_round_retries": -1}, ConfigError, "'max-round-retries' = -1"),
-        ({"strategy": "sparse-fedavg", "mask_strategy": "top"}, ConfigError, "'mask-strategy'"),
-        ({"strategy": "sparse-fedavg", "sparsity": -0.1}, ConfigError, "'sparsity' = -0.1"),
-        ({"strategy": "sparse-fedavg", "calibration_rounds": 0}, ConfigError, "'calibration-"),
-        ({"num_clients": 10, "sharding": "non-iid", "classes_per_client": 5}, ConfigError, "cover"),
-        ({"classes_per_client": 101}, ConfigError, "'classes-per-client' = 101"),
-        ({"fraction_train": 0}, ConfigError, "'fraction-train' = 0"),
-        ({"lr": -1}, ConfigError, "'lr' = -1"),
-        ({"batch_size": "64x"}, ConfigError, "'batch-size' = '64x'"),
-        ({"local_steps": True}, ConfigError, "'local-steps' = True"),
-        ({"seed": 1.5}, ConfigError, "'seed' = 1.5"),
-        ({"model": "vit_base"}, ConfigError, "'model' = 'vit_base'"),
-        ({"dataset": "cifar10"}, ConfigError, "'dataset' = 'cifar10'"),
-        ({"image_size": 33}, ConfigError, "'image-size' = 33"),
-        ({"weights": "pretrained"}, ConfigError, "'weights' = 'pretrained'"),
-        ({"eval_every": 0}, ConfigError, "'eval-every' = 0"),
-        ({"head": "none", "strategy": "sparse-fedavg"}, ConfigError, "'head' = 'none'"),
-    ],
+    ("overrides", "text"),
+    [(c.overrides(), c.allowed) for c in INVALID] + SERVER_ONLY,
+    ids=[str(c) for c in INVALID] + ["resume-without-checkpoint", "output-dir"],
 )
-def test_bad_input_fails_before_any_work_with_one_line(tmp_path, overrides, error, text):
-    base = {"output_dir": str(tmp_path), "run_name": "bad"} | BASE
-    config = quick_run_config(**(base | overrides))
-    with pytest.raises(error) as info:
+def test_bad_input_fails_before_any_work_with_one_line(tmp_path, overrides, text):
+    config = quick_run_config(output_dir=str(tmp_path), run_name="bad") | {
+        k.replace("_", "-"): v for k, v in overrides.items()
+    }
+    with pytest.raises(ConfigError) as info:
         run(config)
     assert text in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / "bad").exists()  # no results directory claiming anything

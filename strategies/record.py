@@ -1,0 +1,47 @@
+"""The record of one round: created when the round starts, filled by the parts that know.
+
+The round driver fills what it sees on the wire (bytes, replies, failures, waiting
+time), the strategy what it computes (loss, examples, interference, mask density),
+and the hooks what they measure (evaluation, wall time). A row of ``metrics.csv`` or
+``calibration.csv`` is this record flattened.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from strategies.plan import RoundPosition
+
+
+@dataclass
+class RoundRecord:
+    """Everything known about one round; ``values`` holds the metrics by column name."""
+
+    position: RoundPosition
+    started: float = field(default_factory=time.perf_counter)
+    values: dict[str, float] = field(default_factory=dict)
+    failure_reasons: list[str] = field(default_factory=list)
+
+    @property
+    def round(self) -> int:
+        return self.position.round
+
+    @property
+    def phase(self) -> str:
+        return self.position.phase
+
+    def add(self, metrics: dict[str, float]) -> None:
+        """Record metrics (a later value of the same name replaces the earlier one)."""
+        self.values.update(metrics)
+
+    def count(self, name: str, amount: float) -> None:
+        """Add ``amount`` to a running total such as bytes or failures."""
+        self.values[name] = self.values.get(name, 0.0) + float(amount)
+
+    def get(self, name: str, default: float | None = None) -> float | None:
+        return self.values.get(name, default)
+
+    def row(self) -> dict[str, float | str]:
+        """The flat row: round, phase, then the metrics."""
+        return {"round": self.round, "phase": self.phase} | dict(self.values)

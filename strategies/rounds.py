@@ -1,0 +1,135 @@
+"""Where the network is used: one send-with-retries for every kind of round, and the run loop.
+
+As in Flower's own ``Strategy.start``, strategies only decide (which clients, which
+messages) and aggregate (arithmetic over replies); sending, waiting and retrying happen
+here. Training, head warm-up and calibration rounds all go through ``send_with_retries``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from strategies import protocol
+from strategies.plan import RoundClock, RoundPosition
+from strategies.record import RoundRecord
+
+
+class InsufficientRepliesError(RuntimeError):
+    """A round got fewer usable replies than required, after every allowed retry."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """At least ``min_replies`` usable replies, resampling up to ``max_retries`` times."""
+
+    min_replies: int = 1
+    max_retries: int = 0
+    timeout: float = 3600.0
+
+
+RoundHook = Callable[[RoundRecord, ArrayRecord], None]
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Bytes of the arrays in a message (what dominates communication)."""
+    return sum(record.count_bytes() for record in content.array_records.values())
+
+
+def usable_replies(
+    replies: Iterable[Message], record: RoundRecord, on_failure: Callable[[int], None]
+) -> list[Message]:
+    """Replies without error, in partition order; each failure is counted with its reason."""
+    valid = []
+    for reply in replies:
+        if reply.has_error():
+            on_failure(reply.metadata.src_node_id)
+            record.failure_reasons.append(reply.error.reason)
+            print(f"round {record.round}: client failed: {reply.error.reason}", flush=True)
+        else:
+            valid.append(reply)
+    valid.sort(key=lambda r: int(r.content[protocol.METRICS][protocol.PARTITION_ID]))
+    return valid
+
+
+def send_with_retries(
+    grid: Grid,
+    build: Callable[[int], list[Message]],
+    policy: RetryPolicy,
+    record: RoundRecord,
+    on_failure: Callable[[int], None] = lambda node_id: None,
+) -> list[Message]:
+    """Send ``build(0)``; while too few replies are usable, send ``build(k)``, k = 1, 2, ...
+
+    Fills the record's ``bytes-down``, ``bytes-up``, ``clients``, ``failures`` and
+    ``seconds-clients``; returns the usable replies of the last attempt in partition order.
+    """
+    attempt, failures = 0, 0
+    while True:
+        messages = build(attempt)
+        record.count("bytes-down", sum(content_bytes(m.content) for m in messages))
+        t_sent = time.perf_counter()
+        replies = list(grid.send_and_receive(messages, timeout=policy.timeout))
+        record.count("seconds-clients", time.perf_counter() - t_sent)
+        valid = usable_replies(replies, record, on_failure)
+        failures += len(messages) - len(valid)
+        if len(valid) >= policy.min_replies or attempt >= policy.max_retries:
+            break
+        attempt += 1
+        print(
+            f"round {record.round}: {len(valid)} usable replies < {policy.min_replies} "
+            f"required, retry {attempt} of {policy.max_retries}",
+            flush=True,
+        )
+    record.add({"clients": float(len(valid)), "failures": float(failures)})
+    record.add({"bytes-up": float(sum(content_bytes(r.content) for r in valid))})
+    if len(valid) < policy.min_replies:
+        raise InsufficientRepliesError(
+            f"round {record.round} ({record.phase}): {len(valid)} usable replies, fewer than "
+            f"the {policy.min_replies} required, after {attempt + 1} attempts "
+            f"({failures} client failures)"
+        )
+    return valid
+
+
+class PlannedStrategy(Protocol):
+    """What ``run_plan`` needs of a strategy."""
+
+    def enter_phase(self, position: RoundPosition, arrays: ArrayRecord) -> None: ...
+
+    def run_round(
+        self, grid: Grid, position: RoundPosition, arrays: ArrayRecord, record: RoundRecord
+    ) -> ArrayRecord: ...
+
+
+def run_plan(
+    strategy: PlannedStrategy,
+    clock: RoundClock,
+    grid: Grid,
+    arrays: ArrayRecord,
+    hooks: Sequence[RoundHook],
+) -> ArrayRecord:
+    """Run the clock's remaining rounds; after each (and after round 0 of a fresh run) the hooks.
+
+    A resumed clock continues where it stopped; a phase is entered only at its first round,
+    so a resume inside a phase keeps the state the checkpoint restored.
+    """
+    if clock.completed == 0:
+        initial = RoundRecord(clock.position(0))
+        for hook in hooks:
+            hook(initial, arrays)
+    while not clock.finished:
+        position = clock.next_round()
+        record = RoundRecord(position)
+        if position.phase_round == 1:
+            strategy.enter_phase(position, arrays)
+        arrays = strategy.run_round(grid, position, arrays, record)
+        clock.complete(position)
+        for hook in hooks:
+            hook(record, arrays)
+    return arrays

@@ -1,0 +1,80 @@
+"""The one table of invalid run-config values, used by every entry point's tests.
+
+Each entry names the key whose value is refused, that value, what the one-line error
+must say is allowed, and any other keys the case needs. The schema test checks every
+entry on ``RunConfig``; the ServerApp, the centralized baseline and the sweep runner
+check that the same entries stop them before any work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Invalid:
+    key: str
+    value: Any
+    allowed: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def overrides(self) -> dict[str, Any]:
+        return self.extra | {self.key: self.value}
+
+    def as_cli(self) -> list[str]:
+        """``key=value`` items, as a command line gives them."""
+
+        def text(v: Any) -> str:
+            return str(v).lower() if isinstance(v, bool) else str(v)
+
+        return [f"{k}={text(v)}" for k, v in self.overrides().items()]
+
+    def __str__(self) -> str:
+        return f"{self.key}={self.value!r}"
+
+
+SPARSE = {"strategy": "sparse-fedavg"}
+INVALID = [
+    Invalid("num-clients", 0, "must be an integer >= 1"),
+    Invalid("fraction-train", 0.0, "must be in (0, 1]"),
+    Invalid("fraction-train", 1.5, "must be in (0, 1]"),
+    Invalid("local-steps", 0, "must be an integer >= 1"),
+    Invalid("local-steps", 2.5, "must be an integer"),
+    Invalid("local-steps", True, "must be an integer"),
+    Invalid("batch-size", 0, "must be an integer >= 1"),
+    Invalid("batch-size", "64x", "must be an integer"),
+    Invalid("lr", 0.0, "must be a finite number > 0"),
+    Invalid("lr", -0.1, "must be a finite number > 0"),
+    Invalid("lr", "fast", "must be a number"),
+    Invalid("seed", 1.5, "must be an integer"),
+    Invalid("classes-per-client", 0, "must be in 1..100"),
+    Invalid("classes-per-client", 101, "must be in 1..100"),
+    Invalid("classes-per-client", 5, "cover", {"num-clients": 10, "sharding": "non-iid"}),
+    Invalid("dataset", "mnist", "must be one of cifar100, synthetic"),
+    Invalid("model", "resnet18", "must be one of"),
+    Invalid("weights", "pretrained", "no published weights"),
+    Invalid("sharding", "dirichlet", "must be one of iid, non-iid"),
+    Invalid("strategy", "fedprox", "must be one of"),
+    Invalid("pretrained-path", "/nonexistent/dino.pth", "must be an existing file"),
+    Invalid("image-size", 30, "multiple of the patch size 4"),
+    Invalid("val-fraction", 1.0, "must be in [0, 1)"),
+    Invalid("momentum", 1.0, "must be in [0, 1)"),
+    Invalid("download", "maybe", "must be a boolean"),
+    Invalid("eval-every", 0, "must be an integer >= 1"),
+    Invalid("min-train-clients", 6, "must be in 1..5", {"num-clients": 10, "fraction-train": 0.5}),
+    Invalid("client-failure-rate", 1.0, "must be in [0, 1)"),
+    Invalid("checkpoint-every", 0, "must be an integer >= 1"),
+    Invalid("max-round-retries", -1, "must be an integer >= 0"),
+    Invalid("resume", True, "needs the run-name", {"run-name": ""}),
+    # sparse fine-tuning (clients/fisher.py and strategies/masks.py check with neutral words)
+    Invalid("mask-strategy", "largest", "must be one of least_sensitive, most_sensitive", SPARSE),
+    Invalid("mask-scope", "all", "must be one of backbone, backbone-no-embed, blocks", SPARSE),
+    Invalid("calibration-schedule", "linear", "must be one of exponential, one-shot", SPARSE),
+    Invalid("calibration-rounds", 0, "must be an integer >= 1", SPARSE),
+    Invalid("fisher-labels", "true", "must be one of sampled, empirical", SPARSE),
+    Invalid("fisher-batch-size", 0, "must be an integer >= 1", SPARSE),
+    Invalid("sparsity", 1.0, "must be in [0, 1)", SPARSE),
+    Invalid("sparsity", -0.1, "must be in [0, 1)", SPARSE),
+    Invalid("head", "linear", "must be one of train, frozen", SPARSE),
+]

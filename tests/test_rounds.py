@@ -1,0 +1,161 @@
+"""The round clock, the one send-with-retries, and the run loop, without Flower processes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from strategies import protocol
+from strategies.plan import CALIBRATION, HEAD_WARMUP, INITIAL, TRAIN, Phase, RoundClock
+from strategies.record import RoundRecord
+from strategies.rounds import (
+    InsufficientRepliesError,
+    RetryPolicy,
+    run_plan,
+    send_with_retries,
+)
+
+
+def _clock() -> RoundClock:
+    return RoundClock([Phase(HEAD_WARMUP, 2), Phase(CALIBRATION, 0), Phase(TRAIN, 3)])
+
+
+def test_clock_numbers_rounds_across_phases_once():
+    clock = _clock()
+    assert clock.total_rounds == 5 and clock.describe() == "2 head-warmup, 3 train"
+    positions = [clock.position(r) for r in range(6)]
+    assert [(p.phase, p.phase_round) for p in positions] == [
+        (INITIAL, 0),
+        (HEAD_WARMUP, 1),
+        (HEAD_WARMUP, 2),
+        (TRAIN, 1),
+        (TRAIN, 2),
+        (TRAIN, 3),
+    ]
+    assert positions[2].last_of_phase and not positions[3].last_of_phase
+    with pytest.raises(ValueError, match="past the plan"):
+        clock.position(6)
+
+
+def test_clock_completes_in_order_and_saves_itself():
+    clock = _clock()
+    clock.complete(clock.next_round())
+    with pytest.raises(ValueError, match="expected 2"):
+        clock.complete(clock.position(3))
+    again = _clock()
+    again.load_state_dict(clock.state_dict())
+    assert again.next_round() == clock.position(2)
+    other = RoundClock([Phase(TRAIN, 5)])
+    with pytest.raises(ValueError, match="not this run's plan"):
+        other.load_state_dict(clock.state_dict())
+
+
+class FakeGrid:
+    """Answers each message with a reply, or an error for the partitions in ``fail[attempt]``."""
+
+    def __init__(self, fail: list[set[int]]) -> None:
+        self.fail = fail
+        self.calls = 0
+
+    def send_and_receive(self, messages, timeout=None):
+        failing = self.fail[min(self.calls, len(self.fail) - 1)]
+        self.calls += 1
+        replies = []
+        for m in reversed(messages):  # arrival order is not partition order
+            pid = int(m.content["config"]["pid"])
+            if pid in failing:
+                replies.append(Message(Error(code=0, reason=f"boom {pid}"), reply_to=m))
+                continue
+            metrics = MetricRecord({protocol.PARTITION_ID: pid, protocol.NUM_EXAMPLES: 1})
+            replies.append(Message(RecordDict({protocol.METRICS: metrics}), reply_to=m))
+        return replies
+
+
+def _build(attempt: int) -> list[Message]:
+    pids = [0, 1, 2] if attempt == 0 else [3, 4, 5]
+    return [
+        Message(
+            RecordDict({"config": ConfigRecord({"pid": p})}),
+            dst_node_id=10 + p,
+            message_type=protocol.TRAIN,
+        )
+        for p in pids
+    ]
+
+
+def _record() -> RoundRecord:
+    return RoundRecord(RoundClock([Phase(TRAIN, 1)]).position(1))
+
+
+def test_enough_replies_in_the_first_attempt(identity):
+    record, failed = _record(), []
+    grid = FakeGrid([{1}])
+    replies = send_with_retries(grid, _build, RetryPolicy(2, 3), record, failed.append)
+    pids = [int(r.content[protocol.METRICS][protocol.PARTITION_ID]) for r in replies]
+    assert pids == [0, 2] and grid.calls == 1 and failed == [11]
+    assert record.get("clients") == 2 and record.get("failures") == 1
+    assert record.failure_reasons == ["boom 1"]
+
+
+def test_too_few_replies_then_rescued_by_a_new_sample(identity):
+    record = _record()
+    grid = FakeGrid([{0, 1, 2}, {5}])
+    replies = send_with_retries(grid, _build, RetryPolicy(2, 3), record)
+    pids = [int(r.content[protocol.METRICS][protocol.PARTITION_ID]) for r in replies]
+    assert pids == [3, 4] and grid.calls == 2
+    assert record.get("failures") == 4 and record.get("clients") == 2
+
+
+def test_too_few_replies_after_all_retries(identity):
+    record = _record()
+    grid = FakeGrid([{0, 1, 2, 3, 4, 5}])
+    with pytest.raises(InsufficientRepliesError) as info:
+        send_with_retries(grid, _build, RetryPolicy(1, 2), record)
+    assert "0 usable replies, fewer than the 1 required, after 3 attempts" in str(info.value)
+    assert "\n" not in str(info.value) and grid.calls == 3 and record.get("failures") == 9
+
+
+class CountingStrategy:
+    """Adds 1 to every weight each round; records which phases it entered."""
+
+    def __init__(self) -> None:
+        self.entered: list[str] = []
+
+    def enter_phase(self, position, arrays):
+        self.entered.append(position.phase)
+
+    def run_round(self, grid, position, arrays, record):
+        record.add({"phase-round": position.phase_round})
+        state = arrays.to_torch_state_dict()
+        return ArrayRecord({k: v + 1 for k, v in state.items()})
+
+
+def test_run_plan_calls_hooks_after_round_zero_and_each_round():
+    seen = []
+    strategy = CountingStrategy()
+    clock = _clock()
+    out = run_plan(
+        strategy,
+        clock,
+        None,
+        ArrayRecord({"w": torch.zeros(1)}),
+        [lambda record, arrays: seen.append((record.round, record.phase))],
+    )
+    assert float(out.to_torch_state_dict()["w"]) == 5.0 and clock.finished
+    assert seen[0] == (0, INITIAL) and [r for r, _ in seen] == [0, 1, 2, 3, 4, 5]
+    assert strategy.entered == [HEAD_WARMUP, TRAIN]
+
+
+def test_resumed_plan_skips_round_zero_and_does_not_reenter_the_phase():
+    clock = _clock()
+    clock.load_state_dict({"completed": 4, "phases": [(HEAD_WARMUP, 2), (TRAIN, 3)]})
+    seen, strategy = [], CountingStrategy()
+    run_plan(
+        strategy,
+        clock,
+        None,
+        ArrayRecord({"w": torch.zeros(1)}),
+        [lambda r, a: seen.append(r.round)],
+    )
+    assert seen == [5] and strategy.entered == []
