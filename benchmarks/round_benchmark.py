@@ -58,9 +58,9 @@ import torch
 
 from clients.training import train_local
 from flower_app.config import RunConfig, write_run_config
-from flower_app.data import batch_preprocessor
 from flower_app.local_superlink import LocalSuperLink, pids_with_env
 from flower_app.model import build_model
+from flower_app.preprocessing import batch_preprocessor
 from flower_app.runtime import use_bf16
 
 APP_DIR = Path(__file__).resolve().parents[1]

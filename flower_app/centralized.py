@@ -29,14 +29,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from clients.training import Preprocess, batch_schedule, evaluate, sgd_step
+from clients.training import Preprocess, batch_schedule, sgd_step
 from flower_app.config import ConfigError, RunConfig, load_preset, parse_overrides
-from flower_app.data import ImageSplit, batch_preprocessor
+from flower_app.data_sources import ImageSplit
 from flower_app.hooks import BestModel, MetricsTable
+from flower_app.preprocessing import batch_preprocessor
 from flower_app.results import RunDirectory, finish_run
-from flower_app.runtime import initial_model, resolve_device, run_splits, use_bf16
+from flower_app.runtime import (
+    ModelEvaluator,
+    initial_model,
+    resolve_device,
+    run_splits,
+    to_device,
+    use_bf16,
+)
 from flower_app.schedule import lr_at_step
 from flower_app.server_app import writable_output_dir
+from strategies.seeds import derive_seed
 
 MODE = "centralized"
 
@@ -57,10 +66,6 @@ def check_centralized(cfg: RunConfig) -> None:
         )
 
 
-def _to_device(split: ImageSplit, device: torch.device) -> ImageSplit:
-    return ImageSplit(split.images.to(device), split.labels.to(device))
-
-
 @dataclass
 class _Trainer:
     """What every epoch shares: model, optimizer, the splits on the device, the step plan."""
@@ -77,6 +82,7 @@ class _Trainer:
     batches: torch.Tensor  # (epochs * steps_per_epoch, batch-size) indices into train
     augment: torch.Generator
     steps_per_epoch: int
+    evaluator: ModelEvaluator
 
     def train_epoch(self, epoch: int) -> tuple[float, float]:
         """SGD steps of ``epoch`` (1-based); mean training loss and the last step's lr."""
@@ -95,21 +101,9 @@ class _Trainer:
             loss_sum += loss.float()
         return float(loss_sum) / per_epoch, lr
 
-    def score(self, split: ImageSplit) -> tuple[float, float]:
-        """(loss, accuracy) of the model as it is on ``split``."""
-        return evaluate(
-            self.model,
-            split.images,
-            split.labels,
-            self.cfg.eval_batch_size,
-            self.preprocess,
-            self.bf16,
-        )
-
     def test_state(self, state: Mapping[str, torch.Tensor]) -> tuple[float, float]:
         """(loss, accuracy) of ``state`` on the test split; the model keeps ``state``."""
-        self.model.load_state_dict(state, strict=True)
-        return self.score(self.test)
+        return self.evaluator(state, self.test)
 
 
 def _prepare(cfg: RunConfig) -> tuple[_Trainer, State]:
@@ -123,7 +117,7 @@ def _prepare(cfg: RunConfig) -> tuple[_Trainer, State]:
     model = initial_model(cfg)
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.to(device)
-    train, val, test = (_to_device(s, device) for s in (splits.train, splits.val, splits.test))
+    train, val, test = (to_device(s, device) for s in (splits.train, splits.val, splits.test))
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
@@ -133,7 +127,7 @@ def _prepare(cfg: RunConfig) -> tuple[_Trainer, State]:
         len(train),
         cfg.epochs * steps_per_epoch,
         cfg.batch_size,
-        torch.Generator().manual_seed(cfg.seed),
+        torch.Generator().manual_seed(derive_seed(cfg.seed, "centralized-batches")),
     ).to(device)
     trainer = _Trainer(
         cfg=cfg,
@@ -146,8 +140,11 @@ def _prepare(cfg: RunConfig) -> tuple[_Trainer, State]:
         test=test,
         preprocess=batch_preprocessor(cfg.image_size),
         batches=batches,
-        augment=torch.Generator(device=device).manual_seed(cfg.seed + 1),
+        augment=torch.Generator(device=device).manual_seed(
+            derive_seed(cfg.seed, "centralized-augment")
+        ),
         steps_per_epoch=steps_per_epoch,
+        evaluator=ModelEvaluator(model, cfg, device),
     )
     return trainer, initial_state
 
@@ -157,7 +154,7 @@ def _epoch_row(trainer: _Trainer, epoch: int) -> dict[str, float]:
     t_epoch = time.perf_counter()
     train_loss, lr = trainer.train_epoch(epoch)
     t_eval = time.perf_counter()
-    val_loss, val_acc = trainer.score(trainer.val)
+    val_loss, val_acc = trainer.evaluator.score(trainer.val)
     now = time.perf_counter()
     return {
         "round": epoch,

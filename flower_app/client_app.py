@@ -22,14 +22,10 @@ from clients.fisher import diagonal_fisher
 from clients.sparse_sgdm import SparseSGDM
 from clients.training import train_local
 from flower_app.config import RunConfig
-from flower_app.data import (
-    ImageSplit,
-    batch_preprocessor,
-    load_node_data,
-    partition_indices,
-    preprocess_batch,
-)
+from flower_app.data_sources import ImageSplit, load_node_data
 from flower_app.model import build_model
+from flower_app.partitioning import partition_indices
+from flower_app.preprocessing import batch_preprocessor, preprocess_batch
 from flower_app.runtime import resolve_device, run_splits, use_bf16
 from strategies import protocol
 from strategies.seeds import derive_seed

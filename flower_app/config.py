@@ -17,12 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from clients.fisher import FISHER_LABEL_MODES
-from flower_app.data import (
-    NUM_CLASSES_BY_DATASET,
-    cifar100_files_present,
-    partition_feasibility_error,
-)
+from flower_app.data_sources import NUM_CLASSES_BY_DATASET, cifar100_files_present
 from flower_app.model import MODEL_SPECS
+from flower_app.partitioning import partition_feasibility_error
 from strategies.masks import CALIBRATION_SCHEDULES, MASK_SCOPES, MASK_STRATEGIES
 
 STRATEGIES = ("fedavg", "sparse-fedavg")

@@ -13,7 +13,8 @@ import argparse
 from pathlib import Path
 
 from flower_app.config import RunConfig, load_preset, parse_overrides
-from flower_app.data import ImageSplit, partition_indices, save_node_data
+from flower_app.data_sources import ImageSplit, save_node_data
+from flower_app.partitioning import partition_indices
 from flower_app.runtime import run_splits
 
 

@@ -1,13 +1,18 @@
-"""What a run needs from its run-config: device, precision, data splits, initial model."""
+"""What a run needs from its run-config: device, precision, data splits, initial model,
+and the evaluation of a model on a split (federated server and centralized baseline)."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from clients.training import evaluate
 from flower_app.config import RunConfig
-from flower_app.data import DatasetSplits, load_splits
+from flower_app.data_sources import DatasetSplits, ImageSplit, load_splits
 from flower_app.model import create_initial_model
+from flower_app.preprocessing import batch_preprocessor
 
 
 def resolve_device(device: str) -> torch.device:
@@ -41,3 +46,28 @@ def initial_model(cfg: RunConfig) -> nn.Module:
     return create_initial_model(
         cfg.model, cfg.num_classes, cfg.image_size, cfg.weights, cfg.pretrained_path, cfg.seed
     )
+
+
+def to_device(split: ImageSplit, device: torch.device) -> ImageSplit:
+    return ImageSplit(split.images.to(device), split.labels.to(device))
+
+
+class ModelEvaluator:
+    """Loss and accuracy of one model on a split, batched and preprocessed as configured."""
+
+    def __init__(self, model: nn.Module, cfg: RunConfig, device: torch.device) -> None:
+        self.model = model.to(device)
+        self.batch_size = cfg.eval_batch_size
+        self.bf16 = use_bf16(cfg.precision, device)
+        self.preprocess = batch_preprocessor(cfg.image_size)
+
+    def score(self, split: ImageSplit) -> tuple[float, float]:
+        """(loss, accuracy) of the model as it is."""
+        return evaluate(
+            self.model, split.images, split.labels, self.batch_size, self.preprocess, self.bf16
+        )
+
+    def __call__(self, state: Mapping[str, torch.Tensor], split: ImageSplit) -> tuple[float, float]:
+        """(loss, accuracy) of ``state``; the model keeps ``state`` afterwards."""
+        self.model.load_state_dict(state, strict=True)
+        return self.score(split)

@@ -39,11 +39,10 @@ def lr_at_round(server_round: int, cfg: RunConfig) -> float:
     """``lr_at_step(server_round - 1)`` over ``num-server-rounds`` with ``warmup-rounds``.
 
     Round 1 trains at the full ``lr`` when there is no warm-up; the last round is the
-    only one that trains close to ``min-lr``. Not range-checked: the sparse head
-    warm-up numbers its rounds from 1 too, and may run more rounds than
-    ``num-server-rounds`` (the cosine then continues past its end, as it always did).
+    only one that trains close to ``min-lr``. ``server_round`` is the round within the
+    training phase (1..num-server-rounds); the head warm-up trains at a constant ``lr``.
     """
-    return _warmup_cosine(
+    return lr_at_step(
         server_round - 1,
         cfg.num_server_rounds,
         cfg.warmup_rounds,

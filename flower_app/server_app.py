@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from clients.training import evaluate
 from flower_app.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
@@ -30,7 +28,7 @@ from flower_app.checkpoint import (
     restore,
 )
 from flower_app.config import ConfigError, RunConfig, explain_insufficient_replies
-from flower_app.data import ImageSplit, batch_preprocessor
+from flower_app.data_sources import ImageSplit
 from flower_app.hooks import (
     BestModel,
     CentralEvaluation,
@@ -40,7 +38,13 @@ from flower_app.hooks import (
     calibration_table,
 )
 from flower_app.results import RunDirectory, finish_run, partitions_frame
-from flower_app.runtime import initial_model, resolve_device, run_splits, use_bf16
+from flower_app.runtime import (
+    ModelEvaluator,
+    initial_model,
+    resolve_device,
+    run_splits,
+    to_device,
+)
 from flower_app.schedule import lr_at_round
 from strategies import protocol
 from strategies.fedavg import OrderedFedAvg
@@ -101,31 +105,6 @@ def query_partitions(grid: Grid, node_ids: list[int], timeout: float) -> list[di
     if pids != list(range(len(node_ids))):
         raise RuntimeError(f"nodes must hold partitions 0..{len(node_ids) - 1}, got {pids}")
     return out
-
-
-class CentralEvaluator:
-    """A model's loss and accuracy on one of the server's splits (validation or test)."""
-
-    def __init__(self, model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> None:
-        self.model = model.to(device)
-        self.cfg = cfg
-        self.bf16 = use_bf16(cfg.precision, device)
-        self.preprocess = batch_preprocessor(cfg.image_size)
-
-    def __call__(self, state: Mapping[str, torch.Tensor], split: ImageSplit) -> tuple[float, float]:
-        self.model.load_state_dict(state, strict=True)
-        return evaluate(
-            self.model,
-            split.images,
-            split.labels,
-            self.cfg.eval_batch_size,
-            self.preprocess,
-            self.bf16,
-        )
-
-
-def _to_device(split: ImageSplit, device: torch.device) -> ImageSplit:
-    return ImageSplit(split.images.to(device), split.labels.to(device))
 
 
 def plan_for(cfg: RunConfig) -> RoundClock:
@@ -257,7 +236,7 @@ class PreparedRun:
     hooks: list[RoundHook]
     start: ArrayRecord
     initial_state: dict[str, torch.Tensor]
-    evaluator: CentralEvaluator
+    evaluator: ModelEvaluator
     test: ImageSplit
 
 
@@ -291,8 +270,8 @@ def prepare(grid: Grid, cfg: RunConfig, run_path: Path) -> PreparedRun | None:
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if checkpoint is not None:
         initial_state = checkpoint.initial
-    evaluator = CentralEvaluator(model, cfg, device)
-    val, test = _to_device(splits.val, device), _to_device(splits.test, device)
+    evaluator = ModelEvaluator(model, cfg, device)
+    val, test = to_device(splits.val, device), to_device(splits.test, device)
     partitions = query_partitions(grid, node_ids, cfg.round_timeout)
     run_dir = open_run_dir(cfg, run_path, checkpoint is not None)
     run_dir.write_csv("partitions.csv", partitions_frame(partitions))

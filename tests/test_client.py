@@ -70,7 +70,7 @@ def test_partition_query_reports_shard():
 
 
 def test_node_local_data_dir_replaces_the_shared_partition(tmp_path):
-    from flower_app.data import ImageSplit, save_node_data
+    from flower_app.data_sources import ImageSplit, save_node_data
 
     g = torch.Generator().manual_seed(0)
     own = ImageSplit(
@@ -90,7 +90,7 @@ def test_node_local_data_dir_replaces_the_shared_partition(tmp_path):
 
 
 def test_missing_node_data_is_a_clear_error(tmp_path):
-    from flower_app.data import DataNotFoundError, load_node_data
+    from flower_app.data_sources import DataNotFoundError, load_node_data
 
     with pytest.raises(DataNotFoundError, match=r"node-data\.npz"):
         load_node_data(tmp_path)

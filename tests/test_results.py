@@ -24,7 +24,7 @@ from flower_app.results import (
 
 matplotlib.use("Agg")
 
-SUMMARY_KEYS = {
+SUMMARY_KEYS = {  # what write_summary writes for every run (federated runs add more)
     "run-name",
     "status",
     "rounds",

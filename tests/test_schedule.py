@@ -23,15 +23,6 @@ def _old_lr_at_round(server_round: int, cfg: RunConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def _old_lr_at_step(step, total_steps, warmup_steps, lr, min_lr, schedule="cosine") -> float:
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if schedule == "constant":
-        return lr
-    progress = (step - warmup_steps) / (total_steps - warmup_steps)
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
 GRID = [
     (total, warmup, schedule, lr, min_lr)
     for total in (1, 2, 3, 8, 10, 37, 500)
@@ -51,16 +42,15 @@ def test_round_and_step_equal_the_old_formulas_exactly(total, warmup, schedule, 
         old = _old_lr_at_round(r, cfg)
         assert lr_at_round(r, cfg) == old, (r, cfg)
         assert lr_at_step(r - 1, total, warmup, lr, min_lr, schedule) == old, r
-    for step in range(total + 1):  # the step function also takes total_steps itself
-        old = _old_lr_at_step(step, total, warmup, lr, min_lr, schedule)
-        assert lr_at_step(step, total, warmup, lr, min_lr, schedule) == old, step
+    # one past the last step: the end of the cosine (min-lr), or lr when constant
+    end = lr_at_step(total, total, warmup, lr, min_lr, schedule)
+    assert end == pytest.approx(lr if schedule == "constant" else min_lr, abs=1e-15)
 
 
-def test_rounds_past_the_end_continue_the_cosine_as_before():
-    # the sparse head warm-up numbers its rounds from 1 and may run more than num-server-rounds
+def test_rounds_outside_the_training_phase_are_refused():
     cfg = RunConfig(num_server_rounds=4, warmup_rounds=1, lr=0.1, min_lr=0.0)
-    for r in range(5, 9):
-        assert lr_at_round(r, cfg) == _old_lr_at_round(r, cfg)
+    with pytest.raises(ValueError, match="step=5"):
+        lr_at_round(6, cfg)
 
 
 # ---- by step --------------------------------------------------------------------------------

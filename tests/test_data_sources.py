@@ -1,4 +1,4 @@
-"""Data: sources, the stratified split, client partitions and batch preprocessing.
+"""Data sources: CIFAR-100 from files or a download, the synthetic set, the stratified split.
 
 Nothing here touches the network: CIFAR-100 is a tiny fake in the official pickle format,
 and the download path runs against a stand-in for torchvision's CIFAR100 class.
@@ -12,140 +12,22 @@ import tarfile
 import urllib.error
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision.datasets
 
-from flower_app.data import (
+from flower_app.data_sources import (
     DOWNLOAD_SOCKET_TIMEOUT_S,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ClassWindowPartitioner,
     DataNotFoundError,
     DatasetSplits,
     ImageSplit,
     cifar100_files_present,
     load_source,
     load_splits,
-    partition_feasibility_error,
-    partition_indices,
-    preprocess_batch,
     split_train_val,
     synthetic_cifar100,
 )
-
-# CIFAR-100's training split after a 10% stratified validation split: 450 per class, in a
-# shuffled order like the real file (so indices and labels are not the same thing)
-LABELS = np.random.default_rng(7).permutation(np.repeat(np.arange(100), 450))
-GRID = [(k, nc) for k in (10, 100, 1000) for nc in (1, 5, 10, 50)]
-# 10 x 1 and 10 x 5 cannot cover 100 classes; 1000 x 50 puts 500 clients on a class of 450
-INFEASIBLE = {(10, 1), (10, 5), (1000, 50)}
-
-
-def _check_shards(parts: list[np.ndarray], labels: np.ndarray) -> np.ndarray:
-    """Sorted int64 shards, no index in two shards, together every index; returns sizes."""
-    for p in parts:
-        assert p.dtype == np.int64 and np.all(np.diff(p) > 0)
-    everything = np.concatenate(parts)
-    assert len(everything) == len(np.unique(everything)) == len(labels)
-    assert everything.min() == 0 and everything.max() == len(labels) - 1
-    return np.array([len(p) for p in parts])
-
-
-def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
-    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
-
-
-# ---- partitions ------------------------------------------------------------------------------
-@pytest.mark.parametrize(("k", "nc"), GRID)
-def test_non_iid_partition_properties(k, nc):
-    reason = partition_feasibility_error(450, 100, k, "non-iid", nc)
-    if (k, nc) in INFEASIBLE:
-        assert reason is not None and f"num-clients={k}" in reason and "\n" not in reason
-        with pytest.raises(ValueError, match=f"num-clients={k}"):
-            partition_indices(LABELS, k, "non-iid", nc, seed=0)
-        return
-    assert reason is None
-    parts = partition_indices(LABELS, k, "non-iid", nc, seed=0)
-    assert len(parts) == k
-    sizes = _check_shards(parts, LABELS)
-    assert all(len(np.unique(LABELS[p])) == nc for p in parts)  # exactly Nc classes each
-    # In this grid C=100 divides K*Nc, so every class is split equally among the same
-    # number of clients and each shard's real-valued share is exactly 45000/K; rounding
-    # with the error carried per client keeps sizes within 1 (the partitioner's claim).
-    assert sizes.max() - sizes.min() <= 1
-    assert _same(parts, partition_indices(LABELS, k, "non-iid", nc, seed=0))
-    other = partition_indices(LABELS, k, "non-iid", nc, seed=1)
-    assert not _same(parts, other)
-    # the seed changes which classes a client holds, not only the order inside a shard
-    classes = [frozenset(LABELS[p]) for p in parts]
-    assert classes != [frozenset(LABELS[p]) for p in other]
-    if nc > 1:  # ... and which classes are held together
-        assert set(classes) != {frozenset(LABELS[p]) for p in other}
-
-
-def test_non_iid_balances_when_classes_have_unequal_holders():
-    # 33 x 5 = 165 class slots on 100 classes: 65 classes have 2 holders, 35 have 1.
-    # Equal splits would give shards of 5 x 450 next to 5 x 225; the fitted split gives
-    # each client N/K in reals, and rounding moves each of its Nc shares by < 1 image.
-    parts = partition_indices(LABELS, 33, "non-iid", 5, seed=3)
-    sizes = _check_shards(parts, LABELS)
-    assert all(len(np.unique(LABELS[p])) == 5 for p in parts)
-    assert np.abs(sizes - len(LABELS) / 33).max() < 5
-
-
-def test_non_iid_with_unequal_class_sizes():
-    labels = np.random.default_rng(0).integers(0, 100, 20_000)  # 150 to 250 per class
-    parts = partition_indices(labels, 100, "non-iid", 10, seed=0)
-    sizes = _check_shards(parts, labels)
-    assert all(len(np.unique(labels[p])) == 10 for p in parts)
-    assert sizes.max() - sizes.min() <= 2 * 10  # real shares equal; < 1 per class rounding
-
-
-@pytest.mark.parametrize("k", [10, 100, 1000])
-def test_iid_partition_properties(k):
-    assert partition_feasibility_error(450, 100, k, "iid", 1) is None
-    parts = partition_indices(LABELS, k, "iid", 1, seed=0)
-    assert len(parts) == k
-    sizes = _check_shards(parts, LABELS)
-    assert sizes.max() - sizes.min() <= 1
-    classes = len(np.unique(LABELS[parts[0]]))
-    assert classes > min(50, sizes[0] // 2)  # a shuffle, not contiguous runs of a class
-    assert _same(parts, partition_indices(LABELS, k, "iid", 1, seed=0))
-    assert not _same(parts, partition_indices(LABELS, k, "iid", 1, seed=1))
-
-
-def test_class_window_partitioner_serves_flwr_datasets_partitions():
-    labels = LABELS[:4500]
-    partitioner = ClassWindowPartitioner(20, "label", 10, seed=0)
-    partitioner.dataset = datasets.Dataset.from_dict({"label": labels, "idx": np.arange(4500)})
-    assert partitioner.num_partitions == 20
-    expected = partition_indices(labels, 20, "non-iid", 10, seed=0)
-    for i in (0, 7, 19):
-        served = partitioner.load_partition(i)
-        assert np.array_equal(np.asarray(served["idx"]), expected[i])
-        assert len(set(served["label"])) == 10
-
-
-def test_feasibility_messages_name_the_values_and_the_limit():
-    cover = partition_feasibility_error(450, 100, 10, "non-iid", 5)
-    assert "num-clients=10 x classes-per-client=5" in cover and ">= 100" in cover
-    crowded = partition_feasibility_error(450, 100, 1000, "non-iid", 50)
-    assert "500 clients" in crowded and "450 training images" in crowded
-    assert "<= 45000" in crowded
-    too_many = partition_feasibility_error(450, 100, 10, "non-iid", 101)
-    assert "classes-per-client=101" in too_many
-    assert "num-clients=2000" in partition_feasibility_error(1, 100, 2000, "iid", 1)
-    assert partition_feasibility_error(1, 100, 100, "iid", 1) is None
-    assert partition_feasibility_error(450, 100, 1000, "non-iid", 10) is None
-
-
-def test_unknown_sharding_is_refused():
-    with pytest.raises(ValueError, match="sharding"):
-        partition_indices(LABELS, 10, "dirichlet", 1, seed=0)
 
 
 # ---- train / validation split ------------------------------------------------------------------
@@ -332,65 +214,3 @@ def test_local_copy_wins_over_download(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "CIFAR100", no_network)
     train, _ = load_source("cifar100", tmp_path, download=True)
     assert len(train) == 20
-
-
-# ---- preprocessing ---------------------------------------------------------------------------
-def _images(n: int) -> torch.Tensor:
-    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator())
-
-
-def test_eval_preprocessing_is_plain_normalisation():
-    x = _images(8)
-    out = preprocess_batch(x, 32, False, None)
-    assert out.shape == (8, 3, 32, 32) and out.dtype == torch.float32
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    torch.testing.assert_close(out, (x.float() / 255 - mean) / std)
-    assert torch.equal(out, preprocess_batch(x, 32, False, None))
-    big = preprocess_batch(x, 48, False, None)
-    assert big.shape == (8, 3, 48, 48) and big.dtype == torch.float32
-    flat = torch.full((1, 3, 32, 32), 200, dtype=torch.uint8)  # resizing keeps a flat image
-    torch.testing.assert_close(
-        preprocess_batch(flat, 48, False, None), ((200 / 255 - mean) / std).expand(1, 3, 48, 48)
-    )
-
-
-def test_train_preprocessing_is_reproducible_and_varies_per_sample():
-    x = _images(16)
-    original = x.clone()
-    out = preprocess_batch(x, 48, True, torch.Generator().manual_seed(0))
-    assert out.shape == (16, 3, 48, 48) and out.dtype == torch.float32
-    assert torch.equal(x, original)  # the cached uint8 data is never modified
-    same = preprocess_batch(x, 48, True, torch.Generator().manual_seed(0))
-    other = preprocess_batch(x, 48, True, torch.Generator().manual_seed(1))
-    assert torch.equal(out, same) and not torch.equal(out, other)
-    # one image repeated 64 times gets many different crops/flips within a single batch
-    repeated = preprocess_batch(x[:1].repeat(64, 1, 1, 1), 32, True, torch.Generator())
-    assert len({tuple(r.flatten().tolist()) for r in repeated}) > 20
-
-
-def test_train_augmentation_is_a_reflect_padded_crop_or_its_mirror():
-    x = _images(1).repeat(200, 1, 1, 1)
-    out = preprocess_batch(x, 32, True, torch.Generator().manual_seed(0))
-    padded = F.pad(preprocess_batch(x[:1], 32, False, None), (4, 4, 4, 4), mode="reflect")[0]
-    crops = {}
-    for dy in range(9):
-        for dx in range(9):
-            window = padded[:, dy : dy + 32, dx : dx + 32]
-            crops[(dy, dx, False)] = window
-            crops[(dy, dx, True)] = window.flip(-1)
-    seen = set()
-    for image in out:
-        match = [key for key, crop in crops.items() if torch.equal(image, crop)]
-        assert match, "an augmented image is not a crop of the padded original"
-        seen.update(match)
-    assert {flip for _, _, flip in seen} == {False, True}
-    assert len({(dy, dx) for dy, dx, _ in seen}) > 30  # offsets in 0..8 both ways
-
-
-def test_train_preprocessing_accepts_no_generator():
-    torch.manual_seed(0)
-    out = preprocess_batch(_images(4), 32, True, None)
-    assert out.shape == (4, 3, 32, 32)
-    with pytest.raises(ValueError, match="uint8"):
-        preprocess_batch(torch.zeros(2, 3, 32, 32), 32, False, None)
