@@ -18,7 +18,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from flower_app.results import RunDirectory
-from strategies.plan import CALIBRATION, INITIAL, RoundClock
+from strategies.plan import CALIBRATION, HEAD_WARMUP, INITIAL, TRAIN, RoundClock
 from strategies.record import RoundRecord
 
 METRIC_COLUMNS = [
@@ -57,7 +57,7 @@ CALIBRATION_COLUMNS = [
     "seconds-clients",
     "seconds",
 ]
-TRAINING_PHASES = frozenset({INITIAL, "head-warmup", "train"})
+TRAINING_PHASES = frozenset({INITIAL, HEAD_WARMUP, TRAIN})  # rows of metrics.csv
 
 
 class CentralEvaluation:

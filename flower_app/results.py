@@ -174,8 +174,7 @@ def finish_run(
     """
     t_start = time.perf_counter()
     final_test = test(final_state)
-    last = rounds if final_round is None else final_round
-    if best_state is None or best_round == last:  # the best model is the final one
+    if best_state is None or best_round == (final_round or rounds):  # the best is the final
         best_state, best_test = final_state, final_test
     else:
         best_test = test(best_state)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,10 +49,10 @@ from flower_app.runtime import (
 from flower_app.schedule import lr_at_round
 from strategies import protocol
 from strategies.fedavg import OrderedFedAvg
-from strategies.masks import eligible_names, needs_fisher
+from strategies.masks import eligible_names, mask_density, needs_fisher
 from strategies.plan import CALIBRATION, HEAD_WARMUP, TRAIN, Phase, RoundClock
 from strategies.rounds import InsufficientRepliesError, RetryPolicy, RoundHook
-from strategies.sparse_fedavg import SparseFedAvg, mask_density
+from strategies.sparse_fedavg import SparseFedAvg
 
 app = ServerApp()
 
@@ -199,15 +200,19 @@ class Components:
 
 def round_hooks(
     components: Components,
-    evaluate_val,
+    evaluate_val: Callable[[ArrayRecord], tuple[float, float]] | None,
     cfg: RunConfig,
     run_dir: RunDirectory,
     initial_state: dict[str, torch.Tensor],
 ) -> list[RoundHook]:
-    """What runs after every round, in this order (each hook sees what earlier ones added)."""
+    """What runs after every round, in this order (each hook sees what earlier ones added).
+
+    Without a validation split (``val-fraction = 0``) nothing is evaluated during the run.
+    """
     c = components
+    evaluation = [] if evaluate_val is None else [CentralEvaluation(evaluate_val, cfg.eval_every)]
     return [
-        CentralEvaluation(evaluate_val, cfg.eval_every),
+        *evaluation,
         c.stopwatch,  # the round's seconds include its evaluation
         c.best,
         c.metrics,
@@ -249,17 +254,52 @@ def open_run_dir(cfg: RunConfig, run_path: Path, resumed: bool) -> RunDirectory:
     return run_dir
 
 
+def finished_already(checkpoint: Checkpoint | None, clock: RoundClock, run_path: Path) -> bool:
+    """A resume of a run that finished (last round checkpointed, summary written): one line."""
+    if checkpoint is None or checkpoint.completed_rounds < clock.total_rounds:
+        return False
+    if not (run_path / "summary.json").is_file():
+        return False  # it stopped while finishing: finish again
+    print(
+        f"run {run_path.name} finished already ({clock.total_rounds} rounds, "
+        f"results in {run_path}); nothing to do",
+        flush=True,
+    )
+    return True
+
+
+def build_components(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    partitions: list[dict],
+    clock: RoundClock,
+    run_dir: RunDirectory,
+    stopwatch: Stopwatch,
+) -> Components:
+    to_node = {int(p[protocol.PARTITION_ID]): p["node-id"] for p in partitions}
+    return Components(
+        clock,
+        build_strategy(cfg, model, to_node, clock),
+        MetricsTable(run_dir),
+        calibration_table(run_dir),
+        BestModel(),
+        stopwatch,
+    )
+
+
+def resume_from(checkpoint: Checkpoint, components: Components, run_path: Path) -> ArrayRecord:
+    """Every component loads its own state; the run continues from the saved weights."""
+    restore(checkpoint, components.saveables(), run_path / CHECKPOINT_NAME)
+    clock = components.clock
+    print(f"resuming after round {clock.completed} of {clock.total_rounds}", flush=True)
+    return ArrayRecord(checkpoint.arrays)
+
+
 def prepare(grid: Grid, cfg: RunConfig, run_path: Path) -> PreparedRun | None:
     """Check, load and build everything; None when a resumed run had finished already."""
-    clock = plan_for(cfg)
+    stopwatch, clock = Stopwatch(), plan_for(cfg)
     checkpoint = open_checkpoint(cfg, run_path) if cfg.resume else None
-    finished = checkpoint is not None and checkpoint.completed_rounds >= clock.total_rounds
-    if finished and (run_path / "summary.json").is_file():
-        print(
-            f"run {run_path.name} finished already ({clock.total_rounds} rounds, "
-            f"results in {run_path}); nothing to do",
-            flush=True,
-        )
+    if finished_already(checkpoint, clock, run_path):
         return None
     if checkpoint is None and run_path.exists():
         RunDirectory.create(run_path.parent, run_path.name)  # raises the one-line error
@@ -270,30 +310,20 @@ def prepare(grid: Grid, cfg: RunConfig, run_path: Path) -> PreparedRun | None:
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if checkpoint is not None:
         initial_state = checkpoint.initial
-    evaluator = ModelEvaluator(model, cfg, device)
-    val, test = to_device(splits.val, device), to_device(splits.test, device)
     partitions = query_partitions(grid, node_ids, cfg.round_timeout)
     run_dir = open_run_dir(cfg, run_path, checkpoint is not None)
     run_dir.write_csv("partitions.csv", partitions_frame(partitions))
     print(f"run directory: {run_dir.path}; plan: {clock.describe()} rounds", flush=True)
-    to_node = {int(p[protocol.PARTITION_ID]): p["node-id"] for p in partitions}
-    components = Components(
-        clock,
-        build_strategy(cfg, model, to_node, clock),
-        MetricsTable(run_dir),
-        calibration_table(run_dir),
-        BestModel(),
-        Stopwatch(),
-    )
+    components = build_components(cfg, model, partitions, clock, run_dir, stopwatch)
+    evaluator = ModelEvaluator(model, cfg, device)
+    val, test = to_device(splits.val, device), to_device(splits.test, device)
     evaluate_val = None
     if len(val.labels):
         evaluate_val = lambda arrays: evaluator(arrays.to_torch_state_dict(), val)  # noqa: E731
     hooks = round_hooks(components, evaluate_val, cfg, run_dir, initial_state)
     start = ArrayRecord(initial_state)
     if checkpoint is not None:
-        restore(checkpoint, components.saveables(), run_path / CHECKPOINT_NAME)
-        start = ArrayRecord(checkpoint.arrays)
-        print(f"resuming after round {clock.completed} of {clock.total_rounds}", flush=True)
+        start = resume_from(checkpoint, components, run_path)
     return PreparedRun(
         cfg, run_path.name, run_dir, components, hooks, start, initial_state, evaluator, test
     )

@@ -18,7 +18,7 @@ CONFIG = "config"  # ConfigRecord: per-round settings sent down
 METRICS = "metrics"  # MetricRecord: what a client reports back
 
 # ConfigRecord keys (server -> client)
-SERVER_ROUND = "server-round"
+SERVER_ROUND = "server-round"  # the global round (strategies/plan.py); clients seed from it
 LR = "lr"
 
 # MetricRecord keys (client -> server)

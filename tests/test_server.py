@@ -110,3 +110,20 @@ def test_quick_preset_learns_in_process(tmp_path):
     summary = json.loads((tmp_path / "quick" / "summary.json").read_text())
     assert summary["final-val-accuracy"] >= 0.05 and summary["final-test-accuracy"] >= 0.05
     assert pd.read_csv(tmp_path / "quick" / "metrics.csv")["round"].max() == 8
+
+
+def test_run_without_a_validation_split_evaluates_nothing_and_finishes(tmp_path):
+    config = quick_run_config(
+        synthetic_train_per_class=20,
+        num_clients=4,
+        num_server_rounds=2,
+        local_steps=1,
+        val_fraction=0.0,
+        output_dir=str(tmp_path),
+        run_name="noval",
+    )
+    server_app.main(InProcessGrid(client_app.app, config, num_nodes=4), _context(config))
+    summary = json.loads((tmp_path / "noval" / "summary.json").read_text())
+    assert summary["best-val-round"] is None and summary["final-val-accuracy"] is None
+    assert 0.0 <= summary["final-test-accuracy"] <= 1.0
+    assert "val-accuracy" not in pd.read_csv(tmp_path / "noval" / "metrics.csv").dropna(axis=1)
