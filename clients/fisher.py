@@ -1,9 +1,13 @@
 """Diagonal Fisher information from per-example gradients (``torch.func``).
 
-F_ii = E_x E_y [(d loss(x, y) / d theta_i)^2] with loss the cross-entropy of one
-example: the mean over examples of each example's own squared gradient. Squaring a
-mini-batch gradient would give (E g)^2 instead, a different and much smaller quantity,
-so gradients are taken per example with ``vmap(grad(...))``, ``batch_size`` at a time.
+F_ii = E_x E_y [(d s(x, y) / d theta_i)^2] for a per-example score s: the mean over
+examples of each example's own squared gradient. Squaring a mini-batch gradient would
+give (E g)^2 instead, a different and much smaller quantity, so gradients are taken per
+example with ``vmap(grad(...))``, ``batch_size`` at a time.
+
+Two scores s (``score=``): ``"log-likelihood"``, s = log softmax(z)_y (the textbook
+Fisher; its gradient is minus the cross-entropy gradient), and ``"logit"``, s = z_y,
+the raw logit, which is what the TaLoS reference code scores (see ``diagonal_fisher``).
 
 With ``label_mode="sampled"`` y is drawn from the model's own predictive distribution
 (the true Fisher, as TaLoS scores parameters); with ``"empirical"`` it is the data label.
@@ -21,6 +25,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 FISHER_LABEL_MODES = ("sampled", "empirical")
+FISHER_SCORES = ("log-likelihood", "logit")
 
 
 @contextmanager
@@ -38,6 +43,11 @@ def _check_label_mode(label_mode: str) -> None:
     """Callers validate their own settings (the run-config does); this guards the math."""
     if label_mode not in FISHER_LABEL_MODES:
         raise ValueError(f"label_mode={label_mode!r} is not one of {', '.join(FISHER_LABEL_MODES)}")
+
+
+def _check_score(score: str) -> None:
+    if score not in FISHER_SCORES:
+        raise ValueError(f"score={score!r} is not one of {', '.join(FISHER_SCORES)}")
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -85,8 +95,30 @@ def diagonal_fisher(
     label_mode: str,
     batch_size: int,
     generator: torch.Generator | None,
+    *,
+    score: str = "log-likelihood",
 ) -> dict[str, torch.Tensor]:
-    """Mean over examples of the squared per-example cross-entropy gradient, per named parameter.
+    """Mean over examples of a squared per-example gradient, per named parameter.
+
+    With z = model(x) the logits of one example and y its label (``label_mode``, see
+    ``fisher_labels``), the entry for parameter theta_i is
+    (1/N) sum_n (d s(x_n, y_n) / d theta_i)^2 where s depends on ``score``:
+
+    - ``"log-likelihood"``: s = log softmax(z)_y, i.e. minus the cross-entropy of the
+      example; with sampled labels this is the diagonal of the true Fisher information.
+    - ``"logit"``: s = z_y, the raw (pre-softmax) logit of the label, with no softmax
+      normalisation. This is the sensitivity score of the TaLoS reference code
+      (github.com/iurada/talos-task-arithmetic, ``vision/pruners.py`` at commit
+      b99d422, ``TaLoS.score``, lines 189-212): the model is put in eval mode (191),
+      the class is drawn from ``Categorical(logits=z)`` (203-204), the logit of that
+      class is picked with ``gather`` (205), and for each example of the batch in turn
+      that single logit is back-propagated on its own (207-209) and the squared
+      parameter gradients are added up (210-212). Differences here: the sum is divided
+      by N (a uniform scale that leaves the ranking of entries unchanged, so that an
+      example-weighted mean of clients' results is the mean over all their examples),
+      one label is drawn per example (the reference's ``R`` repeats, default 1), and
+      ``label_mode="empirical"`` puts the data label in place of the draw, which the
+      reference code does not offer.
 
     ``images`` are preprocessed model inputs (B, 3, S, S) and ``labels`` int64 (B,).
     Only the parameters in ``names`` are differentiated; all others and the buffers
@@ -94,6 +126,7 @@ def diagonal_fisher(
     mode. Returns detached float32 tensors on the model's device, keyed like ``names``.
     """
     _check_label_mode(label_mode)
+    _check_score(score)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be >= 1")
     if len(images) == 0 or len(images) != len(labels):
@@ -111,11 +144,14 @@ def diagonal_fisher(
         fixed = {n: p.detach() for n, p in params.items() if n not in wanted}
         fixed |= dict(model.named_buffers())
 
-        def example_loss(weights: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
-            logits = functional_call(model, fixed | weights, (x.unsqueeze(0),))
-            return F.cross_entropy(logits.float(), y.unsqueeze(0))
+        def example_score(weights: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
+            logits = functional_call(model, fixed | weights, (x.unsqueeze(0),)).float()
+            if score == "logit":
+                return logits.gather(1, y.view(1, 1)).sum()
+            # minus the log-likelihood: the sign vanishes when the gradient is squared
+            return F.cross_entropy(logits, y.unsqueeze(0))
 
-        per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))
+        per_example = vmap(grad(example_score), in_dims=(None, 0, 0))
         sums = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in wanted.items()}
         # The fused attention kernels have no vmap batching rule for their backward and
         # fall back to one example at a time (15x slower for ViT-S on CPU); the math

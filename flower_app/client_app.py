@@ -314,6 +314,8 @@ def fisher(msg: Message, context: Context) -> Message:
         str(config[protocol.FISHER_LABELS]),
         cfg.fisher_batch_size,
         label_gen,
+        # a server from before fisher-score sends no score: it meant the log-likelihood
+        score=str(config.get(protocol.FISHER_SCORE, "log-likelihood")),
     )
     full = {n: scores.get(n, torch.zeros(m.shape, device=rt.device)) for n, m in mask.items()}
     content = RecordDict(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clients.fisher import FISHER_LABEL_MODES
+from clients.fisher import FISHER_LABEL_MODES, FISHER_SCORES
 from flower_app.data_sources import NUM_CLASSES_BY_DATASET, cifar100_files_present
 from flower_app.model import MODEL_SPECS
 from flower_app.partitioning import partition_feasibility_error
@@ -92,6 +92,7 @@ class RunConfig:
     calibration_fraction: float = 1.0
     fisher_samples: int = 128
     fisher_labels: str = "sampled"
+    fisher_score: str = "log-likelihood"
     fisher_batch_size: int = 32
     head: str = "train"
     head_warmup_rounds: int = 0
@@ -206,6 +207,7 @@ class RunConfig:
         _choice("mask-scope", self.mask_scope, MASK_SCOPES)
         _choice("calibration-schedule", self.calibration_schedule, CALIBRATION_SCHEDULES)
         _choice("fisher-labels", self.fisher_labels, FISHER_LABEL_MODES)
+        _choice("fisher-score", self.fisher_score, FISHER_SCORES)
         _choice("head", self.head, HEAD_MODES)
 
     def _validate_sparse(self) -> None:

@@ -69,8 +69,8 @@ def load_runs(study_dir: Path) -> pd.DataFrame:
         row = {k: entry[k] for k in ("setting", "seed", "run-name")}
         row["status"] = "completed" if summary is not None else "failed"
         if summary is not None:
-            sent = summary.get("bytes-down", 0.0) + summary.get("bytes-up", 0.0)
-            summary["bytes"] = sent + calibration_bytes(study_dir / entry["run-name"])
+            # the summary counts every phase's traffic (calibration included)
+            summary["bytes"] = summary.get("bytes-down", 0.0) + summary.get("bytes-up", 0.0)
             row |= {col: summary.get(key) for key, col in RESULT_KEYS.items()}
         rows.append(row)
     return pd.DataFrame(rows, columns=["setting", "seed", "run-name", "status", *LABELS])

@@ -148,6 +148,7 @@ def build_strategy(
         fisher_config={
             protocol.FISHER_SAMPLES: cfg.fisher_samples,
             protocol.FISHER_LABELS: cfg.fisher_labels,
+            protocol.FISHER_SCORE: cfg.fisher_score,
         },
         warmup_lr=cfg.lr,
         **common,
@@ -334,6 +335,13 @@ def finish(run: PreparedRun, final: ArrayRecord) -> None:
     c, cfg = run.components, run.cfg
     extra_summary: dict = {"total-rounds": c.clock.total_rounds, "segments": c.stopwatch.segments}
     extra_weights = {}
+    calibration = c.calibration.frame()
+    if len(calibration):  # the summary's bytes count every round of every phase
+        metrics = c.metrics.frame()
+        extra_summary |= {
+            key: float(metrics[key].sum() + calibration[key].sum())
+            for key in ("bytes-down", "bytes-up")
+        }
     if isinstance(c.strategy, SparseFedAvg):
         mask = c.strategy.mask
         extra_weights["mask.safetensors"] = {k: m.to(torch.uint8) for k, m in mask.items()}

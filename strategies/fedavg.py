@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from strategies import protocol
-from strategies.interference import interference_metrics
+from strategies.interference import split_interference
 from strategies.plan import RoundClock, RoundPosition
 from strategies.record import RoundRecord
 from strategies.rounds import RetryPolicy, RoundHook, run_plan, send_with_retries
@@ -180,7 +180,7 @@ class OrderedFedAvg(Strategy):
         if self.update_metrics:
             ordered = in_partition_order(replies)
             updates = [self.client_update(base_state, r) for r in ordered]
-            record.add(interference_metrics(updates, example_weights(ordered)))
+            record.add(split_interference(updates, example_weights(ordered)))
         return self.merge(base_state, mean)
 
     def needs_base(self) -> bool:

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 UPDATE_METRICS = ("update-cosine", "update-norm-ratio", "update-norm")
+HEAD_UPDATE_METRICS = tuple(f"head-{m}" for m in UPDATE_METRICS)
 
 
 def update_gram(updates: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
@@ -64,3 +65,22 @@ def interference_metrics(
     mean_norm = float(norms.mean())
     ratio = aggregated / mean_norm if mean_norm > 0 else math.nan
     return {"update-cosine": cosine, "update-norm-ratio": ratio, "update-norm": mean_norm}
+
+
+def split_interference(
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    head_prefix: str = "head.",
+) -> dict[str, float]:
+    """The metrics of the backbone part of the updates, and of the head part apart.
+
+    The backbone part is the task vector task arithmetic merges (TaLoS's excludes the
+    classifier), so it gives ``update-*``; a head that trains gets ``head-update-*``
+    (absent when no update holds a head tensor, e.g. a frozen head).
+    """
+    backbone = [{k: v for k, v in u.items() if not k.startswith(head_prefix)} for u in updates]
+    head = [{k: v for k, v in u.items() if k.startswith(head_prefix)} for u in updates]
+    out = interference_metrics(backbone, weights)
+    if any(head):
+        out |= {f"head-{k}": v for k, v in interference_metrics(head, weights).items()}
+    return out

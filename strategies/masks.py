@@ -10,6 +10,7 @@ layer keeping the same fraction.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import torch
@@ -21,9 +22,21 @@ MASK_STRATEGIES = (
     "highest_magnitude",
     "random",
 )
-MASK_SCOPES = ("backbone", "backbone-no-embed", "blocks")
+MASK_SCOPES = ("backbone", "backbone-no-embed", "blocks", "talos")
 CALIBRATION_SCHEDULES = ("exponential", "one-shot")
 EMBEDDING_NAMES = ("cls_token", "pos_embed", "reg_token")
+# ``talos``: weight and bias of every Conv2d, Linear and LayerNorm of a timm VisionTransformer
+# (module paths as timm names them; LayerNorms that a config leaves as Identity have no
+# parameters). Bare nn.Parameters (cls_token, reg_token, pos_embed, LayerScale ``gamma``)
+# match nothing. See ``eligible_names`` for the TaLoS code each entry follows.
+_TALOS_PARAMETER = re.compile(
+    r"(?:patch_embed\.(?:proj|norm)"  # Conv2d patch embedding (+ its optional LayerNorm)
+    r"|norm_pre|norm|fc_norm"  # LayerNorms before and after the blocks
+    r"|blocks\.\d+\.(?:norm1|norm2"  # LayerNorms of a block
+    r"|attn\.(?:qkv|q_norm|k_norm|norm|proj)"  # attention Linears (+ optional LayerNorms)
+    r"|mlp\.(?:fc1|norm|fc2)))"  # MLP Linears (+ optional LayerNorm)
+    r"\.(?:weight|bias)"
+)
 
 
 def needs_fisher(strategy: str) -> bool:
@@ -39,7 +52,37 @@ def eligible_names(
 
     ``backbone``: every weight and bias (LayerNorm included), embeddings too;
     ``backbone-no-embed``: without patch embedding, class, register and position tokens;
-    ``blocks``: only the transformer blocks.
+    ``blocks``: only the transformer blocks;
+    ``talos``: the tensors TaLoS masks, i.e. weight and bias of every Conv2d, Linear and
+    LayerNorm (timm names: ``patch_embed.proj``, ``blocks.N.norm1/attn.qkv/attn.proj/
+    norm2/mlp.fc1/mlp.fc2``, ``norm``, and ``norm_pre``/``fc_norm``/``patch_embed.norm``/
+    ``attn.q_norm``/``attn.k_norm``/``attn.norm``/``mlp.norm`` where a config has them);
+    not ``cls_token``, ``pos_embed``, ``reg_token``, LayerScale ``gamma`` or the head.
+    For the plain ViTs here that is ``backbone`` minus ``cls_token`` and ``pos_embed``.
+
+    ``talos`` follows github.com/iurada/talos-task-arithmetic at b99d4222 (OpenCLIP ViTs):
+    ``vision/prune_finetune.py:93`` wraps the model with
+    ``layers.mask_pretrained_vit(..., skip_ln=False)`` and ``:97`` scores
+    ``pruners.masked_parameters(model)``. ``vision/layers.py:407-467`` replaces every
+    ``nn.Conv2d`` (411-425: open_clip's ``conv1`` = our ``patch_embed.proj``),
+    ``nn.MultiheadAttention`` (427-443: ``in_proj_weight/bias`` = our ``attn.qkv``; its
+    ``out_proj``, a masked ``Linear`` built at line 138 via 83-86, = our ``attn.proj``),
+    ``nn.Linear`` whose name has neither ``classification`` nor ``attn`` (445-453:
+    ``mlp.c_fc``/``c_proj`` = our ``mlp.fc1``/``fc2``; the head is skipped) and, since
+    ``skip_ln=False``, ``nn.LayerNorm`` (455-467: ``ln_pre``/``ln_1``/``ln_2``/``ln_post`` =
+    our ``norm_pre``/``norm1``/``norm2``/``norm``). Each wrapper registers a mask for the
+    weight and, when there is one, the bias (``layers.py:29-31``, ``56-58``, ``127``/``134``,
+    ``386-388``), and ``vision/pruners.py:27-31`` (``prunable``) with ``41-48``
+    (``masked_parameters``, the bias filter at 47 commented out) scores exactly these
+    tensors, biases and LayerNorms included. open_clip's ``class_embedding``,
+    ``positional_embedding`` and ``proj`` are bare ``nn.Parameter`` s of its
+    VisionTransformer (open_clip v2.10.1 ``transformer.py:297-298,316``) that no wrapper
+    covers, so they get no mask; the zero-shot head is frozen (``prune_finetune.py:67``,
+    ``vision/modeling.py:101-103``). Caveat: TaLoS does not freeze those bare parameters
+    either (``prune_finetune.py:120-144`` freezes only unmasked *leaf* modules, and AdaptW,
+    ``vision/optimizers.py:303-306``, updates a tensor without a ``score`` densely), so
+    there class and position embeddings train densely; this function only names what the
+    mask covers, and what happens to the rest is the caller's choice.
     """
     _check_choice("scope", scope, MASK_SCOPES)
     names = [n for n in named_shapes if not n.startswith(head_prefix)]
@@ -47,6 +90,8 @@ def eligible_names(
         names = [n for n in names if not (n.startswith("patch_embed.") or n in EMBEDDING_NAMES)]
     elif scope == "blocks":
         names = [n for n in names if n.startswith("blocks.")]
+    elif scope == "talos":
+        names = [n for n in names if _TALOS_PARAMETER.fullmatch(n)]
     return names
 
 

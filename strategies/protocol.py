@@ -38,6 +38,7 @@ MASK_VERSION = "mask-version"  # ConfigRecord: which mask the message assumes
 TRAIN_HEAD = "train-head"  # ConfigRecord: whether the dense head trains this round
 FISHER_SAMPLES = "fisher-samples"
 FISHER_LABELS = "fisher-labels"
+FISHER_SCORE = "fisher-score"
 
 # Reliability
 ATTEMPT = "attempt"  # ConfigRecord: 0 for a round's first sample, k for its k-th retry

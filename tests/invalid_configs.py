@@ -73,6 +73,7 @@ INVALID = [
     Invalid("calibration-schedule", "linear", "must be one of exponential, one-shot", SPARSE),
     Invalid("calibration-rounds", 0, "must be an integer >= 1", SPARSE),
     Invalid("fisher-labels", "true", "must be one of sampled, empirical", SPARSE),
+    Invalid("fisher-score", "loss", "must be one of log-likelihood, logit", SPARSE),
     Invalid("fisher-batch-size", 0, "must be an integer >= 1", SPARSE),
     Invalid("sparsity", 1.0, "must be in [0, 1)", SPARSE),
     Invalid("sparsity", -0.1, "must be in [0, 1)", SPARSE),

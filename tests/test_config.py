@@ -8,6 +8,9 @@ import tomllib
 import pytest
 
 from flower_app.config import ConfigError, RunConfig
+from flower_app.model import create_initial_model
+from flower_app.server_app import build_strategy, plan_for
+from strategies import protocol
 from tests.conftest import ROOT, quick_run_config
 from tests.invalid_configs import INVALID
 
@@ -73,3 +76,15 @@ def test_config_is_frozen():
     cfg = RunConfig.from_run_config(quick_run_config())
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("score", [None, "log-likelihood", "logit"])
+def test_fisher_score_reaches_the_fisher_query(score):
+    """fisher-score defaults to the log-likelihood and travels in the Fisher query config."""
+    overrides = {"strategy": "sparse-fedavg"} | ({"fisher-score": score} if score else {})
+    cfg = RunConfig.from_run_config(quick_run_config(**overrides))
+    assert cfg.fisher_score == (score or "log-likelihood")
+    model = create_initial_model(cfg.model, cfg.num_classes, cfg.image_size, "random", "", 0)
+    nodes = {pid: 1000 + pid for pid in range(cfg.num_clients)}
+    strategy = build_strategy(cfg, model, nodes, plan_for(cfg))
+    assert strategy.fisher_config[protocol.FISHER_SCORE] == cfg.fisher_score

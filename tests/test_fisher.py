@@ -5,9 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from timm.models.vision_transformer import VisionTransformer
 
 from clients.fisher import diagonal_fisher, fisher_labels
+from flower_app import client_app
+from flower_app.config import RunConfig
+from flower_app.model import create_initial_model
+from strategies import protocol
+from strategies.sparse_codec import encode_mask
+from tests.conftest import InProcessGrid, quick_run_config
 
 
 def _tiny_vit(**kwargs) -> VisionTransformer:
@@ -43,6 +50,19 @@ def _brute_force(model, images, labels, names):
     return {n: s / len(images) for n, s in sums.items()}
 
 
+def _brute_force_logit(model, images, labels, names):
+    """TaLoS's score, one example at a time: the squared gradient of the raw logit z_y."""
+    model.eval()
+    params = dict(model.named_parameters())
+    wanted = [params[n] for n in names]
+    sums = {n: torch.zeros_like(params[n]) for n in names}
+    for x, y in zip(images, labels, strict=True):
+        logit = model(x[None])[0, y]
+        for n, g in zip(names, torch.autograd.grad(logit, wanted), strict=True):
+            sums[n] += g.detach() ** 2
+    return {n: s / len(images) for n, s in sums.items()}
+
+
 @pytest.mark.parametrize("label_mode", ["empirical", "sampled"])
 def test_fisher_equals_per_example_loop(label_mode):
     model = _tiny_vit()
@@ -58,6 +78,45 @@ def test_fisher_equals_per_example_loop(label_mode):
     for n in names:
         assert fisher[n].dtype == torch.float32 and not fisher[n].requires_grad
         torch.testing.assert_close(fisher[n], expected[n], rtol=1e-4, atol=1e-10)
+
+
+@pytest.mark.parametrize("label_mode", ["empirical", "sampled"])
+def test_logit_score_equals_per_example_loop(label_mode):
+    model = _tiny_vit()
+    images, labels = _data()
+    names = _names(model)
+    fisher = diagonal_fisher(model, images, labels, names, label_mode, 4, _gen(), score="logit")
+    used = fisher_labels(model, images, labels, label_mode, 4, _gen())
+    expected = _brute_force_logit(model, images, used, names)
+    assert list(fisher) == names
+    for n in names:
+        assert fisher[n].dtype == torch.float32 and not fisher[n].requires_grad
+        torch.testing.assert_close(fisher[n], expected[n], rtol=1e-4, atol=1e-10)
+    # the head's bias gets d z_y / d b = one-hot(y): its score counts how often y was drawn
+    counts = torch.bincount(used, minlength=5).float() / len(used)
+    torch.testing.assert_close(fisher["head.bias"], counts)
+
+
+@pytest.mark.parametrize("label_mode", ["empirical", "sampled"])
+def test_log_likelihood_is_the_default_score(label_mode):
+    model = _tiny_vit()
+    images, labels = _data()
+    names = ["head.weight", "blocks.0.attn.qkv.weight"]
+    a = diagonal_fisher(model, images, labels, names, label_mode, 4, _gen())
+    b = diagonal_fisher(model, images, labels, names, label_mode, 4, _gen(), score="log-likelihood")
+    for n in names:
+        assert torch.equal(a[n], b[n])
+
+
+@pytest.mark.parametrize("label_mode", ["empirical", "sampled"])
+def test_logit_and_log_likelihood_scores_differ(label_mode):
+    model = _tiny_vit()
+    images, labels = _data()
+    names = ["head.bias", "head.weight", "blocks.0.mlp.fc1.weight"]
+    ll = diagonal_fisher(model, images, labels, names, label_mode, 6, _gen())
+    logit = diagonal_fisher(model, images, labels, names, label_mode, 6, _gen(), score="logit")
+    for n in names:
+        assert not torch.allclose(ll[n], logit[n], rtol=1e-2), n
 
 
 def test_sampled_and_empirical_fisher_differ():
@@ -130,3 +189,50 @@ def test_bad_arguments_are_named():
         diagonal_fisher(model, images, labels, ["head.b"], "empirical", 4, None)
     with pytest.raises(ValueError, match="batch_size=0 must be >= 1"):
         diagonal_fisher(model, images, labels, ["head.bias"], "empirical", 0, None)
+    with pytest.raises(ValueError, match=r"score='loss' is not one of log-likelihood, logit"):
+        diagonal_fisher(model, images, labels, ["head.bias"], "empirical", 4, None, score="loss")
+
+
+def _fisher_query(state, mask, score: str | None) -> Message:
+    config = {
+        protocol.SERVER_ROUND: 1,
+        protocol.MASK_VERSION: 1,
+        protocol.FISHER_SAMPLES: 8,
+        protocol.FISHER_LABELS: "sampled",
+    }
+    if score is not None:
+        config[protocol.FISHER_SCORE] = score
+    content = RecordDict(
+        {
+            protocol.ARRAYS: ArrayRecord(state),
+            protocol.CONFIG: ConfigRecord(config),
+            protocol.MASK: encode_mask(mask),
+        }
+    )
+    return Message(content, dst_node_id=1000, message_type=protocol.QUERY_FISHER)
+
+
+def test_client_app_scores_as_the_query_says():
+    """The Fisher handler passes the query's score on; a query without one (from a server
+    older than the key) gets the log-likelihood."""
+    run_config = quick_run_config(
+        strategy="sparse-fedavg", synthetic_train_per_class=4, num_clients=2
+    )
+    cfg = RunConfig.from_run_config(run_config)
+    model = create_initial_model(cfg.model, cfg.num_classes, cfg.image_size, "random", "", 0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    mask = {
+        "blocks.0.mlp.fc1.weight": torch.ones_like(
+            state["blocks.0.mlp.fc1.weight"], dtype=torch.bool
+        )
+    }
+    grid = InProcessGrid(client_app.app, run_config, num_nodes=2)
+    replies = grid.send_and_receive(
+        [_fisher_query(state, mask, score) for score in (None, "log-likelihood", "logit")]
+    )
+    for reply in replies:
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    older, ll, logit = (r.content[protocol.FISHER].to_torch_state_dict() for r in replies)
+    name = "blocks.0.mlp.fc1.weight"
+    assert torch.equal(older[name], ll[name])
+    assert not torch.allclose(ll[name], logit[name], rtol=1e-2)

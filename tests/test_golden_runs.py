@@ -77,6 +77,8 @@ def test_quick_sparse_run_with_head_warmup(tmp_path, capsys):
     best = evaluated.loc[evaluated["val-accuracy"].idxmax()]
     assert summary["best-val-round"] == int(best["round"])
     assert summary["total-rounds"] == 7 and summary["rounds"] == 3
+    for key in ("bytes-down", "bytes-up"):  # every phase: warm-up, calibration, training
+        assert summary[key] == metrics[key].sum() + calibration[key].sum()
     lines = [line for line in out.splitlines() if re.match(r"round \d+/7", line)]
     assert [line.split(" |")[0] for line in lines] == [
         "round 0/7",

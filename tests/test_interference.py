@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from strategies import protocol
 from strategies.fedavg import OrderedFedAvg
-from strategies.interference import interference_metrics, update_gram
+from strategies.interference import interference_metrics, split_interference, update_gram
 from strategies.plan import TRAIN, Phase, RoundClock
 from strategies.record import RoundRecord
 from strategies.sparse_codec import gather_masked
@@ -95,6 +95,7 @@ def test_dense_strategy_records_the_metrics_of_client_minus_global(identity):
     assert record.get("update-cosine") == pytest.approx(0.96)
     agg = math.hypot(0.25 * 3 + 0.75 * 4, 0.25 * 4 + 0.75 * 3)
     assert record.get("update-norm-ratio") == pytest.approx(agg / 5)
+    assert record.get("head-update-cosine") is None  # no head tensor in these updates
 
     quiet = _record()
     _strategy(OrderedFedAvg, update_metrics=False).aggregate_round(
@@ -104,7 +105,7 @@ def test_dense_strategy_records_the_metrics_of_client_minus_global(identity):
 
 
 def test_sparse_strategy_measures_updates_on_the_trained_entries_only(identity):
-    glob = {"w": torch.tensor([[1.0, 2.0, 3.0]]), "head": torch.tensor([0.0])}
+    glob = {"w": torch.tensor([[1.0, 2.0, 3.0]]), "head.b": torch.tensor([0.0])}
     mask = {"w": torch.tensor([[True, False, True]])}
     strategy = _strategy(
         SparseFedAvg,
@@ -120,14 +121,30 @@ def test_sparse_strategy_measures_updates_on_the_trained_entries_only(identity):
     strategy.load_state_dict({"mask": mask, "mask-version": 1})
     # clients send the masked entries of w (1 and 3 -> 4 and 3) and the whole head
     sent = [
-        gather_masked({"w": torch.tensor([[4.0, 2.0, 3.0]])}, mask) | {"head": torch.tensor([4.0])},
-        gather_masked({"w": torch.tensor([[1.0, 2.0, -1.0]])}, mask) | {"head": torch.zeros(1)},
+        gather_masked({"w": torch.tensor([[4.0, 2.0, 3.0]])}, mask)
+        | {"head.b": torch.tensor([4.0])},
+        gather_masked({"w": torch.tensor([[1.0, 2.0, -1.0]])}, mask) | {"head.b": torch.zeros(1)},
     ]
     record = _record()
     out = strategy.aggregate_round(ArrayRecord(glob), _replies(sent, [1, 1]), record)
-    # updates (3, 0, 4) and (0, -4, 0) over (w[0], w[2], head): norms 5 and 4
+    # backbone updates (3, 0) and (0, -4) over (w[0], w[2]): norms 3 and 4, orthogonal
     assert record.get("update-cosine") == pytest.approx(0.0)
-    assert record.get("update-norm") == pytest.approx(4.5)
-    aggregated = math.sqrt(1.5**2 + 2**2 + 2**2)  # (1.5, -2, 2)
-    assert record.get("update-norm-ratio") == pytest.approx(aggregated / 4.5)
+    assert record.get("update-norm") == pytest.approx(3.5)
+    assert record.get("update-norm-ratio") == pytest.approx(2.5 / 3.5)  # |(1.5, -2)| = 2.5
+    # the head apart: updates 4 and 0 (a zero update has no cosine)
+    assert math.isnan(record.get("head-update-cosine"))
+    assert record.get("head-update-norm") == pytest.approx(2.0)
+    assert record.get("head-update-norm-ratio") == pytest.approx(2.0 / 2.0)
     assert out.to_torch_state_dict()["w"].tolist() == [[2.5, 2.0, 1.0]]
+
+
+def test_dense_updates_are_split_into_backbone_and_head():
+    updates = [
+        {"blocks.w": torch.tensor([1.0, 0.0]), "head.weight": torch.tensor([2.0])},
+        {"blocks.w": torch.tensor([0.0, 1.0]), "head.weight": torch.tensor([2.0])},
+    ]
+    out = split_interference(updates, [1.0, 1.0])
+    assert out["update-cosine"] == pytest.approx(0.0)  # the backbone parts are orthogonal
+    assert out["update-norm-ratio"] == pytest.approx(math.sqrt(0.5))
+    assert out["head-update-cosine"] == pytest.approx(1.0)  # the heads agree
+    assert out["head-update-norm"] == pytest.approx(2.0)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import pytest
 import torch
+from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
+from flower_app.model import MODEL_SPECS, build_model
 from strategies.masks import (
+    MASK_SCOPES,
     MASK_STRATEGIES,
     density_schedule,
     eligible_names,
@@ -161,6 +166,68 @@ def test_scopes_on_a_real_tiny_vit():
     assert set(no_embed) - set(blocks) == {"norm.weight", "norm.bias"}
     with pytest.raises(ValueError, match=r"scope='all' is not one of backbone, backbone-no-embed"):
         eligible_names(shapes, "all")
+
+
+def _talos_expected(depth: int) -> set[str]:
+    """TaLoS's masked tensors of a plain timm ViT: weight and bias of the patch-embedding
+    Conv2d, of every Linear and LayerNorm in the blocks, and of the final LayerNorm."""
+    block_modules = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+    modules = ["patch_embed.proj"]
+    modules += [f"blocks.{i}.{m}" for i in range(depth) for m in block_modules]
+    modules += ["norm"]
+    return {f"{m}.{p}" for m in modules for p in ("weight", "bias")}
+
+
+@pytest.mark.parametrize(
+    ("name", "image_size"), [("vit_tiny_test", 32), ("vit_small_patch16_224.dino", 224)]
+)
+def test_talos_scope_is_every_linear_conv_and_layernorm(name, image_size):
+    assert "talos" in MASK_SCOPES
+    depth = MODEL_SPECS[name].depth
+    assert depth == {"vit_tiny_test": 2, "vit_small_patch16_224.dino": 12}[name]
+    model = build_model(name, 100, image_size)  # architecture only: no download
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    talos = eligible_names(shapes, "talos")
+    expected = _talos_expected(depth)
+    assert len(expected) == 2 + 12 * depth + 2
+    assert set(talos) == expected
+    assert len(talos) == len(expected)  # no duplicates
+    assert talos == [n for n in shapes if n in expected]  # model order kept
+    for excluded in ("cls_token", "pos_embed", "head.weight", "head.bias"):
+        assert excluded in shapes and excluded not in talos
+    # on these plain ViTs: the backbone less the class and position tokens
+    assert set(eligible_names(shapes, "backbone")) - set(talos) == {"cls_token", "pos_embed"}
+
+
+def test_talos_scope_on_optional_vit_parts():
+    """Register tokens and LayerScale gamma are bare parameters (no mask in TaLoS);
+    pre-norm, qk-norm, fc_norm and patch-embedding norm are LayerNorms (masked)."""
+    model = VisionTransformer(
+        img_size=16,
+        patch_size=4,
+        embed_dim=16,
+        depth=1,
+        num_heads=2,
+        num_classes=5,
+        reg_tokens=1,
+        init_values=1e-5,
+        pre_norm=True,
+        qk_norm=True,
+        global_pool="avg",
+        fc_norm=True,
+        embed_layer=partial(PatchEmbed, norm_layer=nn.LayerNorm),
+    )
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    talos = set(eligible_names(shapes, "talos"))
+    norms = ("patch_embed.norm", "norm_pre", "blocks.0.attn.q_norm", "blocks.0.attn.k_norm")
+    norms += ("fc_norm",)  # instead of the final "norm"
+    expected = _talos_expected(1) | {f"{m}.{p}" for m in norms for p in ("weight", "bias")}
+    # pre_norm drops the patch-embedding bias (CLIP style); fc_norm replaces norm
+    expected -= {"patch_embed.proj.bias", "norm.weight", "norm.bias"}
+    assert "patch_embed.proj.bias" not in shapes and "norm.weight" not in shapes
+    assert talos == expected
+    unmasked = {"cls_token", "reg_token", "pos_embed", "blocks.0.ls1.gamma", "blocks.0.ls2.gamma"}
+    assert set(shapes) - talos == unmasked | {"head.weight", "head.bias"}
 
 
 def test_large_input_beyond_the_quantile_limit():
