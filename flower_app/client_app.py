@@ -289,6 +289,21 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+@torch.no_grad()
+def damp_frozen(model: nn.Module, mask: dict[str, torch.Tensor], damping: float) -> None:
+    """Multiply the mask's frozen entries by ``damping`` (the next message reloads weights).
+
+    TaLoS re-scores in calibration round r >= 2 a network whose already-pruned entries
+    are multiplied by the mask value 0.1 in the forward pass (its masked layers compute
+    with weight * mask); scaling the frozen weights here scores the same network.
+    """
+    if damping == 1.0:
+        return
+    for name, param in model.named_parameters():
+        if name in mask:
+            param[~mask[name].to(param.device)] *= damping
+
+
 @app.query("fisher")
 def fisher(msg: Message, context: Context) -> Message:
     """Diagonal Fisher of the currently trainable entries on up to ``fisher-samples`` examples."""
@@ -303,7 +318,10 @@ def fisher(msg: Message, context: Context) -> Message:
     purposes = ("fisher-examples", "fisher-labels")
     pick_gen, label_gen = _generators(cfg, purposes, server_round, pid, rt.device)
     count = min(int(config[protocol.FISHER_SAMPLES]), len(rt.shard))
-    idx = rt.shard[torch.randperm(len(rt.shard), generator=pick_gen)[:count]].to(rt.device)
+    # sorted: all of a shard's examples give the same Fisher in every round, bit for bit
+    picked = torch.randperm(len(rt.shard), generator=pick_gen)[:count].sort().values
+    idx = rt.shard[picked].to(rt.device)
+    damp_frozen(rt.model, mask, float(config.get(protocol.CALIBRATION_DAMPING, 1.0)))
     images = preprocess_batch(rt.train.images[idx], cfg.image_size, False, None)
     names = [n for n, m in mask.items() if bool(m.any())]
     scores = diagonal_fisher(

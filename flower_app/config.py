@@ -89,6 +89,7 @@ class RunConfig:
     mask_scope: str = "backbone"
     calibration_rounds: int = 4
     calibration_schedule: str = "exponential"
+    calibration_damping: float = 0.1
     calibration_fraction: float = 1.0
     fisher_samples: int = 128
     fisher_labels: str = "sampled"
@@ -224,6 +225,12 @@ class RunConfig:
             raise _err("sparsity", self.sparsity, "must be in [0, 1) (the fraction frozen)")
         if not 0.0 < self.calibration_fraction <= 1.0:
             raise _err("calibration-fraction", self.calibration_fraction, "must be in (0, 1]")
+        if not 0.0 < self.calibration_damping <= 1.0:
+            raise _err(
+                "calibration-damping",
+                self.calibration_damping,
+                "must be in (0, 1] (1.0 re-scores the undamped network)",
+            )
 
     def _validate_training(self) -> None:
         """Counts, fractions and optimizer settings of the training rounds."""

@@ -148,6 +148,7 @@ def build_strategy(
         fisher_config={
             protocol.FISHER_SAMPLES: cfg.fisher_samples,
             protocol.FISHER_LABELS: cfg.fisher_labels,
+            protocol.CALIBRATION_DAMPING: cfg.calibration_damping,
             protocol.FISHER_SCORE: cfg.fisher_score,
         },
         warmup_lr=cfg.lr,

@@ -23,7 +23,7 @@ MASK_STRATEGIES = (
     "random",
 )
 MASK_SCOPES = ("backbone", "backbone-no-embed", "blocks", "talos")
-CALIBRATION_SCHEDULES = ("exponential", "one-shot")
+CALIBRATION_SCHEDULES = ("exponential", "one-shot", "average")
 EMBEDDING_NAMES = ("cls_token", "pos_embed", "reg_token")
 # ``talos``: weight and bias of every Conv2d, Linear and LayerNorm of a timm VisionTransformer
 # (module paths as timm names them; LayerNorms that a config leaves as Identity have no
@@ -100,7 +100,9 @@ def density_schedule(sparsity: float, rounds: int, schedule: str) -> list[float]
 
     ``exponential``: d**(r/R), TaLoS's schedule, so each round freezes the same
     fraction of what is left and later Fisher rounds re-score a smaller set;
-    ``one-shot``: d from the first round on (later rounds only re-score those entries).
+    ``one-shot``: d from the first round on (later rounds only re-score those entries);
+    ``average``: nothing is frozen until the last round, which selects d from the Fisher
+    averaged over all rounds.
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity={sparsity!r} is not in [0, 1)")
@@ -110,6 +112,8 @@ def density_schedule(sparsity: float, rounds: int, schedule: str) -> list[float]
     d = 1.0 - sparsity
     if schedule == "one-shot":
         return [d] * rounds
+    if schedule == "average":
+        return [1.0] * (rounds - 1) + [d]
     return [d ** (r / rounds) for r in range(1, rounds)] + [d]
 
 

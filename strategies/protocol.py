@@ -38,6 +38,7 @@ MASK_VERSION = "mask-version"  # ConfigRecord: which mask the message assumes
 TRAIN_HEAD = "train-head"  # ConfigRecord: whether the dense head trains this round
 FISHER_SAMPLES = "fisher-samples"
 FISHER_LABELS = "fisher-labels"
+CALIBRATION_DAMPING = "calibration-damping"  # frozen entries x this while scoring
 FISHER_SCORE = "fisher-score"
 
 # Reliability

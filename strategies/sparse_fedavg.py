@@ -68,6 +68,9 @@ class SparseFedAvg(OrderedFedAvg):
         self.mask: dict[str, torch.Tensor] = {}
         self.mask_version = 0
         self.node_mask_version: dict[int, int] = {}
+        # "average" schedule: example-weighted Fisher summed over the calibration rounds
+        self.fisher_sum: dict[str, torch.Tensor] = {}
+        self.fisher_examples = 0.0
 
     # ---- phases --------------------------------------------------------------------------
     def enter_phase(self, position: RoundPosition, arrays: ArrayRecord) -> None:
@@ -77,6 +80,7 @@ class SparseFedAvg(OrderedFedAvg):
             self.set_mask({n: torch.zeros_like(state[n], dtype=torch.bool) for n in self.eligible})
         elif position.phase == CALIBRATION:
             self.set_mask({n: torch.ones_like(state[n], dtype=torch.bool) for n in self.eligible})
+            self.fisher_sum, self.fisher_examples = {}, 0.0
         elif position.phase == TRAIN and not needs_fisher(self.mask_strategy):
             params = {n: state[n] for n in self.eligible}
             seed = derive_seed(self.seed, "random-mask")
@@ -131,21 +135,32 @@ class SparseFedAvg(OrderedFedAvg):
             record,
             self.on_client_failure,
         )
-        fisher = self.aggregate_fisher(replies)
+        fisher, examples = self.aggregate_fisher(replies), sum(example_weights(replies))
         schedule = density_schedule(self.sparsity, position.phase_rounds, self.calibration_schedule)
         target = schedule[position.phase_round - 1]
-        state = arrays.to_torch_state_dict()
-        params = {n: state[n] for n in self.eligible}
-        scores = scores_for(self.mask_strategy, params, fisher, self.seed)
-        # entries frozen earlier can never come back: select only among current ones
-        self.set_mask(select_mask(scores, target, current=self.mask))
-        record.add(
-            {
-                "num-examples": sum(example_weights(replies)),
-                "density": mask_density(self.mask),
-                "target-density": target,
-            }
-        )
+        record.add({"num-examples": examples, "target-density": target})
+        if self.calibration_schedule == "average":
+            fisher = self.accumulate_fisher(fisher, examples, position.last_of_phase)
+        if fisher is not None:
+            state = arrays.to_torch_state_dict()
+            params = {n: state[n] for n in self.eligible}
+            scores = scores_for(self.mask_strategy, params, fisher, self.seed)
+            # entries frozen earlier can never come back: select only among current ones
+            self.set_mask(select_mask(scores, target, current=self.mask))
+        record.add({"density": mask_density(self.mask)})
+
+    def accumulate_fisher(
+        self, fisher: Mapping[str, torch.Tensor], examples: float, last: bool
+    ) -> dict[str, torch.Tensor] | None:
+        """Add a round's mean Fisher, weighted by its examples; after the last round the
+        mean over all rounds, before it None (the "average" schedule selects only once)."""
+        for name, values in fisher.items():
+            weighted = values.to(torch.float64) * examples
+            self.fisher_sum[name] = self.fisher_sum.get(name, 0.0) + weighted
+        self.fisher_examples += examples
+        if not last:
+            return None
+        return {n: (s / self.fisher_examples).float() for n, s in self.fisher_sum.items()}
 
     # ---- training rounds -----------------------------------------------------------------
     def round_config(self, position: RoundPosition, attempt: int) -> ConfigRecord:
@@ -203,9 +218,16 @@ class SparseFedAvg(OrderedFedAvg):
     # ---- Saveable ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The mask and its version; which node holds which version is not kept (resent)."""
-        return {"mask": dict(self.mask), "mask-version": self.mask_version}
+        return {
+            "mask": dict(self.mask),
+            "mask-version": self.mask_version,
+            "fisher-sum": dict(self.fisher_sum),
+            "fisher-examples": self.fisher_examples,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.mask = {n: m.to(torch.bool) for n, m in state["mask"].items()}
         self.mask_version = int(state["mask-version"])
         self.node_mask_version = {}
+        self.fisher_sum = dict(state["fisher-sum"])
+        self.fisher_examples = float(state["fisher-examples"])

@@ -70,10 +70,14 @@ INVALID = [
     # sparse fine-tuning (clients/fisher.py and strategies/masks.py check with neutral words)
     Invalid("mask-strategy", "largest", "must be one of least_sensitive, most_sensitive", SPARSE),
     Invalid("mask-scope", "all", "must be one of backbone, backbone-no-embed, blocks", SPARSE),
-    Invalid("calibration-schedule", "linear", "must be one of exponential, one-shot", SPARSE),
+    Invalid(
+        "calibration-schedule", "linear", "must be one of exponential, one-shot, average", SPARSE
+    ),
     Invalid("calibration-rounds", 0, "must be an integer >= 1", SPARSE),
     Invalid("fisher-labels", "true", "must be one of sampled, empirical", SPARSE),
     Invalid("fisher-score", "loss", "must be one of log-likelihood, logit", SPARSE),
+    Invalid("calibration-damping", 0.0, "must be in (0, 1]", SPARSE),
+    Invalid("calibration-damping", 1.5, "must be in (0, 1]", SPARSE),
     Invalid("fisher-batch-size", 0, "must be an integer >= 1", SPARSE),
     Invalid("sparsity", 1.0, "must be in [0, 1)", SPARSE),
     Invalid("sparsity", -0.1, "must be in [0, 1)", SPARSE),
