@@ -87,6 +87,55 @@ def fisher_labels(
     return drawn.to(device)
 
 
+def _check_inputs(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    names: Sequence[str],
+    label_mode: str,
+    batch_size: int,
+    score: str,
+) -> dict[str, nn.Parameter]:
+    """The model's parameters by name, once every argument is known to be usable."""
+    _check_label_mode(label_mode)
+    _check_score(score)
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be >= 1")
+    if len(images) == 0 or len(images) != len(labels):
+        raise ValueError(
+            f"need as many labels as images (>= 1): got {len(images)} images, {len(labels)} labels"
+        )
+    params = dict(model.named_parameters())
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise ValueError(f"not parameters of the model: {', '.join(unknown)}")
+    return params
+
+
+def _example_score(model: nn.Module, fixed: dict[str, torch.Tensor], score: str):
+    """s(weights, x, y) of one example, the quantity whose gradient is squared.
+
+    ``"logit"`` follows the TaLoS reference code (github.com/iurada/talos-task-arithmetic,
+    ``vision/pruners.py`` at commit b99d422, ``TaLoS.score``, lines 189-212): eval mode
+    (191), the class drawn from ``Categorical(logits=z)`` (203-204), its logit picked with
+    ``gather`` (205), each example's single logit back-propagated on its own (207-209)
+    and the squared gradients added up (210-212). Differences here: the sum is divided
+    by N (a uniform scale that keeps the ranking, so an example-weighted mean of clients'
+    results is the mean over all their examples), one label is drawn per example (the
+    reference's ``R`` repeats, default 1), and ``label_mode="empirical"`` puts the data
+    label in place of the draw, which the reference does not offer.
+    """
+
+    def example_score(weights: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
+        logits = functional_call(model, fixed | weights, (x.unsqueeze(0),)).float()
+        if score == "logit":
+            return logits.gather(1, y.view(1, 1)).sum()
+        # minus the log-likelihood: the sign vanishes when the gradient is squared
+        return F.cross_entropy(logits, y.unsqueeze(0))
+
+    return example_score
+
+
 def diagonal_fisher(
     model: nn.Module,
     images: torch.Tensor,
@@ -101,57 +150,22 @@ def diagonal_fisher(
     """Mean over examples of a squared per-example gradient, per named parameter.
 
     With z = model(x) the logits of one example and y its label (``label_mode``, see
-    ``fisher_labels``), the entry for parameter theta_i is
-    (1/N) sum_n (d s(x_n, y_n) / d theta_i)^2 where s depends on ``score``:
-
-    - ``"log-likelihood"``: s = log softmax(z)_y, i.e. minus the cross-entropy of the
-      example; with sampled labels this is the diagonal of the true Fisher information.
-    - ``"logit"``: s = z_y, the raw (pre-softmax) logit of the label, with no softmax
-      normalisation. This is the sensitivity score of the TaLoS reference code
-      (github.com/iurada/talos-task-arithmetic, ``vision/pruners.py`` at commit
-      b99d422, ``TaLoS.score``, lines 189-212): the model is put in eval mode (191),
-      the class is drawn from ``Categorical(logits=z)`` (203-204), the logit of that
-      class is picked with ``gather`` (205), and for each example of the batch in turn
-      that single logit is back-propagated on its own (207-209) and the squared
-      parameter gradients are added up (210-212). Differences here: the sum is divided
-      by N (a uniform scale that leaves the ranking of entries unchanged, so that an
-      example-weighted mean of clients' results is the mean over all their examples),
-      one label is drawn per example (the reference's ``R`` repeats, default 1), and
-      ``label_mode="empirical"`` puts the data label in place of the draw, which the
-      reference code does not offer.
-
-    ``images`` are preprocessed model inputs (B, 3, S, S) and ``labels`` int64 (B,).
-    Only the parameters in ``names`` are differentiated; all others and the buffers
-    enter as constants. The model is scored in eval mode and put back in its previous
-    mode. Returns detached float32 tensors on the model's device, keyed like ``names``.
+    ``fisher_labels``), the entry for theta_i is (1/N) sum_n (d s(x_n, y_n) / d theta_i)^2
+    with s = log softmax(z)_y for ``score="log-likelihood"`` (with sampled labels, the
+    diagonal of the true Fisher) or s = z_y, the raw logit, for ``score="logit"`` (TaLoS's
+    vision score; see ``_example_score``). ``images`` are preprocessed inputs (B, 3, S, S),
+    ``labels`` int64 (B,). Only the parameters in ``names`` are differentiated; the rest
+    and the buffers are constants. Scored in eval mode, the model's mode restored.
+    Returns detached float32 tensors on the model's device, keyed like ``names``.
     """
-    _check_label_mode(label_mode)
-    _check_score(score)
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be >= 1")
-    if len(images) == 0 or len(images) != len(labels):
-        raise ValueError(
-            f"need as many labels as images (>= 1): got {len(images)} images, {len(labels)} labels"
-        )
-    params = dict(model.named_parameters())
-    unknown = [n for n in names if n not in params]
-    if unknown:
-        raise ValueError(f"not parameters of the model: {', '.join(unknown)}")
+    params = _check_inputs(model, images, labels, names, label_mode, batch_size, score)
     device = _device(model)
     with _eval_mode(model):
         targets = fisher_labels(model, images, labels, label_mode, batch_size, generator)
         wanted = {n: params[n].detach() for n in names}
         fixed = {n: p.detach() for n, p in params.items() if n not in wanted}
         fixed |= dict(model.named_buffers())
-
-        def example_score(weights: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
-            logits = functional_call(model, fixed | weights, (x.unsqueeze(0),)).float()
-            if score == "logit":
-                return logits.gather(1, y.view(1, 1)).sum()
-            # minus the log-likelihood: the sign vanishes when the gradient is squared
-            return F.cross_entropy(logits, y.unsqueeze(0))
-
-        per_example = vmap(grad(example_score), in_dims=(None, 0, 0))
+        per_example = vmap(grad(_example_score(model, fixed, score)), in_dims=(None, 0, 0))
         sums = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in wanted.items()}
         # The fused attention kernels have no vmap batching rule for their backward and
         # fall back to one example at a time (15x slower for ViT-S on CPU); the math
