@@ -62,6 +62,11 @@ def in_partition_order(replies: Iterable[Message]) -> list[Message]:
     return sorted(replies, key=lambda r: int(r.content[protocol.METRICS][protocol.PARTITION_ID]))
 
 
+def decoded(reply: Message) -> dict[str, torch.Tensor]:
+    """The tensors a training reply carries (all weights, or a sparse update's values)."""
+    return reply.content[protocol.ARRAYS].to_torch_state_dict()
+
+
 def example_weights(replies: Sequence[Message]) -> list[float]:
     """The FedAvg weight of each reply: the client's ``num-examples``."""
     return [float(r.content[protocol.METRICS][protocol.NUM_EXAMPLES]) for r in replies]
@@ -159,28 +164,38 @@ class OrderedFedAvg(Strategy):
         replies = in_partition_order(replies)
         if not replies:
             return None, None
+        mean, metrics = self.average(replies, [decoded(r) for r in replies])
+        return ArrayRecord(mean), metrics
+
+    def average(
+        self, replies: Sequence[Message], states: Sequence[Mapping[str, torch.Tensor]]
+    ) -> tuple[dict[str, torch.Tensor], MetricRecord]:
+        """The weighted mean of the decoded ``states`` and of the replies' losses."""
         weights = example_weights(replies)
-        states = [r.content[protocol.ARRAYS].to_torch_state_dict() for r in replies]
         losses = [float(r.content[protocol.METRICS][protocol.TRAIN_LOSS]) for r in replies]
         total = sum(weights)
         loss = sum(w * x for w, x in zip(weights, losses, strict=True)) / total
         metrics = MetricRecord({protocol.TRAIN_LOSS: loss, protocol.NUM_EXAMPLES: total})
-        return ArrayRecord(weighted_average(states, weights)), metrics
+        return weighted_average(states, weights), metrics
 
     def aggregate_round(
         self, base: ArrayRecord, replies: Sequence[Message], record: RoundRecord
     ) -> ArrayRecord:
-        """The next global weights from ``base`` (what was sent) and the usable replies."""
-        mean, metrics = self.aggregate_train(record.round, replies)
-        if mean is None or metrics is None:
+        """The next global weights from ``base`` (what was sent) and the usable replies.
+
+        Each reply is decoded once; the mean and the interference both read the result.
+        """
+        replies = in_partition_order(replies)
+        if not replies:
             raise ValueError(f"round {record.round}: no replies to aggregate")
+        states = [decoded(r) for r in replies]
+        mean, metrics = self.average(replies, states)
         record.add({key: float(value) for key, value in metrics.items()})
         record.add(client_compute_metrics([r.content[protocol.METRICS] for r in replies]))
         base_state = base.to_torch_state_dict() if self.needs_base() else {}
         if self.update_metrics:
-            ordered = in_partition_order(replies)
-            updates = [self.client_update(base_state, r) for r in ordered]
-            record.add(split_interference(updates, example_weights(ordered)))
+            updates = [self.client_update(base_state, state) for state in states]
+            record.add(split_interference(updates, example_weights(replies)))
         return self.merge(base_state, mean)
 
     def needs_base(self) -> bool:
@@ -188,15 +203,14 @@ class OrderedFedAvg(Strategy):
         return self.update_metrics
 
     def client_update(
-        self, base: Mapping[str, torch.Tensor], reply: Message
+        self, base: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """A client's update (its task vector of the round): its weights minus the sent ones."""
-        state = reply.content[protocol.ARRAYS].to_torch_state_dict()
         return {k: v - base[k] for k, v in state.items() if v.is_floating_point()}
 
-    def merge(self, base: Mapping[str, torch.Tensor], mean: ArrayRecord) -> ArrayRecord:
+    def merge(self, base: Mapping[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> ArrayRecord:
         """The new global weights: dense FedAvg takes the mean as it is."""
-        return mean
+        return ArrayRecord(mean)
 
     # ---- the plan ------------------------------------------------------------------------
     def enter_phase(self, position: RoundPosition, arrays: ArrayRecord) -> None:

@@ -172,11 +172,11 @@ class SparseFedAvg(OrderedFedAvg):
         return True  # the trained values are written into the sent weights
 
     def client_update(
-        self, base: Mapping[str, torch.Tensor], reply: Message
+        self, base: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """A client's update: its values minus the sent ones at the same (masked) entries."""
         out = {}
-        for name, values in reply.content[protocol.ARRAYS].to_torch_state_dict().items():
+        for name, values in state.items():
             if not values.is_floating_point():
                 continue
             sent = base[name]
@@ -184,10 +184,10 @@ class SparseFedAvg(OrderedFedAvg):
             out[name] = values - sent.to(values.dtype)
         return out
 
-    def merge(self, base: Mapping[str, torch.Tensor], mean: ArrayRecord) -> ArrayRecord:
+    def merge(self, base: Mapping[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> ArrayRecord:
         """The mean trained values written into the sent weights; the rest stays as sent."""
         state = dict(base)
-        for name, values in mean.to_torch_state_dict().items():
+        for name, values in mean.items():
             if name in self.mask:
                 state[name] = scatter_masked(state[name], self.mask[name], values)
             else:
