@@ -194,7 +194,7 @@ def _sparse_optimizer(
         if name in mask and bool(mask[name].any()):
             params.append(param)
             masks.append(mask[name].to(param.device))
-        elif name.startswith("head.") and train_head:
+        elif name.startswith(protocol.HEAD_PREFIX) and train_head:
             params.append(param)
             masks.append(None)
         else:
@@ -230,7 +230,7 @@ def _trained_values(
         return state
     sent = gather_masked(state, mask)
     if train_head:
-        sent |= {k: v for k, v in state.items() if k.startswith("head.")}
+        sent |= {k: v for k, v in state.items() if k.startswith(protocol.HEAD_PREFIX)}
     return sent
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+from strategies import protocol
+
 DINO_VITS16_URL = (
     "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth"
 )
@@ -130,14 +132,14 @@ def load_backbone(model: VisionTransformer, state: dict[str, torch.Tensor]) -> N
     timm's filter resamples position embeddings to the model's image size. Any backbone
     tensor missing from the checkpoint is an error, so a wrong file is never half-loaded.
     """
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    state = {k: v for k, v in state.items() if not k.startswith(protocol.HEAD_PREFIX)}
     try:
         filtered = checkpoint_filter_fn(state, model)
         missing, unexpected = model.load_state_dict(filtered, strict=False)
     except (RuntimeError, KeyError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0]
         raise WeightsNotFoundError(f"checkpoint does not match the model: {reason}") from exc
-    missing_backbone = [k for k in missing if not k.startswith("head.")]
+    missing_backbone = [k for k in missing if not k.startswith(protocol.HEAD_PREFIX)]
     if missing_backbone or unexpected:
         raise WeightsNotFoundError(
             "checkpoint does not match the model: missing "

@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from strategies import protocol
+
 UPDATE_METRICS = ("update-cosine", "update-norm-ratio", "update-norm")
 HEAD_UPDATE_METRICS = tuple(f"head-{m}" for m in UPDATE_METRICS)
 
@@ -70,7 +72,7 @@ def interference_metrics(
 def split_interference(
     updates: Sequence[Mapping[str, torch.Tensor]],
     weights: Sequence[float],
-    head_prefix: str = "head.",
+    head_prefix: str = protocol.HEAD_PREFIX,
 ) -> dict[str, float]:
     """The metrics of the backbone part of the updates, and of the head part apart.
 

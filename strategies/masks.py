@@ -15,6 +15,8 @@ from collections.abc import Mapping
 
 import torch
 
+from strategies import protocol
+
 MASK_STRATEGIES = (
     "least_sensitive",
     "most_sensitive",
@@ -46,7 +48,7 @@ def needs_fisher(strategy: str) -> bool:
 
 
 def eligible_names(
-    named_shapes: Mapping[str, tuple[int, ...]], scope: str, head_prefix: str = "head."
+    named_shapes: Mapping[str, tuple[int, ...]], scope: str, head_prefix: str = protocol.HEAD_PREFIX
 ) -> list[str]:
     """Parameters the mask covers, in the given order; the classifier head is never among them.
 

@@ -12,6 +12,9 @@ from flwr.app import MessageType
 TRAIN = MessageType.TRAIN
 QUERY_PARTITION = f"{MessageType.QUERY}.partition"  # which shard does a node hold?
 
+# The classifier head's tensors (timm names): sent dense, never masked, reported apart
+HEAD_PREFIX = "head."
+
 # Record keys in a message's RecordDict
 ARRAYS = "arrays"  # ArrayRecord: model weights (or the trainable part of them)
 CONFIG = "config"  # ConfigRecord: per-round settings sent down
