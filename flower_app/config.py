@@ -50,6 +50,7 @@ class RunConfig:
     model: str = "vit_small_patch16_224.dino"
     weights: str = "pretrained"
     pretrained_path: str = ""
+    pretrained_head: bool = False  # also load head.weight/head.bias from pretrained-path
     image_size: int = 224
     num_clients: int = 100
     fraction_train: float = 0.1
@@ -93,13 +94,13 @@ class RunConfig:
     calibration_fraction: float = 1.0
     fisher_samples: int = 128
     fisher_labels: str = "sampled"
-    fisher_score: str = "log-likelihood"
+    fisher_score: str = "logit"
     fisher_batch_size: int = 32
-    head: str = "train"
-    head_warmup_rounds: int = 0
+    head: str = "frozen"
+    head_warmup_rounds: int = 20
     # centralized baseline (flower_app/centralized.py); the federated app ignores them
-    epochs: int = 10
-    warmup_epochs: int = 1
+    epochs: int = 50
+    warmup_epochs: int = 0
 
     # ---- construction ---------------------------------------------------------------
     @classmethod
@@ -230,6 +231,26 @@ class RunConfig:
                 "calibration-damping",
                 self.calibration_damping,
                 "must be in (0, 1] (1.0 re-scores the undamped network)",
+            )
+        self._validate_head()
+
+    def _validate_head(self) -> None:
+        """A frozen head must be a trained one: warmed up here, or loaded with the weights."""
+        if self.pretrained_head and not (self.weights == "pretrained" and self.pretrained_path):
+            raise _err(
+                "pretrained-head",
+                True,
+                "needs weights=pretrained and pretrained-path to a file with a trained head "
+                "(e.g. a run's final_model.safetensors)",
+            )
+        frozen_random = self.head == "frozen" and self.head_warmup_rounds == 0
+        if self.strategy == "sparse-fedavg" and frozen_random and not self.pretrained_head:
+            raise _err(
+                "head-warmup-rounds",
+                0,
+                "with head=frozen the classifier would stay random for the whole run: set "
+                "head-warmup-rounds >= 1, head=train, or pretrained-head=true with a "
+                "pretrained-path that holds a trained head",
             )
 
     def _validate_training(self) -> None:

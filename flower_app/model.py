@@ -59,9 +59,20 @@ def build_model(name: str, num_classes: int, image_size: int) -> VisionTransform
 
 
 def create_initial_model(
-    name: str, num_classes: int, image_size: int, weights: str, pretrained_path: str, seed: int
+    name: str,
+    num_classes: int,
+    image_size: int,
+    weights: str,
+    pretrained_path: str,
+    seed: int,
+    pretrained_head: bool = False,
 ) -> VisionTransformer:
-    """The global model at round 0: seeded head, backbone pretrained unless asked for random."""
+    """The global model at round 0: seeded head, backbone pretrained unless asked for random.
+
+    With ``pretrained_head`` the head comes from ``pretrained_path`` too (a file this app
+    wrote, such as a run's ``final_model.safetensors``), so a sparse run can keep a
+    trained head frozen without warm-up rounds.
+    """
     torch.manual_seed(seed)
     model = build_model(name, num_classes, image_size)
     if weights == "pretrained":
@@ -70,9 +81,28 @@ def create_initial_model(
         else:
             state = _download_hub_weights(name)
         load_backbone(model, state)
+        if pretrained_head:
+            load_head(model, state, pretrained_path)
     elif weights != "random":
         raise ValueError(f"weights={weights!r}: must be 'pretrained' or 'random'")
     return model
+
+
+def load_head(model: VisionTransformer, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy the classifier head from a checkpoint; a missing or mis-shaped head is an error."""
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(protocol.HEAD_PREFIX)}
+    for key, tensor in own.items():
+        if key not in state:
+            raise WeightsNotFoundError(
+                f"pretrained-path {source}: no {key} (pretrained-head=true needs a file with a "
+                "trained head, e.g. a run's final_model.safetensors)"
+            )
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise WeightsNotFoundError(
+                f"pretrained-path {source}: {key} has shape {tuple(state[key].shape)}, "
+                f"the model's head needs {tuple(tensor.shape)}"
+            )
+    model.load_state_dict({k: state[k] for k in own}, strict=False)
 
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:

@@ -44,7 +44,13 @@ def run_splits(cfg: RunConfig) -> DatasetSplits:
 def initial_model(cfg: RunConfig) -> nn.Module:
     """The round-0 model of the run-config (federated and centralized start from it)."""
     return create_initial_model(
-        cfg.model, cfg.num_classes, cfg.image_size, cfg.weights, cfg.pretrained_path, cfg.seed
+        cfg.model,
+        cfg.num_classes,
+        cfg.image_size,
+        cfg.weights,
+        cfg.pretrained_path,
+        cfg.seed,
+        cfg.pretrained_head,
     )
 
 

@@ -28,7 +28,7 @@ QUICK_FEDERATED = {
     "local-steps": BASE_LOCAL_STEPS,
     "num-server-rounds": 12,
 }
-QUICK_SPARSE = {"calibration-rounds": 2, "fisher-samples": 32}
+QUICK_SPARSE = {"calibration-rounds": 2, "fisher-samples": 32, "head-warmup-rounds": 8}
 
 
 @dataclass(frozen=True)

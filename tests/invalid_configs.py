@@ -82,4 +82,12 @@ INVALID = [
     Invalid("sparsity", 1.0, "must be in [0, 1)", SPARSE),
     Invalid("sparsity", -0.1, "must be in [0, 1)", SPARSE),
     Invalid("head", "linear", "must be one of train, frozen", SPARSE),
+    Invalid("head-warmup-rounds", -1, "must be an integer >= 0", SPARSE),
+    Invalid(
+        "head-warmup-rounds",
+        0,
+        "with head=frozen the classifier would stay random for the whole run",
+        SPARSE | {"head": "frozen"},
+    ),
+    Invalid("pretrained-head", True, "needs weights=pretrained and pretrained-path"),
 ]

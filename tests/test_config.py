@@ -41,6 +41,60 @@ def test_canonical_defaults():
     assert cfg.strategy == "fedavg" and cfg.sharding == "iid"
 
 
+PAPER_PRESETS = sorted(
+    p.name
+    for pattern in ("centralized.toml", "fedavg_*.toml", "sparse_*.toml")
+    for p in (ROOT / "configs").glob(pattern)
+)
+SOURCES = ("seed study", "TaLoS", "this project")
+
+
+def _load(preset: str) -> dict:
+    with open(ROOT / "configs" / preset, "rb") as f:
+        return tomllib.load(f)
+
+
+@pytest.mark.parametrize("preset", PAPER_PRESETS)
+def test_every_paper_preset_value_names_its_source(preset):
+    lines = (ROOT / "configs" / preset).read_text().splitlines()
+    settings = [line for line in lines if "=" in line.split("#")[0]]
+    unsourced = [
+        line
+        for line in settings
+        if not line.startswith(("run-name", "eval-batch-size"))
+        and not any(source in line.partition("#")[2] for source in SOURCES)
+    ]
+    assert len(settings) >= 2 and not unsourced, unsourced
+
+
+def test_presets_take_the_seed_studys_values():
+    centralized = _load("centralized.toml")
+    assert (centralized["epochs"], centralized["lr"], centralized["lr-schedule"]) == (
+        50,
+        0.001,
+        "cosine",
+    )
+    cfg = RunConfig.from_run_config(_pyproject_config() | _load("sparse_least_sensitive.toml"))
+    assert (cfg.num_clients, cfg.fraction_train, cfg.local_steps) == (100, 0.1, 4)
+    assert (cfg.sparsity, cfg.mask_strategy, cfg.head, cfg.fisher_score) == (
+        0.9,
+        "least_sensitive",
+        "frozen",
+        "logit",
+    )
+    assert cfg.calibration_rounds == 4 and cfg.calibration_damping == 0.1
+
+
+def test_quick_sparse_is_the_quick_preset_plus_the_sparse_mechanics():
+    quick, quick_sparse = _load("quick.toml"), _load("quick_sparse.toml")
+    assert {k: quick_sparse[k] for k in quick} == quick
+    paper = _load("sparse_least_sensitive.toml")
+    sizes = {"fisher-samples", "head-warmup-rounds", "run-name"}  # smaller for a CPU
+    assert {k: v for k, v in quick_sparse.items() if k in paper and k not in sizes} == {
+        k: v for k, v in paper.items() if k not in sizes
+    }
+
+
 @pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.toml")))
 def test_presets_parse(preset):
     with open(ROOT / "configs" / preset, "rb") as f:
@@ -80,10 +134,10 @@ def test_config_is_frozen():
 
 @pytest.mark.parametrize("score", [None, "log-likelihood", "logit"])
 def test_fisher_score_reaches_the_fisher_query(score):
-    """fisher-score defaults to the log-likelihood and travels in the Fisher query config."""
+    """fisher-score defaults to TaLoS's logit score and travels in the Fisher query config."""
     overrides = {"strategy": "sparse-fedavg"} | ({"fisher-score": score} if score else {})
     cfg = RunConfig.from_run_config(quick_run_config(**overrides))
-    assert cfg.fisher_score == (score or "log-likelihood")
+    assert cfg.fisher_score == (score or "logit")
     model = create_initial_model(cfg.model, cfg.num_classes, cfg.image_size, "random", "", 0)
     nodes = {pid: 1000 + pid for pid in range(cfg.num_clients)}
     strategy = build_strategy(cfg, model, nodes, plan_for(cfg))

@@ -49,6 +49,28 @@ def test_local_checkpoint_loads_backbone_and_keeps_new_head(tmp_path, layout):
     assert torch.equal(loaded["head.weight"], random_init.state_dict()["head.weight"])
 
 
+def test_pretrained_head_loads_the_files_head(tmp_path):
+    torch.manual_seed(5)
+    trained = build_model("vit_tiny_test", num_classes=100, image_size=32).state_dict()
+    path = tmp_path / "final_model.safetensors"
+    save_file({k: v.contiguous() for k, v in trained.items()}, str(path))
+    model = create_initial_model("vit_tiny_test", 100, 32, "pretrained", str(path), 0, True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, trained[key]), key  # backbone and head from the file
+
+
+def test_pretrained_head_missing_or_mis_shaped_is_refused(tmp_path):
+    backbone_only = tmp_path / "dino.pth"
+    torch.save(_backbone_state(seed=1), backbone_only)
+    with pytest.raises(WeightsNotFoundError, match=r"no head\.weight \(pretrained-head=true"):
+        create_initial_model("vit_tiny_test", 100, 32, "pretrained", str(backbone_only), 0, True)
+    ten_classes = tmp_path / "ten.pth"
+    ten_class_model = build_model("vit_tiny_test", num_classes=10, image_size=32)
+    torch.save(ten_class_model.state_dict(), ten_classes)
+    with pytest.raises(WeightsNotFoundError, match=r"head\.weight has shape \(10, 64\)"):
+        create_initial_model("vit_tiny_test", 100, 32, "pretrained", str(ten_classes), 0, True)
+
+
 def test_position_embeddings_are_resampled_to_the_image_size(tmp_path):
     path = tmp_path / "dino.pth"
     torch.save(_backbone_state(seed=2), path)  # 32 px: 8x8 patches

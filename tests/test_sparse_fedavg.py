@@ -8,11 +8,12 @@ import pandas as pd
 import pytest
 import torch
 from flwr.app import Context, RecordDict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from flower_app import client_app, server_app
 from flower_app.config import RunConfig
-from flower_app.model import create_initial_model
+from flower_app.model import build_model, create_initial_model
+from strategies import protocol
 from strategies.masks import MASK_STRATEGIES
 from tests.conftest import InProcessGrid, quick_run_config
 
@@ -25,6 +26,8 @@ SMALL = {
     "local_steps": 2,
     "calibration_rounds": 2,
     "fisher_samples": 16,
+    "head": "train",
+    "head_warmup_rounds": 0,
 }
 
 
@@ -112,3 +115,59 @@ def test_mask_sent_once_per_version_and_frozen_head_stays(tmp_path):
         seen[m.metadata.dst_node_id].add(version)
     metrics = pd.read_csv(run / "metrics.csv")
     assert metrics["mask-density"].dropna().tolist()[0] == 0.0  # warm-up: head only
+
+
+def _weights_sent_in(grid, server_round: int) -> dict[str, torch.Tensor]:
+    """The global weights the server sent in ``server_round`` (every message has them all)."""
+    for m in grid.sent:
+        config = m.content.get(protocol.CONFIG)
+        if config is not None and int(config[protocol.SERVER_ROUND]) == server_round:
+            return m.content[protocol.ARRAYS].to_torch_state_dict()
+    raise AssertionError(f"nothing sent in round {server_round}")
+
+
+def test_head_warmup_moves_only_the_head_and_the_frozen_head_stays(tmp_path):
+    # rounds: 1-2 head warm-up, 3-4 calibration, 5-6 training
+    config, grid = _run(
+        tmp_path, "protocol", strategy="sparse-fedavg", head="frozen", head_warmup_rounds=2
+    )
+    initial = _initial(config)
+    after_warmup = _weights_sent_in(grid, 3)
+    for name, value in initial.items():
+        if name.startswith(protocol.HEAD_PREFIX):
+            assert not torch.equal(after_warmup[name], value), name  # the head trained
+        else:
+            assert torch.equal(after_warmup[name], value), name  # backbone bit-unchanged
+    first_training = _weights_sent_in(grid, 5)
+    for name, value in after_warmup.items():
+        assert torch.equal(first_training[name], value), name  # calibration moves nothing
+    final = load_file(tmp_path / "protocol" / "final_model.safetensors")
+    for name in ("head.weight", "head.bias"):
+        assert torch.equal(final[name], after_warmup[name]), name  # frozen, bit-unchanged
+    assert not torch.equal(final["blocks.0.attn.qkv.weight"], initial["blocks.0.attn.qkv.weight"])
+    phases = pd.read_csv(tmp_path / "protocol" / "metrics.csv")["phase"].tolist()
+    assert phases == ["initial", "head-warmup", "head-warmup", "train", "train"]
+
+
+def test_frozen_head_from_the_weights_file_needs_no_warmup(tmp_path):
+    torch.manual_seed(7)
+    trained = build_model("vit_tiny_test", num_classes=100, image_size=32).state_dict()
+    path = tmp_path / "final_model.safetensors"
+    save_file({k: v.contiguous() for k, v in trained.items()}, str(path))
+    _, grid = _run(
+        tmp_path,
+        "carried-head",
+        strategy="sparse-fedavg",
+        mask_strategy="lowest_magnitude",
+        weights="pretrained",
+        pretrained_path=str(path),
+        pretrained_head=True,
+        head="frozen",
+        head_warmup_rounds=0,
+    )
+    assert torch.equal(_weights_sent_in(grid, 1)["head.weight"], trained["head.weight"])
+    final = load_file(tmp_path / "carried-head" / "final_model.safetensors")
+    assert torch.equal(final["head.weight"], trained["head.weight"])
+    assert torch.equal(final["head.bias"], trained["head.bias"])
+    phases = pd.read_csv(tmp_path / "carried-head" / "metrics.csv")["phase"].tolist()
+    assert phases == ["initial", "train", "train"]
