@@ -34,6 +34,7 @@ from flower_app.config import ConfigError, RunConfig, load_preset, parse_overrid
 from flower_app.data_sources import ImageSplit
 from flower_app.hooks import BestModel, MetricsTable
 from flower_app.preprocessing import batch_preprocessor
+from flower_app.prerequisites import check_prerequisites
 from flower_app.results import RunDirectory, finish_run
 from flower_app.runtime import (
     ModelEvaluator,
@@ -222,6 +223,8 @@ def train_centralized(
         best_round=best.round if found else None,
         test=trainer.test_state,
         wall_time_s=time.perf_counter() - t_start,
+        model=cfg.model,
+        num_classes=cfg.num_classes,
         extra_summary={"mode": MODE},
     )
     log(
@@ -255,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         config |= parse_overrides(args.overrides)
         cfg = RunConfig.from_run_config(config)
         check_centralized(cfg)
+        check_prerequisites(cfg)  # output folder, data, weights: every missing piece at once
         output_dir = writable_output_dir(cfg.output_dir)
         run_name = default_run_name(cfg, time.strftime("%Y%m%d-%H%M%S"))
         if (output_dir / run_name).exists():

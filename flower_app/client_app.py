@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -114,20 +116,51 @@ def get_runtime(cfg: RunConfig, partition_id: int, node_data_dir: str = "") -> C
 
 
 def node_runtime(context: Context) -> tuple[RunConfig, int, ClientRuntime]:
-    """The run-config, this node's partition id and its cached runtime."""
-    cfg = RunConfig.from_run_config(dict(context.run_config))
-    pid = _partition_id(context, cfg)
+    """The run-config, this node's partition id and its cached runtime.
+
+    The node checks the schema and its own data only: the coordinator's files
+    (``pretrained-path``, its evaluation data) need not exist here.
+    """
+    cfg = RunConfig.from_run_config(dict(context.run_config), check_files=False)
+    pid = node_partition_id(context.node_config, cfg.num_clients)
     data_dir = str(context.node_config.get("data-dir", ""))
     return cfg, pid, get_runtime(cfg, pid, data_dir)
 
 
-def _partition_id(context: Context, cfg: RunConfig) -> int:
-    """The node's shard; in simulation Flower numbers nodes 0..num-supernodes-1."""
-    pid = int(context.node_config["partition-id"])
-    if not 0 <= pid < cfg.num_clients:
-        raise ValueError(
-            f"node-config partition-id={pid} is outside 0..{cfg.num_clients - 1} "
-            f"(run-config num-clients={cfg.num_clients})"
+class NodeConfigError(ValueError):
+    """A SuperNode's node-config does not fit the run; the message is one line."""
+
+
+NODE_CONFIG_HELP = (
+    'every SuperNode needs --node-config "partition-id=<i>" (i in 0..K-1, its identity in '
+    "the run) and, to train on its own data, data-dir=<folder with node-data.npz>"
+)
+
+
+def node_partition_id(node_config: Mapping[str, Any], num_clients: int) -> int:
+    """The node's partition id (simulation numbers nodes 0..num-supernodes-1).
+
+    One rule for every node: ``partition-id`` is required; with ``data-dir`` the node
+    trains on that private data, without it on shard ``partition-id`` of the run-config's
+    data set. ``num-partitions``, when given, must equal ``num-clients``.
+    """
+    raw = node_config.get("partition-id")
+    if raw is None:
+        raise NodeConfigError(f"node-config has no partition-id: {NODE_CONFIG_HELP}")
+    try:
+        pid = int(raw)
+    except (TypeError, ValueError):
+        raise NodeConfigError(f"node-config partition-id={raw!r} is not an integer") from None
+    if not 0 <= pid < num_clients:
+        raise NodeConfigError(
+            f"node-config partition-id={pid} is outside 0..{num_clients - 1} "
+            f"(run-config num-clients={num_clients})"
+        )
+    parts = node_config.get("num-partitions")
+    if parts is not None and int(parts) != num_clients:
+        raise NodeConfigError(
+            f"node-config num-partitions={parts} differs from run-config "
+            f"num-clients={num_clients}: start the SuperNode with num-partitions={num_clients}"
         )
     return pid
 

@@ -8,6 +8,7 @@ same run-config, so a bad value stops the run before any data, model or Ray work
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -109,19 +110,22 @@ class RunConfig:
         return [f.name.replace("_", "-") for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_run_config(cls, run_config: dict[str, Any]) -> RunConfig:
-        """Parse and validate; raises ``ConfigError`` naming the key, value and what is allowed."""
+    def from_run_config(cls, run_config: dict[str, Any], check_files: bool = True) -> RunConfig:
+        """Parse and validate; raises ``ConfigError`` naming the key, value and what is allowed.
+
+        ``check_files=False`` skips the checks of the coordinator's files (``data-dir``,
+        ``pretrained-path``): a SuperNode uses neither, so in a deployment where they
+        exist on the coordinator only, the nodes must not refuse the run for them.
+        """
         known = {f.name: f for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
         for key, raw in run_config.items():
             name = key.replace("-", "_")
             if name not in known or "_" in key:
-                raise ConfigError(
-                    f"run-config key '{key}' is unknown; known keys: {', '.join(cls.keys())}"
-                )
+                raise ConfigError(unknown_key_message(key))
             values[name] = _coerce(key, raw, known[name].default)
         cfg = cls(**values)
-        cfg.validate()
+        cfg.validate(check_files)
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,11 +180,12 @@ class RunConfig:
         return f"{self.strategy}_{shards}_J{self.local_steps}_seed{self.seed}_{timestamp}"
 
     # ---- validation -----------------------------------------------------------------
-    def validate(self) -> None:
+    def validate(self, check_files: bool = True) -> None:
         """Check every value; cheap (no data, model or network).
 
         Every key that ``clients/`` and ``strategies/`` also check is checked here, so a
-        user sees this one-line run-config error before any work starts.
+        user sees this one-line run-config error before any work starts. The files the
+        coordinator reads are checked only with ``check_files``.
         """
         self._validate_choices()
         self._validate_sparse()
@@ -194,7 +199,8 @@ class RunConfig:
             )
         self._validate_model()
         self._validate_partition()
-        self._validate_paths()
+        if check_files:
+            self._validate_paths()
 
     def _validate_choices(self) -> None:
         _choice("dataset", self.dataset, tuple(NUM_CLASSES_BY_DATASET))
@@ -349,6 +355,26 @@ class RunConfig:
             path = Path(os.path.expanduser(self.pretrained_path))
             if not path.is_file():
                 raise _err("pretrained-path", self.pretrained_path, "must be an existing file")
+
+
+def unknown_key_message(key: str) -> str:
+    """One line naming an unknown key and the closest known ones (typos are the usual cause)."""
+    close = difflib.get_close_matches(key.replace("_", "-"), RunConfig.keys(), n=3)
+    hint = " or ".join(f"'{k}'" for k in close)
+    tail = f"did you mean {hint}?" if close else "the keys are listed in flower_app/config.py"
+    return f"run-config key '{key}' is unknown; {tail}"
+
+
+def overrides_text(run_config: dict[str, Any]) -> str:
+    """The keys that differ from the defaults as ``flwr run --run-config`` pairs (strings
+    single-quoted, as Flower's TOML parsing of the pairs wants them); "" if none."""
+    defaults = RunConfig().to_dict()
+    pairs = []
+    for key, value in run_config.items():
+        if key in defaults and value != defaults[key]:
+            text = f"'{value}'" if isinstance(value, str) else json.dumps(value)
+            pairs.append(f"{key}={text}")
+    return " ".join(pairs)
 
 
 def _coerce(key: str, raw: Any, default: Any) -> Any:

@@ -83,14 +83,20 @@ def _folder_complete(data_dir: Path) -> bool:
     return (folder / "train").is_file() and (folder / "test").is_file()
 
 
-def _not_found(data_dir: Path, detail: str = "") -> DataNotFoundError:
-    """One line that names the absolute folder, both accepted layouts and both remedies."""
+def _not_found(data_dir: Path, detail: str = "", downloading: bool = False) -> DataNotFoundError:
+    """One line that names the absolute folder, both accepted layouts and the remedies that
+    apply (after a failed download, download=true is already set)."""
     where = data_dir.expanduser().absolute()
     extra = f" ({' '.join(detail.split())})" if detail else ""
+    other = (
+        "or run where that URL is reachable"
+        if downloading
+        else "or set download=true on a machine with network"
+    )
     return DataNotFoundError(
         f"CIFAR-100 not found in {where}{extra}: put the folder {where / CIFAR100_FOLDER} "
         f"(with the files train and test) or the tarball {where / CIFAR100_TARBALL} "
-        f"(from {CIFAR100_URL}) there, or set download=true on a machine with network"
+        f"(from {CIFAR100_URL}) there, {other}"
     )
 
 
@@ -159,7 +165,7 @@ def _download_cifar100(data_dir: Path) -> tuple[ImageSplit, ImageSplit]:
         test = CIFAR100(root=str(data_dir), train=False, download=False)
     except Exception as exc:
         reason = str(exc) or type(exc).__name__
-        raise _not_found(data_dir, f"download=true failed: {reason}") from exc
+        raise _not_found(data_dir, f"download=true failed: {reason}", downloading=True) from exc
     finally:
         socket.setdefaulttimeout(previous)
     return _from_torchvision(train), _from_torchvision(test)

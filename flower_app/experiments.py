@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from flower_app.config import ConfigError, RunConfig, parse_overrides, write_run
 from flower_app.local_superlink import LocalSuperLink
 from flower_app.reports import MANIFEST, MANIFEST_COLUMNS, read_summary, write_report
 from flower_app.results import atomic_write_bytes
+from flower_app.server_app import plan_for
 from flower_app.studies import ALL, STUDIES, Setting, base_config, expand, study_settings
 
 DEFAULT_RUN_TIMEOUT_S = 24 * 3600.0
@@ -173,6 +175,29 @@ def prepare(run: PlannedRun) -> str:
     return "fresh"
 
 
+class RunProgress:
+    """Prints a running run's latest round from its ``metrics.csv`` (written every round),
+    so a sweep shows where a run is, not only when it ends."""
+
+    def __init__(self, run: PlannedRun, write: Callable[[str], None] = print) -> None:
+        self.path = run.run_dir / "metrics.csv"
+        self.total = plan_for(RunConfig.from_run_config(run.config)).total_rounds
+        self.write = write
+        self.last: int | None = None
+
+    def __call__(self) -> None:
+        try:
+            row = pd.read_csv(self.path).iloc[-1]
+        except (OSError, pd.errors.EmptyDataError, IndexError):
+            return  # not written yet
+        if int(row["round"]) == self.last:
+            return
+        self.last = int(row["round"])
+        accuracy = row.get("val-accuracy")
+        shown = f" | val-accuracy {accuracy:.4f}" if pd.notna(accuracy) else ""
+        self.write(f"    round {self.last}/{self.total} ({row['phase']}){shown}")
+
+
 class SweepRunner:
     """Runs planned runs one after another; starts the SuperLink on first need."""
 
@@ -207,7 +232,10 @@ class SweepRunner:
         if self.link is None:
             self.link = LocalSuperLink.start(self.output_dir / ".flwr-home")
         federation = f"num-supernodes={run.num_clients} {self.federation}".strip()
-        outcome = self.link.run_to_end(self.app_dir, toml, federation, timeout=self.timeout)
+        progress = RunProgress(run, lambda line: print(line, flush=True))
+        outcome = self.link.run_to_end(
+            self.app_dir, toml, federation, timeout=self.timeout, on_poll=progress
+        )
         log = self.log_path(run)
         log.write_text(outcome.log)
         name = f"flwr run {outcome.run_id}"

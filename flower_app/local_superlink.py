@@ -248,6 +248,7 @@ class LocalSuperLink:
         connection: str = "",
         timeout: float,
         on_submitted: Callable[[int], None] | None = None,
+        on_poll: Callable[[], None] | None = None,
     ) -> RunOutcome:
         """Submit a run, wait until it is ``finished:*``, and return its status and log.
 
@@ -255,7 +256,8 @@ class LocalSuperLink:
         --federation-config ...``); with one (see ``add_connection``) it goes to that
         connection (``flwr run APP CONNECTION``), and ``flwr ls/stop/log`` name it too.
         ``on_submitted(run_id)``, if given, is called once the run is submitted (to act
-        on it while it runs); ``timeout`` counts the seconds after it returns.
+        on it while it runs); ``timeout`` counts the seconds after it returns;
+        ``on_poll()``, if given, is called at every status poll (to show progress).
 
         A run not finished within ``timeout`` does not raise: it is stopped with ``flwr
         stop`` and its outcome has status ``TIMED_OUT`` ("timeout"), so the caller still
@@ -268,7 +270,7 @@ class LocalSuperLink:
         if on_submitted is not None:
             on_submitted(run_id)
         try:
-            status = self.wait_for_run(run_id, app_dir, timeout, connection)["status"]
+            status = self.wait_for_run(run_id, app_dir, timeout, connection, on_poll)["status"]
         except TimeoutError:
             self.stop_run(run_id, app_dir, connection)
             status = TIMED_OUT
@@ -276,7 +278,12 @@ class LocalSuperLink:
         return RunOutcome(run_id, status, self.run_log(run_id, app_dir, connection), seconds)
 
     def wait_for_run(
-        self, run_id: int, app_dir: Path, timeout: float, connection: str = ""
+        self,
+        run_id: int,
+        app_dir: Path,
+        timeout: float,
+        connection: str = "",
+        on_poll: Callable[[], None] | None = None,
     ) -> dict:
         """The run's entry in ``flwr ls`` once its status is ``finished:*``.
 
@@ -289,6 +296,8 @@ class LocalSuperLink:
             for run in self.runs(app_dir, connection):
                 if int(run["run-id"]) == run_id and run["status"].startswith("finished"):
                     return run
+            if on_poll is not None:
+                on_poll()
             time.sleep(interval)
             interval = min(5.0, interval * 1.5)
         raise TimeoutError(f"run {run_id} did not finish within {timeout} s")

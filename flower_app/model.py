@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+from flower_app.network import reachable
 from strategies import protocol
 
+HF_ENDPOINT = "https://huggingface.co"
 DINO_VITS16_URL = (
     "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth"
 )
@@ -139,9 +141,45 @@ def _unwrap(state: object, path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def hub_endpoint() -> str:
+    """The Hugging Face endpoint timm downloads from (``HF_ENDPOINT`` overrides it)."""
+    return os.environ.get("HF_ENDPOINT", HF_ENDPOINT)
+
+
+def hub_weights_cached(name: str) -> bool:
+    """Whether timm's weights for ``name`` are in the local Hugging Face cache already."""
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    repo = get_pretrained_cfg(MODEL_SPECS[name].hub_id).hf_hub_id
+    files = ("model.safetensors", "pytorch_model.bin")
+    return any(isinstance(try_to_load_from_cache(repo, f), str) for f in files)
+
+
+def hub_offline() -> bool:
+    """The hub cannot be used: told so (``HF_HUB_OFFLINE``) or not reachable."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return True
+    return not reachable(hub_endpoint())
+
+
+def offline_weights_message() -> str:
+    """What to do when the hub weights cannot be fetched (one line)."""
+    return (
+        f"offline, download {DINO_VITS16_URL} elsewhere and set pretrained-path to the "
+        "file, or set weights=random to train from scratch"
+    )
+
+
 def _download_hub_weights(name: str) -> dict[str, torch.Tensor]:
-    """Fetch timm's weights from the Hugging Face hub; offline this is a clear error."""
+    """Fetch timm's weights from the Hugging Face hub; offline this is a clear, quick error
+    (one connection attempt instead of the hub client's minute of retries)."""
     spec = MODEL_SPECS[name]
+    if not hub_weights_cached(name) and hub_offline():
+        raise WeightsNotFoundError(
+            f"{spec.hub_id} is not in the Hugging Face cache and {hub_endpoint()} is "
+            f"unreachable; {offline_weights_message()}"
+        )
     try:
         import timm
 
@@ -150,8 +188,7 @@ def _download_hub_weights(name: str) -> dict[str, torch.Tensor]:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise WeightsNotFoundError(
             f"could not download {spec.hub_id} from the Hugging Face hub ({reason}); "
-            f"offline, download {DINO_VITS16_URL} elsewhere and set pretrained-path to the "
-            "file, or set weights=random to train from scratch"
+            f"{offline_weights_message()}"
         ) from exc
     return hub_model.state_dict()
 

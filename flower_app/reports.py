@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pandas as pd
 
 from flower_app.results import atomic_write_bytes, save_figure
+from flower_app.studies import STUDIES
 
 MANIFEST = "sweep.csv"
 MANIFEST_COLUMNS = ["study", "setting", "seed", "run-name", "status", "seconds", "detail"]
@@ -216,23 +218,61 @@ def plot_interference(metrics: pd.DataFrame, path: Path, title: str, x: str = "r
     return save_figure(fig, path)
 
 
-def write_report(study_dir: Path, study: str) -> dict[str, Path]:
-    """table.csv, table.md and the study's plots, from what the study folder holds now."""
+def write_report(study_dir: Path, study: str, out_dir: Path | None = None) -> dict[str, Path]:
+    """table.csv, table.md and the study's plots, from what the study folder holds now.
+
+    They go to the study folder (the sweep runner's record) unless ``out_dir`` is given:
+    a reader such as the notebook passes its own folder, so reading never rewrites results.
+    """
+    out_dir = study_dir if out_dir is None else out_dir
     runs = load_runs(study_dir)
     table = summary_table(runs)
-    out = {"table.csv": study_dir / "table.csv", "table.md": study_dir / "table.md"}
+    out = {"table.csv": out_dir / "table.csv", "table.md": out_dir / "table.md"}
     atomic_write_bytes(out["table.csv"], table.to_csv(index=False).encode())
     atomic_write_bytes(out["table.md"], markdown_table(table).encode())
     metrics = load_metrics(study_dir, runs)
     if metrics.empty:
         return out
     x = "client-steps" if study == "local-steps" else "round"
-    out["accuracy.png"] = plot_accuracy(metrics, study_dir / "accuracy.png", study, x)
-    out["final_accuracy.png"] = plot_final_accuracy(table, study_dir / "final_accuracy.png", study)
+    out["accuracy.png"] = plot_accuracy(metrics, out_dir / "accuracy.png", study, x)
+    out["final_accuracy.png"] = plot_final_accuracy(table, out_dir / "final_accuracy.png", study)
     if (metrics["strategy"] == "sparse-fedavg").any():
-        path = study_dir / "accuracy_vs_bytes.png"
+        path = out_dir / "accuracy_vs_bytes.png"
         out["accuracy_vs_bytes.png"] = plot_accuracy_vs_bytes(metrics, path, study)
     if "update-cosine" in metrics and metrics["update-cosine"].notna().any():
-        path = study_dir / "interference.png"
+        path = out_dir / "interference.png"
         out["interference.png"] = plot_interference(metrics, path, study, x)
     return out
+
+
+def resolve_launch_path(value: str, launch_dir: str | None = None) -> Path:
+    """A path typed in the shell: absolute as is, else relative to ``launch_dir``.
+
+    A Jupyter kernel runs in the notebook's folder, not in the folder Jupyter was started
+    from; the notebook passes that folder (the shell's ``PWD``), so ``RESULTS_DIR=results/x``
+    means what it means on the command line. Without ``launch_dir``: the working directory.
+    """
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = Path(launch_dir or os.getcwd()) / path
+    return path.resolve()
+
+
+def studies_with_results(results_dir: Path) -> list[str]:
+    """The studies (in study order) that ``results_dir`` holds; no completed run is an error.
+
+    A wrong or empty folder must stop the notebook with a reason, not show nothing.
+    """
+    hint = (
+        "run python -m flower_app.experiments STUDY --output-dir DIR first, or set "
+        "RESULTS_DIR to the runner's --output-dir"
+    )
+    if not results_dir.is_dir():
+        raise FileNotFoundError(f"no results in {results_dir}: the folder does not exist; {hint}")
+    studies = [s for s in STUDIES if (results_dir / s / MANIFEST).is_file()]
+    if not any((load_runs(results_dir / s)["status"] == "completed").any() for s in studies):
+        raise FileNotFoundError(
+            f"no results in {results_dir}: no study folder ({', '.join(STUDIES)}) with a "
+            f"completed run; {hint}"
+        )
+    return studies

@@ -2,23 +2,28 @@
 
 Every file is written to a temporary name and renamed, so a crash never leaves a
 half-written file behind; ``summary.json`` is written last and only by a run that
-finished, so its presence is what says a run succeeded.
+finished, so its presence is what says a run succeeded. Files get the mode of any new
+file under the process umask (typically 0644), so others can read the results; every
+safetensors file carries metadata saying what it holds (``weights_metadata``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @contextmanager
@@ -30,15 +35,31 @@ def atomic_path(path: Path) -> Iterator[Path]:
     included, it is removed and ``path`` is left as it was.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    tmp = new_temp_file(path)
     try:
         yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def new_temp_file(path: Path) -> Path:
+    """A new empty file ``.<name>.<random>.tmp`` next to ``path``, created with mode 0o666.
+
+    The kernel applies the umask (and any default ACL) as for an ordinary file; no umask
+    is read or changed, so other threads are unaffected. ``tempfile.mkstemp`` would create
+    it 0600, and the rename would make every result file private to its writer.
+    """
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"no free temporary name next to {path}")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -82,12 +103,44 @@ class RunDirectory:
         atomic_write_bytes(self.path / name, frame.to_csv(index=False).encode())
         return self.path / name
 
-    def save_weights(self, name: str, state: Mapping[str, torch.Tensor]) -> Path:
-        """A safetensors file (contiguous CPU copies, as safetensors requires)."""
+    def save_weights(
+        self,
+        name: str,
+        state: Mapping[str, torch.Tensor],
+        metadata: Mapping[str, str] | None = None,
+    ) -> Path:
+        """A safetensors file (contiguous CPU copies, as safetensors requires) with metadata.
+
+        Serialised in memory and written by ``atomic_write_bytes``: safetensors' own
+        ``save_file`` creates its file 0600, whatever the umask.
+        """
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        with atomic_path(self.path / name) as tmp:
-            save_file(tensors, str(tmp))
+        data = save(tensors, metadata=dict(metadata) if metadata else None)
+        atomic_write_bytes(self.path / name, data)
         return self.path / name
+
+
+WEIGHTS_FORMAT = "fl-task-arithmetic/1"
+WEIGHTS_CONTENT = {  # file name -> the ``content`` metadata of the file
+    "final_model.safetensors": "global model weights after the last round",
+    "best_model.safetensors": "best-validation global weights",
+    "task_vector.safetensors": "task vector: final minus initial weights",
+    "mask.safetensors": "sparse mask, 1 = trainable",
+}
+
+
+def weights_metadata(name: str, *, run_name: str, round_: int, model: str) -> dict[str, str]:
+    """What a weights file holds, in the file itself, so a copied file still says it.
+
+    ``round_`` is the global round of the weights (an epoch for centralized runs).
+    """
+    return {
+        "format": WEIGHTS_FORMAT,
+        "run-name": run_name,
+        "round": str(int(round_)),
+        "content": WEIGHTS_CONTENT[name],
+        "model": model,
+    }
 
 
 def partitions_frame(replies: list[Mapping[str, Any]]) -> pd.DataFrame:
@@ -105,8 +158,14 @@ def partitions_frame(replies: list[Mapping[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values("partition-id").reset_index(drop=True)
 
 
-def plot_metrics(frame: pd.DataFrame, path: Path, title: str) -> Path:
-    """Validation accuracy, and training/validation loss, against rounds (PNG)."""
+def metrics_figure(
+    frame: pd.DataFrame, title: str, test_accuracy: float | None, num_classes: int | None
+) -> Figure:
+    """Accuracy and loss against rounds, with the final test accuracy and chance for scale.
+
+    The test accuracy is a marker at the last round (the final model's); the dashed chance
+    line (1 / ``num_classes``) shows at a glance whether a run learned anything.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,18 +173,38 @@ def plot_metrics(frame: pd.DataFrame, path: Path, title: str) -> Path:
 
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
     evaluated = frame.dropna(subset=["val-accuracy"])
-    ax_acc.plot(evaluated["round"], evaluated["val-accuracy"], marker="o", ms=3)
-    ax_acc.set(xlabel="round", ylabel="validation accuracy", title="accuracy")
+    ax_acc.plot(evaluated["round"], evaluated["val-accuracy"], marker="o", ms=3, label="validation")
+    if test_accuracy is not None and len(frame):
+        last = frame["round"].max()
+        ax_acc.plot(
+            [last], [test_accuracy], "*", ms=10, label=f"test, final model ({test_accuracy:.4f})"
+        )
+    if num_classes:
+        chance = 1 / num_classes
+        ax_acc.axhline(chance, color="gray", linestyle="--", label=f"chance (1/{num_classes})")
+    ax_acc.set(xlabel="round", ylabel="accuracy", title="accuracy")
+    ax_acc.legend()
     trained = frame.dropna(subset=["train-loss"])
     ax_loss.plot(trained["round"], trained["train-loss"], label="train (clients)")
     ax_loss.plot(evaluated["round"], evaluated["val-loss"], marker="o", ms=3, label="validation")
     ax_loss.set(xlabel="round", ylabel="cross-entropy", title="loss")
     ax_loss.legend()
     fig.suptitle(title)
-    return save_figure(fig, path)
+    return fig
 
 
-def save_figure(fig, path: Path) -> Path:
+def plot_metrics(
+    frame: pd.DataFrame,
+    path: Path,
+    title: str,
+    test_accuracy: float | None = None,
+    num_classes: int | None = None,
+) -> Path:
+    """``metrics_figure`` written to ``path`` (PNG)."""
+    return save_figure(metrics_figure(frame, title, test_accuracy, num_classes), path)
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
     """Lay out, write the PNG atomically to ``path``, and close the figure either way."""
     import matplotlib.pyplot as plt
 
@@ -158,31 +237,26 @@ def finish_run(
     best_round: int | None,
     test: Callable[[Mapping[str, torch.Tensor]], tuple[float, float]],
     wall_time_s: float,
+    model: str,
+    num_classes: int,
     extra_summary: Mapping[str, Any] | None = None,
     extra_weights: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     final_round: int | None = None,
 ) -> dict[str, Any]:
     """Test the final and the best-validation model, save the weights, write the summary.
 
-    The one ending of federated and centralized runs, so both leave the same files.
-    ``test`` gives (loss, accuracy) on the test split of a state dict; the best model is
-    tested only when it is not the final one (``best_state`` None or ``best_round`` ==
-    ``final_round``, the round of the final model: ``rounds`` unless given).
-    ``wall_time_s`` is the time the run took before this call; the time spent here is
-    added, so the summary's ``wall-time-s`` covers the whole run.
-    ``extra_weights`` are further safetensors files (file name -> state), e.g. a mask.
+    The one ending of federated and centralized runs. The best model is tested only when
+    it is not the final one (of round ``final_round``, default ``rounds``); ``wall_time_s``
+    is the time before this call; ``model`` is for the weights' metadata, ``num_classes``
+    for the plot, ``extra_weights`` further files of ``WEIGHTS_CONTENT`` (the mask).
     """
-    t_start = time.perf_counter()
+    t_start, last = time.perf_counter(), final_round or rounds
+    best_is_final = best_state is None or best_round is None or best_round == last
     final_test = test(final_state)
-    if best_state is None or best_round == (final_round or rounds):  # the best is the final
-        best_state, best_test = final_state, final_test
-    else:
-        best_test = test(best_state)
-    run_dir.save_weights("final_model.safetensors", final_state)
-    run_dir.save_weights("best_model.safetensors", best_state)
-    run_dir.save_weights("task_vector.safetensors", task_vector(final_state, initial_state))
-    for name, weights in (extra_weights or {}).items():
-        run_dir.save_weights(name, weights)
+    best_test = final_test if best_is_final else test(best_state)
+    best = (final_state, last) if best_is_final else (best_state, best_round)
+    files = run_weight_files(final_state, initial_state, best, last, extra_weights)
+    save_run_weights(run_dir, run_name, model, files)
     return write_summary(
         run_dir,
         run_name,
@@ -193,8 +267,35 @@ def finish_run(
         test=final_test,
         best_test=best_test,
         wall_time_s=wall_time_s + time.perf_counter() - t_start,
+        num_classes=num_classes,
         extra=extra_summary,
     )
+
+
+WeightFiles = dict[str, tuple[Mapping[str, torch.Tensor], int]]  # name -> (state, round)
+
+
+def run_weight_files(
+    final: Mapping[str, torch.Tensor],
+    initial: Mapping[str, torch.Tensor],
+    best: tuple[Mapping[str, torch.Tensor], int],
+    last: int,
+    extra: Mapping[str, Mapping[str, torch.Tensor]] | None,
+) -> WeightFiles:
+    """A finished run's weights files, each with the global round its weights are of."""
+    files = {
+        "final_model.safetensors": (final, last),
+        "best_model.safetensors": best,
+        "task_vector.safetensors": (task_vector(final, initial), last),
+    }
+    return files | {name: (state, last) for name, state in (extra or {}).items()}
+
+
+def save_run_weights(run_dir: RunDirectory, run_name: str, model: str, files: WeightFiles) -> None:
+    """Each weights file (name -> state and its global round) with the metadata saying so."""
+    for name, (state, round_) in files.items():
+        meta = weights_metadata(name, run_name=run_name, round_=round_, model=model)
+        run_dir.save_weights(name, state, meta)
 
 
 def write_summary(
@@ -208,6 +309,7 @@ def write_summary(
     test: tuple[float, float],
     best_test: tuple[float, float],
     wall_time_s: float,
+    num_classes: int | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Plot the metrics, then write ``summary.json`` last: its presence says the run finished.
@@ -215,9 +317,9 @@ def write_summary(
     ``best_accuracy``/``best_round`` are the best validation accuracy and its round
     (None when no round was evaluated); ``test`` and ``best_test`` are (loss, accuracy)
     of the final and the best-validation model on the test split. Federated and
-    centralized runs share these keys.
+    centralized runs share these keys. ``num_classes`` draws the chance line of the plot.
     """
-    plot_metrics(frame, run_dir.path / "metrics.png", run_name)
+    plot_metrics(frame, run_dir.path / "metrics.png", run_name, test[1], num_classes)
     evaluated = frame.dropna(subset=["val-accuracy"])
     summary = {
         "run-name": run_name,

@@ -28,7 +28,12 @@ from flower_app.checkpoint import (
     load_checkpoint,
     restore,
 )
-from flower_app.config import ConfigError, RunConfig, explain_insufficient_replies
+from flower_app.config import (
+    ConfigError,
+    RunConfig,
+    explain_insufficient_replies,
+    overrides_text,
+)
 from flower_app.data_sources import ImageSplit
 from flower_app.hooks import (
     BestModel,
@@ -38,6 +43,7 @@ from flower_app.hooks import (
     Stopwatch,
     calibration_table,
 )
+from flower_app.prerequisites import check_prerequisites, output_problem
 from flower_app.results import RunDirectory, finish_run, partitions_frame
 from flower_app.runtime import (
     ModelEvaluator,
@@ -63,8 +69,12 @@ class FederationMismatchError(RuntimeError):
     """The federation does not have ``num-clients`` nodes."""
 
 
-def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
-    """Node ids once exactly ``expected`` are connected; fail fast on any other stable count."""
+def wait_for_nodes(grid: Grid, expected: int, timeout: float, overrides: str = "") -> list[int]:
+    """Node ids once exactly ``expected`` are connected; fail fast on any other stable count.
+
+    ``overrides`` (the run-config pairs that differ from the defaults) goes into the
+    suggested command, so copying it reruns the user's experiment, not the canonical one.
+    """
     start = time.monotonic()
     last_count, last_change = -1, start
     while True:
@@ -76,9 +86,10 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
             last_count, last_change = len(nodes), now
         settled = len(nodes) > 0 and now - last_change >= NODE_COUNT_SETTLE_S
         if len(nodes) > expected or settled or now - start >= timeout:
+            run_config = f'--run-config "{overrides}" ' if overrides else ""
             raise FederationMismatchError(
                 f"run-config num-clients={expected} but the federation has {len(nodes)} "
-                f"SuperNodes; in simulation run: flwr run . --federation-config "
+                f"SuperNodes; in simulation run: flwr run . {run_config}--federation-config "
                 f'"num-supernodes={expected}" (or set num-clients={len(nodes)}); in deployment '
                 f"start {expected} SuperNodes before flwr run"
             )
@@ -158,12 +169,12 @@ def build_strategy(
 
 def writable_output_dir(output_dir: str) -> Path:
     """The absolute output folder, created if needed; unwritable is a one-line error."""
+    problem = output_problem(output_dir)
+    if problem:
+        raise ConfigError(problem)
     path = Path(os.path.expanduser(output_dir)).resolve()
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as exc:
         raise ConfigError(
             f"run-config key 'output-dir' = {output_dir!r} is not allowed: cannot write to "
@@ -305,13 +316,17 @@ def prepare(grid: Grid, cfg: RunConfig, run_path: Path) -> PreparedRun | None:
         return None
     if checkpoint is None and run_path.exists():
         RunDirectory.create(run_path.parent, run_path.name)  # raises the one-line error
-    node_ids = wait_for_nodes(grid, cfg.num_clients, cfg.node_wait_timeout)
+    print(f"waiting for {cfg.num_clients} SuperNodes ...", flush=True)
+    overrides = overrides_text(cfg.to_dict())
+    node_ids = wait_for_nodes(grid, cfg.num_clients, cfg.node_wait_timeout, overrides)
     device = resolve_device(cfg.device)
+    print(f"loading {cfg.dataset} and the initial {cfg.model} weights ...", flush=True)
     splits = run_splits(cfg)
     model = initial_model(cfg)
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if checkpoint is not None:
         initial_state = checkpoint.initial
+    print(f"asking the {len(node_ids)} nodes for their shards ...", flush=True)
     partitions = query_partitions(grid, node_ids, cfg.round_timeout)
     run_dir = open_run_dir(cfg, run_path, checkpoint is not None)
     run_dir.write_csv("partitions.csv", partitions_frame(partitions))
@@ -334,6 +349,7 @@ def prepare(grid: Grid, cfg: RunConfig, run_path: Path) -> PreparedRun | None:
 def finish(run: PreparedRun, final: ArrayRecord) -> None:
     """Test the final and the best model; write weights, plot and ``summary.json``."""
     c, cfg = run.components, run.cfg
+    print("testing the final and the best-validation model ...", flush=True)
     extra_summary: dict = {"total-rounds": c.clock.total_rounds, "segments": c.stopwatch.segments}
     extra_weights = {}
     calibration = c.calibration.frame()
@@ -359,6 +375,8 @@ def finish(run: PreparedRun, final: ArrayRecord) -> None:
         best_round=c.best.round if c.best.state is not None else None,
         test=lambda state: run.evaluator(state, run.test),
         wall_time_s=c.stopwatch.total(),
+        model=cfg.model,
+        num_classes=cfg.num_classes,
         extra_summary=extra_summary,
         extra_weights=extra_weights,
         final_round=c.clock.total_rounds,
@@ -370,6 +388,7 @@ def finish(run: PreparedRun, final: ArrayRecord) -> None:
 def main(grid: Grid, context: Context) -> None:
     """Prepare, run the plan of rounds, finish."""
     cfg = RunConfig.from_run_config(dict(context.run_config))
+    check_prerequisites(cfg)  # output folder, data, weights: every missing piece at once
     output_dir = writable_output_dir(cfg.output_dir)
     run_path = output_dir / cfg.resolved_run_name(time.strftime("%Y%m%d-%H%M%S"))
     run = prepare(grid, cfg, run_path)

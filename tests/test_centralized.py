@@ -19,9 +19,11 @@ from flower_app.centralized import main
 from flower_app.config import ConfigError, RunConfig
 from flower_app.hooks import METRIC_COLUMNS
 from flower_app.model import create_initial_model
+from flower_app.results import WEIGHTS_CONTENT, WEIGHTS_FORMAT
+from flower_app.task_vectors import apply_task_vector, initial_weights, load_task_vector
 from tests.conftest import ROOT
 from tests.invalid_configs import INVALID
-from tests.test_results import SUMMARY_KEYS
+from tests.test_results import SUMMARY_KEYS, file_modes, umask, weights_metadata
 
 QUICK = ROOT / "configs" / "centralized_quick.toml"
 RUN_FILES = {
@@ -128,7 +130,8 @@ def test_module_exits_2_on_bad_value(tmp_path):
 def quick_run(tmp_path_factory):
     """The quick preset, run once (about 20 s on 2 idle cores)."""
     out = tmp_path_factory.mktemp("centralized")
-    rc = main(["--run-config", str(QUICK), f"output-dir={out}", "run-name=quick"])
+    with umask(0o027):  # not the usual 022, so a file that ignores the umask shows
+        rc = main(["--run-config", str(QUICK), f"output-dir={out}", "run-name=quick"])
     assert rc == 0
     return out
 
@@ -176,6 +179,33 @@ def test_quick_run_starts_from_the_federated_initial_weights(quick_run):
     for key, delta in vector.items():
         torch.testing.assert_close(final[key] - delta, initial[key], atol=1e-6, rtol=0)
     assert math.isfinite(sum(float(v.abs().sum()) for v in vector.values()))
+
+
+def test_quick_run_files_are_readable_and_describe_their_weights(quick_run):
+    run_dir = quick_run / "quick"
+    modes = file_modes(run_dir)
+    assert set(modes) == RUN_FILES and modes == dict.fromkeys(modes, 0o640)  # 0o666 & ~0o027
+    summary = json.loads((run_dir / "summary.json").read_text())
+    epochs = summary["rounds"]
+    rounds = {"final": epochs, "best": summary["best-val-round"], "task_vector": epochs}
+    for name, round_ in rounds.items():
+        file = f"{name}_model.safetensors" if name != "task_vector" else f"{name}.safetensors"
+        assert weights_metadata(run_dir / file) == {
+            "format": WEIGHTS_FORMAT,
+            "run-name": "quick",
+            "round": str(round_),
+            "content": WEIGHTS_CONTENT[file],
+            "model": "vit_tiny_test",
+        }
+
+
+def test_task_vector_of_a_centralized_run_gives_its_final_model(quick_run):
+    run_dir = quick_run / "quick"  # config.json also holds "mode", which is no run-config key
+    rebuilt = apply_task_vector(initial_weights(run_dir), load_task_vector(run_dir))
+    final = load_file(str(run_dir / "final_model.safetensors"))
+    assert set(rebuilt) == set(final)
+    for key, weight in final.items():
+        torch.testing.assert_close(rebuilt[key], weight, rtol=1e-6, atol=1e-6, msg=key)
 
 
 def test_existing_run_name_is_refused(quick_run, capsys):

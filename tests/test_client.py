@@ -7,7 +7,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from flower_app import client_app
-from flower_app.config import RunConfig
+from flower_app.config import ConfigError, RunConfig
 from flower_app.model import create_initial_model
 from strategies import protocol
 from tests.conftest import InProcessGrid, quick_run_config
@@ -94,3 +94,58 @@ def test_missing_node_data_is_a_clear_error(tmp_path):
 
     with pytest.raises(DataNotFoundError, match=r"node-data\.npz"):
         load_node_data(tmp_path)
+
+
+def test_node_ignores_the_coordinators_files(tmp_path):
+    """A node trains although the coordinator's weights file and data folder are not here."""
+    from flower_app.data_sources import ImageSplit, save_node_data
+
+    g = torch.Generator().manual_seed(1)
+    own = ImageSplit(
+        torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=g),
+        torch.randint(0, 100, (20,), generator=g),
+    )
+    save_node_data(tmp_path / "node", own)
+    coordinator_only = CONFIG | {
+        "weights": "pretrained",
+        "pretrained-path": "/coordinator/only/dino.pth",
+        "dataset": "cifar100",
+        "data-dir": "/coordinator/only/data",
+        "download": False,
+    }
+    with pytest.raises(ConfigError, match="'data-dir'"):
+        RunConfig.from_run_config(coordinator_only)  # the ServerApp checks them
+    with pytest.raises(ConfigError, match="'pretrained-path'"):
+        RunConfig.from_run_config(coordinator_only | {"download": True})
+    grid = InProcessGrid(client_app.app, coordinator_only, num_nodes=4)
+    grid.contexts[1001].node_config["data-dir"] = str(tmp_path / "node")
+    (reply,) = grid.send_and_receive([_train_message(_initial_state())])
+    assert not reply.has_error(), reply.error.reason
+    assert reply.content[protocol.METRICS][protocol.NUM_EXAMPLES] == 20
+
+
+@pytest.mark.parametrize(
+    ("node_config", "message"),
+    [
+        ({"data-dir": "/x"}, "node-config has no partition-id: every SuperNode needs"),
+        ({"partition-id": "one"}, "node-config partition-id='one' is not an integer"),
+        ({"partition-id": 4}, "node-config partition-id=4 is outside 0..3"),
+        (
+            {"partition-id": 1, "num-partitions": 3},
+            "node-config num-partitions=3 differs from run-config num-clients=4",
+        ),
+    ],
+)
+def test_inconsistent_node_config_is_one_line(node_config, message):
+    with pytest.raises(client_app.NodeConfigError) as info:
+        client_app.node_partition_id(node_config, num_clients=4)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert client_app.node_partition_id({"partition-id": "2"}, num_clients=4) == 2
+
+
+def test_node_without_partition_id_replies_with_the_one_line_error():
+    grid = InProcessGrid(client_app.app, CONFIG, num_nodes=4)
+    del grid.contexts[1002].node_config["partition-id"]
+    msg = Message(RecordDict(), dst_node_id=1002, message_type=protocol.QUERY_PARTITION)
+    (reply,) = grid.send_and_receive([msg])
+    assert reply.has_error() and "node-config has no partition-id" in reply.error.reason

@@ -6,6 +6,8 @@ import contextlib
 import io
 import json
 import math
+import os
+import re
 from pathlib import Path
 
 import matplotlib.image
@@ -17,7 +19,14 @@ from safetensors.torch import load_file
 from flower_app import experiments
 from flower_app.checkpoint import CHECKPOINT_NAME
 from flower_app.config import ConfigError, RunConfig
-from flower_app.reports import load_runs, markdown_table, summary_table, write_report
+from flower_app.reports import (
+    load_runs,
+    markdown_table,
+    resolve_launch_path,
+    studies_with_results,
+    summary_table,
+    write_report,
+)
 from flower_app.runtime import initial_model
 from flower_app.studies import LOCAL_STEPS, base_config, scaled_rounds, study_settings
 from tests.conftest import ROOT
@@ -151,7 +160,7 @@ def _write_run(run_dir: Path, seed: int, accuracy: float, strategy: str = "fedav
     (run_dir / "config.json").write_text(json.dumps({"strategy": strategy, "local-steps": 4}))
     rows = [
         {"round": r, "val-accuracy": accuracy * r / 2, "bytes-down": 10.0 * r, "bytes-up": 5.0}
-        | ({"update-cosine": 0.1 * seed, "update-norm-ratio": 0.5} if r else {})
+        | ({"update-cosine": 0.1 * seed, "update-norm-ratio": 0.5, "update-norm": 2.0} if r else {})
         for r in range(3)
     ]
     pd.DataFrame(rows).to_csv(run_dir / "metrics.csv", index=False)
@@ -167,17 +176,22 @@ def _write_run(run_dir: Path, seed: int, accuracy: float, strategy: str = "fedav
     (run_dir / "summary.json").write_text(json.dumps(summary))
 
 
-def test_table_is_mean_and_sample_std_over_seeds(tmp_path):
-    study = tmp_path / "s"
+def _write_study(study: Path, accuracies: dict[str, list[float]], strategy: str) -> None:
+    """Made-up runs (one per setting and seed) and the runner's manifest of them."""
     manifest = []
-    for setting, accs in {"a": [0.2, 0.4, 0.6], "b": [0.3]}.items():
+    for setting, accs in accuracies.items():
         for seed, acc in enumerate(accs):
-            _write_run(study / f"{setting}-seed{seed}", seed, acc, "sparse-fedavg")
+            _write_run(study / f"{setting}-seed{seed}", seed, acc, strategy)
             manifest.append([setting, seed, f"{setting}-seed{seed}"])
     frame = pd.DataFrame(manifest, columns=["setting", "seed", "run-name"])
-    frame.assign(study="s", status="completed", seconds=1.0, detail="").to_csv(
+    frame.assign(study=study.name, status="completed", seconds=1.0, detail="").to_csv(
         study / "sweep.csv", index=False
     )
+
+
+def test_table_is_mean_and_sample_std_over_seeds(tmp_path):
+    study = tmp_path / "s"
+    _write_study(study, {"a": [0.2, 0.4, 0.6], "b": [0.3]}, "sparse-fedavg")
     pd.DataFrame({"round": [1, 2], "bytes-down": [1e6, 1e6], "bytes-up": [5e5, 5e5]}).to_csv(
         study / "b-seed0" / "calibration.csv", index=False
     )
@@ -207,6 +221,109 @@ def test_table_is_mean_and_sample_std_over_seeds(tmp_path):
             assert matplotlib.image.imread(path).shape[2] in (3, 4)
 
 
+def test_report_goes_to_another_folder_and_leaves_the_study_as_it_was(tmp_path):
+    study = tmp_path / "fedavg"
+    _write_study(study, {"iid": [0.2, 0.4]}, "fedavg")
+    before = _snapshot(study)
+    outputs = write_report(study, "fedavg", tmp_path / "report")
+    assert _snapshot(study) == before
+    assert {p.parent for p in outputs.values()} == {tmp_path / "report"}
+    table = pd.read_csv(outputs["table.csv"])
+    assert table.loc[0, "runs"] == 2 and table.loc[0, "test-accuracy-mean"] == pytest.approx(0.3)
+
+
+def test_results_dir_is_read_as_typed_in_the_shell(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_launch_path("/abs/x", "/elsewhere") == Path("/abs/x")
+    assert resolve_launch_path("res/studies", str(ROOT)) == ROOT / "res" / "studies"
+    assert resolve_launch_path("res", None) == tmp_path.resolve() / "res"
+
+
+def test_a_folder_without_results_is_an_error_that_says_so(tmp_path):
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"no results in {tmp_path / 'x'}: the folder")
+    ):
+        studies_with_results(tmp_path / "x")
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"no results in {tmp_path}: no study folder")
+    ):
+        studies_with_results(tmp_path)
+    _write_study(tmp_path / "fedavg", {"iid": [0.2]}, "fedavg")
+    (tmp_path / "fedavg" / "iid-seed0" / "summary.json").unlink()  # the run did not finish
+    with pytest.raises(FileNotFoundError, match=r"no study folder .* with a completed run"):
+        studies_with_results(tmp_path)
+    _write_study(tmp_path / "centralized", {"centralized": [0.5]}, "fedavg")
+    assert studies_with_results(tmp_path) == ["fedavg", "centralized"]  # study order
+
+
+# ---- the notebook, executed as `jupyter nbconvert --execute` would, from the project root ----
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder``: its bytes and modification time."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _execute_notebook(monkeypatch, results_dir: Path, report_dir: Path):
+    """Run analysis.ipynb as Jupyter started in ROOT would: the kernel in notebooks/, the
+    shell's PWD = ROOT, RESULTS_DIR relative to ROOT."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("PWD", str(ROOT))
+    monkeypatch.setenv("RESULTS_DIR", os.path.relpath(results_dir, ROOT))
+    monkeypatch.setenv("REPORT_DIR", str(report_dir))
+    notebook = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
+    client = NotebookClient(
+        notebook,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(ROOT / "notebooks")}},
+    )
+    client.execute()
+    return notebook
+
+
+def _texts(notebook) -> list[str]:
+    return [
+        o.get("text", "")
+        + str(o.get("data", {}).get("text/markdown", ""))
+        + str(o.get("data", {}).get("text/plain", ""))
+        for c in notebook.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+    ]
+
+
+def test_notebook_reads_relative_results_dir_and_changes_no_file(tmp_path, monkeypatch):
+    results = tmp_path / "studies"
+    _write_study(results / "fedavg", {"iid": [0.2, 0.4]}, "fedavg")
+    _write_study(results / "centralized", {"centralized": [0.5]}, "fedavg")
+    before = _snapshot(results)
+    notebook = _execute_notebook(monkeypatch, results, tmp_path / "report")
+    assert _snapshot(results) == before  # same files, bytes and mtimes: nothing written
+    texts = _texts(notebook)
+    assert any(f"results in {results.resolve()}: fedavg, centralized" in t for t in texts)
+    assert any("| iid | 2 | 0 | 0.3000 ± 0.1414 |" in t for t in texts)
+    assert any("gap-to-centralized" in t for t in texts)
+    assert (tmp_path / "report" / "fedavg" / "table.csv").is_file()
+    assert (tmp_path / "report" / "fedavg" / "interference.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_notebook_on_an_empty_folder_fails_saying_so(tmp_path, monkeypatch):
+    from nbclient.exceptions import CellExecutionError
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CellExecutionError) as failure:
+        _execute_notebook(monkeypatch, empty, tmp_path / "report")
+    assert "FileNotFoundError" in str(failure.value)
+    assert f"no results in {empty.resolve()}: no study folder" in str(failure.value)
+    assert list(empty.iterdir()) == [] and not (tmp_path / "report").exists()
+
+
 # ---- a real quick sweep through flwr run, then the notebook on its results ------------------
 SETTINGS = ("dense", "lowest_magnitude")  # dense and sparse; the magnitude mask needs no Fisher
 SWEEP = [
@@ -221,6 +338,7 @@ SWEEP = [
     "eval-every=1",
     "num-clients=10",  # fewer nodes to start and query than the quick study's 100
     "fraction-train=0.5",
+    "head-warmup-rounds=1",  # sparse: one warm-up round, so its bytes stay below dense
 ]
 
 
@@ -283,26 +401,10 @@ def test_sparse_runs_through_ray_keep_masked_entries(quick_sweep, seed):
 
 
 @pytest.mark.e2e
-def test_analysis_notebook_runs_on_quick_results(quick_sweep, monkeypatch):
-    import nbformat
-    from nbclient import NotebookClient
-
+def test_analysis_notebook_runs_on_quick_results(quick_sweep, monkeypatch, tmp_path):
     out, _ = quick_sweep
-    monkeypatch.setenv("RESULTS_DIR", str(out))
-    notebook = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
-    client = NotebookClient(
-        notebook,
-        timeout=300,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(ROOT / "notebooks")}},
-    )
-    client.execute()
-    texts = [
-        o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
-        for c in notebook.cells
-        if c.cell_type == "code"
-        for o in c.outputs
-    ]
+    notebook = _execute_notebook(monkeypatch, out, tmp_path)
+    texts = _texts(notebook)
     assert any("results in" in t and "mask-strategies" in t for t in texts)
     assert any("update-cosine" in t for t in texts)
     outputs = [o for c in notebook.cells for o in c.get("outputs", [])]

@@ -8,9 +8,11 @@ import time
 import pandas as pd
 import pytest
 from flwr.app import Context, RecordDict
+from flwr.common.config import parse_config_args
 from safetensors.torch import load_file
 
 from flower_app import client_app, server_app
+from flower_app.config import RunConfig
 from tests.conftest import InProcessGrid, quick_run_config
 
 
@@ -86,7 +88,14 @@ def test_wrong_number_of_nodes_fails_fast_with_the_command_to_use(tmp_path):
     with pytest.raises(server_app.FederationMismatchError) as info:
         server_app.main(grid, _context(config))
     assert time.monotonic() - start < server_app.NODE_COUNT_SETTLE_S + 3
-    assert '--federation-config "num-supernodes=10"' in str(info.value)
+    message = str(info.value)
+    assert '--federation-config "num-supernodes=10"' in message
+    # the suggested command carries the user's own run-config, not the canonical defaults
+    pairs = message.split('--run-config "')[1].split('"')[0]
+    parsed = parse_config_args([pairs])
+    defaults = RunConfig().to_dict()
+    assert parsed == {k: v for k, v in config.items() if v != defaults[k]}
+    assert parsed["num-clients"] == 10 and parsed["model"] == "vit_tiny_test"
     assert not any(tmp_path.iterdir())  # no results directory for a run that never started
 
 
