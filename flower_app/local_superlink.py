@@ -18,11 +18,12 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +74,36 @@ class RunOutcome:
         return self.status == TIMED_OUT
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files that make a SuperLink serve HTTPS on its one port (Fleet, Control, Runtime).
+
+    Flower 1.42 wants all three (``--ssl-ca-certfile``, ``--ssl-certfile``,
+    ``--ssl-keyfile``); SuperNodes, ``flwr`` and the ServerApp's SuperExec trust ``ca_cert``,
+    so ``cert`` must name the address they dial (127.0.0.1 here) in its SANs.
+    """
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+    def superlink_args(self) -> list[str]:
+        return [
+            *("--ssl-ca-certfile", str(self.ca_cert)),
+            *("--ssl-certfile", str(self.cert)),
+            *("--ssl-keyfile", str(self.key)),
+        ]
+
+
+def superlink_security_args(tls: TlsFiles | None, supernode_auth: bool) -> list[str]:
+    """``--insecure``, or TLS files (and ``--enable-supernode-auth``, which needs TLS)."""
+    if tls is None:
+        if supernode_auth:
+            raise ValueError("flower-superlink refuses --enable-supernode-auth without TLS")
+        return ["--insecure"]
+    return [*tls.superlink_args(), *(["--enable-supernode-auth"] if supernode_auth else [])]
+
+
 def pids_with_env(marker: bytes) -> list[int]:
     """PIDs whose environment holds ``marker`` (a ``KEY=value`` entry)."""
     pids = []
@@ -90,17 +121,34 @@ def pids_with_env(marker: bytes) -> list[int]:
 
 @dataclass
 class LocalSuperLink:
-    """A simulation SuperLink for one test; ``env`` makes ``flwr`` talk to it."""
+    """A simulation SuperLink for one test; ``env`` makes ``flwr`` talk to it.
+
+    ``tls`` is set when it serves HTTPS: SuperNodes and connections then trust its CA.
+    """
 
     home: Path
     env: dict[str, str]
     process: subprocess.Popen
     port: int
     supernodes: list[subprocess.Popen] = field(default_factory=list)
+    tls: TlsFiles | None = None
 
     @classmethod
-    def start(cls, home: Path, timeout: float = 60.0, simulation: bool = True) -> LocalSuperLink:
-        """``simulation=False`` starts a Deployment Engine SuperLink for real SuperNodes."""
+    def start(
+        cls,
+        home: Path,
+        timeout: float = 60.0,
+        simulation: bool = True,
+        *,
+        tls: TlsFiles | None = None,
+        supernode_auth: bool = False,
+    ) -> LocalSuperLink:
+        """``simulation=False`` starts a Deployment Engine SuperLink for real SuperNodes.
+
+        ``tls`` serves HTTPS instead of ``--insecure``; ``supernode_auth`` adds
+        ``--enable-supernode-auth`` (only registered public keys may join; needs ``tls``).
+        """
+        security = superlink_security_args(tls, supernode_auth)
         home.mkdir(parents=True, exist_ok=True)
         http_port = free_port()
         superlink = flower_executable("flower-superlink")
@@ -118,7 +166,7 @@ class LocalSuperLink:
         process = subprocess.Popen(
             [
                 superlink,
-                "--insecure",
+                *security,
                 *(["--simulation", "--isolation", "subprocess"] if simulation else []),
                 "--host",
                 "127.0.0.1",
@@ -133,27 +181,58 @@ class LocalSuperLink:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        link = cls(home, env, process, http_port)
+        link = cls(home, env, process, http_port, tls=tls)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"flower-superlink exited: {link.log()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=1):
-                    return link
-            except OSError:
-                time.sleep(0.5)
+            if link.healthy():
+                return link
+            time.sleep(0.5)
         link.stop()
         raise RuntimeError(f"flower-superlink did not answer on port {http_port} in time")
 
-    def start_supernode(self, node_config: str) -> subprocess.Popen:
-        """A SuperNode process connected to this SuperLink (like a separate machine)."""
+    def healthy(self) -> bool:
+        """Whether ``/health`` answers (over HTTPS, trusting the CA, when ``tls`` is set)."""
+        scheme = "https" if self.tls else "http"
+        context = ssl.create_default_context(cafile=self.tls.ca_cert) if self.tls else None
+        try:
+            with urllib.request.urlopen(
+                f"{scheme}://127.0.0.1:{self.port}/health", timeout=1, context=context
+            ):
+                return True
+        except OSError:
+            return False
+
+    def supernode_connection_args(self) -> list[str]:
+        """How a SuperNode reaches this SuperLink: ``--insecure`` or ``--root-certificates CA``."""
+        if self.tls is None:
+            return ["--insecure"]
+        return ["--root-certificates", str(self.tls.ca_cert)]
+
+    def start_supernode(
+        self,
+        node_config: str,
+        *,
+        connection_args: Sequence[str] | None = None,
+        auth_private_key: Path | None = None,
+    ) -> subprocess.Popen:
+        """A SuperNode process connected to this SuperLink (like a separate machine).
+
+        ``connection_args`` replaces ``supernode_connection_args()`` (to start one that
+        should be refused); ``auth_private_key`` is its ``--auth-supernode-private-key``.
+        Its output goes to ``supernode-<index>.out`` in FLWR_HOME (see ``supernode_log``).
+        """
         index = len(self.supernodes)
         log = open(self.home / f"supernode-{index}.out", "wb")  # noqa: SIM115
+        if connection_args is None:
+            connection_args = self.supernode_connection_args()
+        auth = ["--auth-supernode-private-key", str(auth_private_key)] if auth_private_key else []
         process = subprocess.Popen(
             [
                 flower_executable("flower-supernode"),
-                "--insecure",
+                *connection_args,
+                *auth,
                 "--superlink",
                 f"127.0.0.1:{self.port}",
                 "--port",
@@ -171,15 +250,56 @@ class LocalSuperLink:
         return process
 
     def add_connection(self, name: str) -> None:
-        """A ``[superlink.NAME]`` entry in FLWR_HOME/config.toml for ``flwr run . NAME``."""
+        """A ``[superlink.NAME]`` entry in FLWR_HOME/config.toml for ``flwr run . NAME``.
+
+        ``insecure = true``, or under TLS ``root-certificates`` = the CA (an absolute path,
+        as flwr 1.42 requires).
+        """
         config = self.home / "config.toml"
         default = '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
         text = config.read_text() if config.exists() else default
-        text += f'\n[superlink.{name}]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        trust = (
+            f"root-certificates = {json.dumps(str(self.tls.ca_cert.resolve()))}"
+            if self.tls
+            else "insecure = true"
+        )
+        text += f'\n[superlink.{name}]\naddress = "127.0.0.1:{self.port}"\n{trust}\n'
         config.write_text(text)
 
     def log(self) -> str:
         return (self.home / "superlink.out").read_text(errors="replace")
+
+    def supernode_log(self, index: int) -> str:
+        """What SuperNode ``index`` (in start order) printed."""
+        return (self.home / f"supernode-{index}.out").read_text(errors="replace")
+
+    def register_supernode(self, public_key: Path, connection: str) -> int:
+        """``flwr supernode register KEY CONNECTION``: the node id the SuperLink assigned.
+
+        Under ``--enable-supernode-auth`` only keys registered this way may join.
+        """
+        args = ("supernode", "register", str(public_key), connection, "--format", "json")
+        out = self.flwr(*args, app_dir=self.home, timeout=120)
+        try:
+            return int(json.loads(out.stdout)["node-id"])
+        except (ValueError, KeyError) as exc:
+            raise RuntimeError(
+                f"flwr supernode register failed (exit {out.returncode}): "
+                f"{(out.stdout + out.stderr).strip()[-2000:]}"
+            ) from exc
+
+    def supernode_list(self, connection: str) -> list[dict]:
+        """``flwr supernode ls CONNECTION``: the SuperLink's nodes (``node-id``, ``status``)."""
+        out = self.flwr(
+            "supernode", "ls", connection, "--format", "json", app_dir=self.home, timeout=120
+        )
+        try:
+            return json.loads(out.stdout)["nodes"]
+        except (ValueError, KeyError) as exc:
+            raise RuntimeError(
+                f"flwr supernode ls failed (exit {out.returncode}): "
+                f"{(out.stdout + out.stderr).strip()[-2000:]}"
+            ) from exc
 
     def flwr(self, *args: str, app_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess:
         return subprocess.run(

@@ -1,6 +1,7 @@
 """``fl-run``: one front door for a federated run (``python -m flower_app.run``).
 
-``fl-run [PRESET] [key=value ...] [--federation-config "..."] [--app DIR]`` merges the
+``fl-run [PRESET] [key=value ...] [--federation-config "..." | --connection NAME] [--app DIR]``
+merges the
 app's defaults, a preset and overrides, validates them with ``RunConfig`` before anything
 starts, derives ``num-supernodes`` (and client resources) from them, streams ``flwr run``
 and exits with the run's real outcome: ``flwr run`` itself exits 0 even when the run
@@ -76,6 +77,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help='e.g. "client-resources-num-gpus=0.5"; num-supernodes comes from num-clients',
     )
     parser.add_argument(
+        "--connection",
+        default="",
+        metavar="NAME",
+        help="a SuperLink connection in FLWR_HOME/config.toml (Deployment Engine); "
+        "without it the run goes to the local simulation",
+    )
+    parser.add_argument(
         "--app", type=Path, default=Path.cwd(), metavar="DIR", help="the Flower app folder"
     )
     return parser.parse_intermixed_args(argv)
@@ -101,13 +109,15 @@ def split_items(items: list[str]) -> tuple[Path | None, list[str]]:
     return None, items
 
 
-def merged_run_config(app: Path, items: list[str]) -> dict[str, Any]:
+def merged_run_config(app: Path, items: list[str], local: bool = True) -> dict[str, Any]:
     """Defaults <- preset <- overrides, validated; values typed as the schema reads them.
 
     Typed values (not the overrides' strings) go into the file, so the ServerApp and the
     ClientApps see exactly what was validated here. Relative ``output-dir`` and
     ``data-dir`` become absolute from this shell's directory: a run resolves them from
-    the directory its SuperLink was started in, which need not be this one.
+    the directory its SuperLink was started in, which need not be this one. The
+    prerequisites (data, weights, output folder) are checked here only for a ``local``
+    simulation; in a deployment the ServerApp checks them on the coordinator.
     """
     preset, overrides = split_items(items)
     merged = app_defaults(app)
@@ -118,8 +128,9 @@ def merged_run_config(app: Path, items: list[str]) -> dict[str, Any]:
         value = merged.get(key)
         if isinstance(value, str) and value and not value.startswith("~"):
             merged[key] = str(Path(value).absolute())
-    cfg = RunConfig.from_run_config(merged)  # an unknown key names the closest known ones
-    check_prerequisites(cfg)
+    cfg = RunConfig.from_run_config(merged, check_files=local)  # unknown keys: closest named
+    if local:
+        check_prerequisites(cfg)
     resolved = cfg.to_dict()
     return {key: resolved[key] for key in merged}
 
@@ -184,16 +195,17 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def flwr_run_command(app: Path, run_config: Path, federation: str) -> list[str]:
+def flwr_run_command(app: Path, run_config: Path, federation: str, connection: str) -> list[str]:
+    """``flwr run APP [CONNECTION] --stream --run-config FILE [--federation-config ...]``."""
     return [
         flower_executable("flwr"),
         "run",
         str(app),
+        *([connection] if connection else []),
         "--stream",
         "--run-config",
         str(run_config),
-        "--federation-config",
-        federation,
+        *(["--federation-config", federation] if federation else []),
     ]
 
 
@@ -216,12 +228,13 @@ def flwr_run(command: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
     return proc.returncode, lines
 
 
-def run_status(run_id: int, env: dict[str, str]) -> dict[str, Any]:
+def run_status(run_id: int, env: dict[str, str], connection: str = "") -> dict[str, Any]:
     """The run's ``flwr ls`` entry, waiting (up to STATUS_WAIT_S) until it is finished."""
     deadline = time.monotonic() + STATUS_WAIT_S
+    target = [connection] if connection else []
     while True:
         out = subprocess.run(
-            [flower_executable("flwr"), "ls", "--run-id", str(run_id), "--format", "json"],
+            [flower_executable("flwr"), "ls", *target, "--run-id", str(run_id), "--format", "json"],
             env=env,
             capture_output=True,
             text=True,
@@ -276,16 +289,26 @@ def fail(message: str, code: int) -> int:
 
 
 def prepare(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    """The validated run-config and the federation config; raises ConfigError, starts nothing."""
-    config = merged_run_config(args.app, args.items)
+    """The validated run-config and the federation config ("" for a deployment, whose
+    federation is the SuperNodes that joined); raises ConfigError, starts nothing."""
+    if args.connection and args.federation_config:
+        raise ConfigError(
+            "--federation-config is not allowed with --connection: a deployed federation "
+            "is the SuperNodes that joined its SuperLink"
+        )
+    config = merged_run_config(args.app, args.items, local=not args.connection)
+    if args.connection:
+        return config, ""
     return config, federation_config(args.federation_config, config["num-clients"])
 
 
-def submit(app: Path, config: dict[str, Any], federation: str) -> tuple[int, list[str]]:
+def submit(
+    app: Path, config: dict[str, Any], federation: str, connection: str
+) -> tuple[int, list[str]]:
     """Write the run-config to a temp TOML (flwr reads it at once) and stream the run."""
     with tempfile.TemporaryDirectory(prefix="fl-run-") as tmp:
         toml = write_run_config(Path(tmp) / "run-config.toml", config)
-        return flwr_run(flwr_run_command(app, toml, federation), child_env())
+        return flwr_run(flwr_run_command(app, toml, federation, connection), child_env())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,14 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return fail(f"error: {exc}", EXIT_USAGE)
     try:
-        code, lines = submit(args.app, config, federation)
+        code, lines = submit(args.app, config, federation, args.connection)
     except KeyboardInterrupt:
         return fail(INTERRUPTED, EXIT_INTERRUPTED)
     run_id = started_run_id(lines)
     if run_id is None:
         reason = last_error_line(lines) or (lines[-1] if lines else "(no output)")
         return fail(f"flwr run started no run (exit {code}): {reason}", EXIT_FAILED)
-    return outcome(run_id, run_status(run_id, child_env()), lines)
+    return outcome(run_id, run_status(run_id, child_env(), args.connection), lines)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ record the failures and finish.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,12 +16,15 @@ import subprocess
 import sys
 import time
 import tomllib
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from flower_app.local_superlink import LocalSuperLink
+from flower_app.local_superlink import LocalSuperLink, free_port, pids_with_env
 from tests.conftest import ROOT
+
+RECIPE = ROOT / "scripts" / "deployment_loopback.sh"
 
 pytestmark = pytest.mark.e2e
 
@@ -99,3 +103,44 @@ def test_three_supernodes_with_private_data_survive_a_killed_node(deployment, tm
     assert metrics.loc[3, "failures"] == 1 and metrics.loc[3, "num-examples"] == 6000
     summary = json.loads((results / "deployed" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds"] == 3
+
+
+def _readme_block_after(marker: str) -> str:
+    """The fenced code block that follows ``marker`` in the README."""
+    text = (ROOT / "README.md").read_text()
+    after = text[text.index(marker) :]
+    start = after.index("```bash\n") + len("```bash\n")
+    return after[start : after.index("```", start)]
+
+
+def test_readme_shows_the_recipe_that_the_test_runs():
+    assert _readme_block_after("<!-- deployment recipe -->") == RECIPE.read_text()
+
+
+@pytest.fixture
+def recipe_home(tmp_path):
+    """The recipe's FLWR_HOME; whatever still carries it at the end is killed by PID."""
+    home = tmp_path / "flwr-home"
+    try:
+        yield home
+    finally:
+        for pid in pids_with_env(f"FLWR_HOME={home}".encode()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_the_readme_deployment_recipe_runs(recipe_home, tmp_path):
+    env = os.environ | {"PORT": str(free_port()), "BIN": str(Path(sys.executable).parent)}
+    done = subprocess.run(
+        ["bash", str(RECIPE), str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    summary = json.loads((tmp_path / "results" / "deployed" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds"] == 2
+    partitions = pd.read_csv(tmp_path / "results" / "deployed" / "partitions.csv")
+    assert partitions["num-examples"].tolist() == [3000, 3000, 3000]  # each node's own data

@@ -28,11 +28,14 @@ def flwr(monkeypatch):
         seen["command"], seen["env"] = command, env
         with open(command[command.index("--run-config") + 1], "rb") as f:
             seen["config"] = tomllib.load(f)
-        seen["federation"] = command[command.index("--federation-config") + 1]
+        flag = "--federation-config"
+        seen["federation"] = command[command.index(flag) + 1] if flag in command else None
         return 0, seen["log"]
 
     monkeypatch.setattr(run, "flwr_run", fake_run)
-    monkeypatch.setattr(run, "run_status", lambda run_id, env: seen["status"] | {"id": run_id})
+    monkeypatch.setattr(
+        run, "run_status", lambda run_id, env, connection="": seen["status"] | {"id": run_id}
+    )
     return seen
 
 
@@ -60,6 +63,21 @@ def test_preset_and_overrides_are_merged_and_num_supernodes_follows_num_clients(
     assert config["eval-every"] == 2 and config["checkpoint-every"] == 10  # preset, default
     assert flwr["federation"].split()[0] == "num-supernodes=20"
     assert flwr["command"][1:4] == ["run", str(ROOT), "--stream"]
+
+
+def test_connection_sends_the_run_to_a_deployment_without_local_checks(flwr, monkeypatch):
+    monkeypatch.setattr(prerequisites, "reachable", lambda url, timeout=3.0: False)
+    coordinator_files = ["dataset=cifar100", "data-dir=/coordinator/data", "download=false"]
+    assert _main(QUICK, "num-clients=3", *coordinator_files, "--connection", "lab") == 0
+    command = flwr["command"]
+    assert command[2:5] == [str(ROOT), "lab", "--stream"]
+    assert "--federation-config" not in command  # the federation is the joined SuperNodes
+    assert flwr["config"]["num-clients"] == 3
+
+
+def test_connection_with_federation_config_is_refused(no_processes, capsys):
+    code = _main(QUICK, "--connection", "lab", "--federation-config", "num-supernodes=10")
+    assert "--federation-config is not allowed with --connection" in _one_line_error(capsys, code)
 
 
 def test_relative_output_dir_is_made_absolute_from_here(flwr, tmp_path, monkeypatch):
