@@ -119,6 +119,21 @@ def pids_with_env(marker: bytes) -> list[int]:
     return pids
 
 
+def _superlink_env(home: Path, http_port: int, bin_dir: Path) -> dict[str, str]:
+    """The environment of a SuperLink the caller owns (and of every ``flwr`` that talks to
+    it): its own FLWR_HOME, no per-run installs, Flower's helpers found in ``bin_dir``
+    (Flower starts flower-superexec, flwr-simulation, ... by name)."""
+    path = [str(bin_dir), os.environ.get("PATH", "")]
+    return os.environ.copy() | {
+        "PATH": os.pathsep.join(p for p in path if p),
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
 @dataclass
 class LocalSuperLink:
     """A simulation SuperLink for one test; ``env`` makes ``flwr`` talk to it.
@@ -152,16 +167,7 @@ class LocalSuperLink:
         home.mkdir(parents=True, exist_ok=True)
         http_port = free_port()
         superlink = flower_executable("flower-superlink")
-        # Flower starts flower-superexec, flwr-simulation, ... by name: the same bin first.
-        path = [str(Path(superlink).parent), os.environ.get("PATH", "")]
-        env = os.environ.copy() | {
-            "PATH": os.pathsep.join(p for p in path if p),
-            "FLWR_HOME": str(home),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
-            "PYTHONUNBUFFERED": "1",
-        }
+        env = _superlink_env(home, http_port, Path(superlink).parent)
         log = open(home / "superlink.out", "wb")  # noqa: SIM115 - closed with the process
         process = subprocess.Popen(
             [
@@ -182,15 +188,21 @@ class LocalSuperLink:
             start_new_session=True,
         )
         link = cls(home, env, process, http_port, tls=tls)
+        link.wait_until_healthy(timeout)
+        return link
+
+    def wait_until_healthy(self, timeout: float) -> None:
+        """Return once ``/health`` answers; a SuperLink that exits or stays silent is stopped
+        and reported with the end of its log."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited: {link.log()[-2000:]}")
-            if link.healthy():
-                return link
+            if self.process.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited: {self.log()[-2000:]}")
+            if self.healthy():
+                return
             time.sleep(0.5)
-        link.stop()
-        raise RuntimeError(f"flower-superlink did not answer on port {http_port} in time")
+        self.stop()
+        raise RuntimeError(f"flower-superlink did not answer on port {self.port} in time")
 
     def healthy(self) -> bool:
         """Whether ``/health`` answers (over HTTPS, trusting the CA, when ``tls`` is set)."""

@@ -134,11 +134,20 @@ def plan_for(cfg: RunConfig) -> RoundClock:
 
 
 def build_strategy(
-    cfg: RunConfig, model: torch.nn.Module, partition_to_node: dict[int, int], clock: RoundClock
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    partition_to_node: dict[int, int],
+    clock: RoundClock,
+    shard_sizes: dict[int, int] | None = None,
 ) -> OrderedFedAvg:
-    """The strategy the run-config's ``strategy`` names, on the run's clock."""
+    """The strategy the run-config's ``strategy`` names, on the run's clock.
+
+    ``shard_sizes`` (examples per partition, from the partition query) is the only
+    ``num-examples`` a reply may claim; replies are checked against it.
+    """
     common = {
         "partition_to_node": partition_to_node,
+        "shard_sizes": shard_sizes,
         "clients_per_round": cfg.clients_per_round,
         "seed": cfg.seed,
         "clock": clock,
@@ -290,9 +299,10 @@ def build_components(
     stopwatch: Stopwatch,
 ) -> Components:
     to_node = {int(p[protocol.PARTITION_ID]): p["node-id"] for p in partitions}
+    sizes = {int(p[protocol.PARTITION_ID]): int(p[protocol.NUM_EXAMPLES]) for p in partitions}
     return Components(
         clock,
-        build_strategy(cfg, model, to_node, clock),
+        build_strategy(cfg, model, to_node, clock, sizes),
         MetricsTable(run_dir),
         calibration_table(run_dir),
         BestModel(),

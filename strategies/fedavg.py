@@ -21,6 +21,7 @@ from strategies import protocol
 from strategies.interference import split_interference
 from strategies.plan import RoundClock, RoundPosition
 from strategies.record import RoundRecord
+from strategies.reply_checks import Layout, checked_state, dense_layout, train_metrics_problem
 from strategies.rounds import RetryPolicy, RoundHook, run_plan, send_with_retries
 from strategies.seeds import sample_partitions
 
@@ -90,8 +91,14 @@ class OrderedFedAvg(Strategy):
         lr_at: Callable[[int], float],
         retry: RetryPolicy = NO_RETRIES,
         update_metrics: bool = True,
+        shard_sizes: Mapping[int, int] | None = None,
     ) -> None:
         self.partition_to_node = dict(partition_to_node)
+        self.node_to_partition = {node: pid for pid, node in self.partition_to_node.items()}
+        # examples per partition (the partition query): the only FedAvg weight a reply may claim
+        self.shard_sizes = dict(shard_sizes or {})
+        # replies decoded while checked, reused by the aggregation: id -> (reply, tensors)
+        self.checked: dict[int, tuple[Message, dict[str, torch.Tensor]]] = {}
         self.clients_per_round = clients_per_round
         self.seed = seed
         self.clock = clock
@@ -188,7 +195,7 @@ class OrderedFedAvg(Strategy):
         replies = in_partition_order(replies)
         if not replies:
             raise ValueError(f"round {record.round}: no replies to aggregate")
-        states = [decoded(r) for r in replies]
+        states = [self.reply_state(r) for r in replies]
         mean, metrics = self.average(replies, states)
         record.add({key: float(value) for key, value in metrics.items()})
         record.add(client_compute_metrics([r.content[protocol.METRICS] for r in replies]))
@@ -212,6 +219,45 @@ class OrderedFedAvg(Strategy):
         """The new global weights: dense FedAvg takes the mean as it is."""
         return ArrayRecord(mean)
 
+    # ---- checking replies ----------------------------------------------------------------
+    def train_layout(self, position: RoundPosition, arrays: ArrayRecord) -> Layout:
+        """What a training reply must hold: dense FedAvg, every sent tensor as sent."""
+        return dense_layout(arrays)
+
+    def check_train_reply(self, reply: Message, layout: Layout) -> str:
+        """Why a training reply must not be aggregated ("" when it may); decodes it once.
+
+        Its metrics must name the partition the message went to and that partition's shard
+        size; its arrays must fit ``layout`` and be finite. The decoded tensors are kept
+        for the aggregation (``reply_state``).
+        """
+        pid = self.node_to_partition.get(reply.metadata.src_node_id)
+        metrics = reply.content.metric_records.get(protocol.METRICS)
+        problem = train_metrics_problem(metrics, pid, self.shard_sizes.get(pid))
+        if problem:
+            return rejected(reply, pid, problem)
+        return self.keep_checked(reply, protocol.ARRAYS, layout, pid)
+
+    def keep_checked(
+        self, reply: Message, key: str, layout: Layout, pid: int | None, nonnegative: bool = False
+    ) -> str:
+        """Decode and check the reply's array record ``key``; keep the tensors if they fit."""
+        arrays = reply.content.array_records.get(key)
+        if arrays is None:
+            return rejected(reply, pid, f"no {key!r} record")
+        state, problem = checked_state(arrays, layout, nonnegative)
+        if problem:
+            return rejected(reply, pid, problem)
+        self.checked[id(reply)] = (reply, state)
+        return ""
+
+    def reply_state(self, reply: Message, key: str = protocol.ARRAYS) -> dict[str, torch.Tensor]:
+        """The tensors of a reply: as decoded by its check, else decoded now."""
+        kept = self.checked.get(id(reply))
+        if kept is not None and kept[0] is reply:
+            return kept[1]
+        return reply.content[key].to_torch_state_dict()
+
     # ---- the plan ------------------------------------------------------------------------
     def enter_phase(self, position: RoundPosition, arrays: ArrayRecord) -> None:
         """Called at the first round of each phase (dense FedAvg has only training)."""
@@ -224,22 +270,27 @@ class OrderedFedAvg(Strategy):
     ) -> ArrayRecord:
         """A training round: messages, replies (with retries), the aggregate."""
         record.add({"lr": self.lr(position)})
-        replies = send_with_retries(
-            grid,
-            lambda attempt: self.train_messages(position, arrays, attempt),
-            self.retry,
-            record,
-            self.on_client_failure,
-        )
-        return self.timed_aggregate(arrays, replies, record)
+        layout = self.train_layout(position, arrays)
+        try:
+            replies = send_with_retries(
+                grid,
+                lambda attempt: self.train_messages(position, arrays, attempt),
+                self.retry,
+                record,
+                self.on_client_failure,
+                timed_check(lambda reply: self.check_train_reply(reply, layout), record),
+            )
+            return self.timed_aggregate(arrays, replies, record)
+        finally:
+            self.checked.clear()  # decoded replies live for one round
 
     def timed_aggregate(
         self, base: ArrayRecord, replies: Sequence[Message], record: RoundRecord
     ) -> ArrayRecord:
-        """``aggregate_round`` with its wall time in the record."""
+        """``aggregate_round`` with its wall time added to the checks' in the record."""
         t0 = time.perf_counter()
         arrays = self.aggregate_round(base, replies, record)
-        record.add({"seconds-aggregate": time.perf_counter() - t0})
+        record.count("seconds-aggregate", time.perf_counter() - t0)
         return arrays
 
     # ---- Saveable ------------------------------------------------------------------------
@@ -269,6 +320,27 @@ class OrderedFedAvg(Strategy):
         if num_rounds is not None and num_rounds != self.clock.total_rounds - self.clock.completed:
             raise ValueError(f"num_rounds={num_rounds} disagrees with the plan's remaining rounds")
         return Result(arrays=run_plan(self, self.clock, grid, initial_arrays, hooks))
+
+
+def timed_check(check: Callable[[Message], str], record: RoundRecord) -> Callable[[Message], str]:
+    """``check`` with its wall time counted in ``seconds-aggregate``: it decodes the replies,
+    which the aggregation did before replies were checked."""
+
+    def run(reply: Message) -> str:
+        t0 = time.perf_counter()
+        try:
+            return check(reply)
+        finally:
+            record.count("seconds-aggregate", time.perf_counter() - t0)
+
+    return run
+
+
+def rejected(reply: Message, pid: int | None, problem: str) -> str:
+    """The one-line reason a rejected reply counts as a failed client with: who, and why."""
+    node = reply.metadata.src_node_id
+    source = f"node {node}" if pid is None else f"partition {pid} (node {node})"
+    return f"reply of {source} rejected: {problem}"
 
 
 def client_compute_metrics(metrics: Sequence[MetricRecord]) -> RoundRow:

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 from strategies.plan import RoundPosition
 
+FAILURE_REASONS = "failure-reasons"  # the CSV column: each failed client's one-line reason
+REASON_SEPARATOR = "; "
+
 
 @dataclass
 class RoundRecord:
@@ -43,5 +46,12 @@ class RoundRecord:
         return self.values.get(name, default)
 
     def row(self) -> dict[str, float | str]:
-        """The flat row: round, phase, then the metrics."""
-        return {"round": self.round, "phase": self.phase} | dict(self.values)
+        """The flat row: round, phase, the metrics, and (if any client failed) why.
+
+        ``failure-reasons`` appears only in rounds with failures, so runs without any
+        write the same columns as before.
+        """
+        row = {"round": self.round, "phase": self.phase} | dict(self.values)
+        if self.failure_reasons:
+            row[FAILURE_REASONS] = REASON_SEPARATOR.join(self.failure_reasons)
+        return row

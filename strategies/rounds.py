@@ -41,16 +41,34 @@ def content_bytes(content: RecordDict) -> int:
     return sum(record.count_bytes() for record in content.array_records.values())
 
 
+ReplyCheck = Callable[[Message], str]  # "" when a reply may be aggregated, else the reason
+
+
+def accept_all(reply: Message) -> str:
+    """The default check: every reply without a Flower error is usable."""
+    return ""
+
+
 def usable_replies(
-    replies: Iterable[Message], record: RoundRecord, on_failure: Callable[[int], None]
+    replies: Iterable[Message],
+    record: RoundRecord,
+    on_failure: Callable[[int], None],
+    check: ReplyCheck = accept_all,
 ) -> list[Message]:
-    """Replies without error, in partition order; each failure is counted with its reason."""
+    """Replies without error that pass ``check``, in partition order.
+
+    A Flower error and a rejected reply are the same to a round: a failed client, counted
+    with its one-line reason (printed and kept in the record for the CSVs).
+    """
     valid = []
     for reply in replies:
-        if reply.has_error():
+        failed = reply.has_error()
+        reason = reply.error.reason if failed else check(reply)
+        if failed or reason:
+            reason = " ".join(reason.split())  # one line, whatever the client sent
             on_failure(reply.metadata.src_node_id)
-            record.failure_reasons.append(reply.error.reason)
-            print(f"round {record.round}: client failed: {reply.error.reason}", flush=True)
+            record.failure_reasons.append(reason)
+            print(f"round {record.round}: client failed: {reason}", flush=True)
         else:
             valid.append(reply)
     valid.sort(key=lambda r: int(r.content[protocol.METRICS][protocol.PARTITION_ID]))
@@ -63,9 +81,11 @@ def send_with_retries(
     policy: RetryPolicy,
     record: RoundRecord,
     on_failure: Callable[[int], None] = lambda node_id: None,
+    check: ReplyCheck = accept_all,
 ) -> list[Message]:
     """Send ``build(0)``; while too few replies are usable, send ``build(k)``, k = 1, 2, ...
 
+    A reply is usable when it carries no error and ``check`` finds no reason to reject it.
     Fills the record's ``bytes-down``, ``bytes-up``, ``clients``, ``failures`` and
     ``seconds-clients``; returns the usable replies of the last attempt in partition order.
     """
@@ -76,7 +96,7 @@ def send_with_retries(
         t_sent = time.perf_counter()
         replies = list(grid.send_and_receive(messages, timeout=policy.timeout))
         record.count("seconds-clients", time.perf_counter() - t_sent)
-        valid = usable_replies(replies, record, on_failure)
+        valid = usable_replies(replies, record, on_failure, check)
         failures += len(messages) - len(valid)
         if len(valid) >= policy.min_replies or attempt >= policy.max_retries:
             break

@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from strategies import protocol
-from strategies.fedavg import OrderedFedAvg, example_weights, weighted_average
+from strategies.fedavg import OrderedFedAvg, example_weights, rejected, weighted_average
 from strategies.masks import (
     density_schedule,
     mask_density,
@@ -35,9 +35,12 @@ from strategies.masks import (
 )
 from strategies.plan import CALIBRATION, HEAD_WARMUP, TRAIN, RoundPosition
 from strategies.record import RoundRecord
+from strategies.reply_checks import Layout, fisher_metrics_problem, head_layout, masked_layout
 from strategies.rounds import send_with_retries
 from strategies.seeds import derive_seed
 from strategies.sparse_codec import encode_mask, scatter_masked
+
+FISHER_DTYPE = torch.float32  # what clients/fisher.py returns
 
 
 class SparseFedAvg(OrderedFedAvg):
@@ -117,7 +120,7 @@ class SparseFedAvg(OrderedFedAvg):
 
     def aggregate_fisher(self, replies: Sequence[Message]) -> dict[str, torch.Tensor]:
         """The example-weighted mean Fisher, scattered back to full tensor shapes."""
-        vectors = [r.content[protocol.FISHER].to_torch_state_dict() for r in replies]
+        vectors = [self.reply_state(r, protocol.FISHER) for r in replies]
         mean = weighted_average(vectors, example_weights(replies))
         return {
             n: scatter_masked(torch.zeros(self.mask[n].shape), self.mask[n], mean[n])
@@ -128,14 +131,19 @@ class SparseFedAvg(OrderedFedAvg):
         self, grid: Grid, position: RoundPosition, arrays: ArrayRecord, record: RoundRecord
     ) -> None:
         """Score the trainable entries with the clients' Fisher; keep the schedule's share."""
-        replies = send_with_retries(
-            grid,
-            lambda attempt: self.fisher_messages(position, arrays, attempt),
-            self.retry,
-            record,
-            self.on_client_failure,
-        )
-        fisher, examples = self.aggregate_fisher(replies), sum(example_weights(replies))
+        layout = masked_layout(self.mask, dict.fromkeys(self.mask, FISHER_DTYPE))
+        try:
+            replies = send_with_retries(
+                grid,
+                lambda attempt: self.fisher_messages(position, arrays, attempt),
+                self.retry,
+                record,
+                self.on_client_failure,
+                lambda reply: self.check_fisher_reply(reply, layout),
+            )
+            fisher, examples = self.aggregate_fisher(replies), sum(example_weights(replies))
+        finally:
+            self.checked.clear()  # decoded replies live for one round
         schedule = density_schedule(self.sparsity, position.phase_rounds, self.calibration_schedule)
         target = schedule[position.phase_round - 1]
         record.add({"num-examples": examples, "target-density": target})
@@ -148,6 +156,25 @@ class SparseFedAvg(OrderedFedAvg):
             # entries frozen earlier can never come back: select only among current ones
             self.set_mask(select_mask(scores, target, current=self.mask))
         record.add({"density": mask_density(self.mask)})
+
+    def check_fisher_reply(self, reply: Message, layout: Layout) -> str:
+        """Why a Fisher reply must not be averaged ("" when it may); decodes it once.
+
+        Its metrics must name the partition asked, with at most min(fisher-samples, shard)
+        examples; its values must fit the mask (``layout``), be finite and non-negative.
+        """
+        pid = self.node_to_partition.get(reply.metadata.src_node_id)
+        metrics = reply.content.metric_records.get(protocol.METRICS)
+        problem = fisher_metrics_problem(metrics, pid, self.fisher_limit(pid))
+        if problem:
+            return rejected(reply, pid, problem)
+        return self.keep_checked(reply, protocol.FISHER, layout, pid, nonnegative=True)
+
+    def fisher_limit(self, pid: int | None) -> int | None:
+        """The most examples a node's Fisher uses: min(fisher-samples, its shard), as known."""
+        bounds = (self.fisher_config.get(protocol.FISHER_SAMPLES), self.shard_sizes.get(pid))
+        known = [int(b) for b in bounds if b is not None]
+        return min(known) if known else None
 
     def accumulate_fisher(
         self, fisher: Mapping[str, torch.Tensor], examples: float, last: bool
@@ -170,6 +197,15 @@ class SparseFedAvg(OrderedFedAvg):
 
     def needs_base(self) -> bool:
         return True  # the trained values are written into the sent weights
+
+    def train_layout(self, position: RoundPosition, arrays: ArrayRecord) -> Layout:
+        """What a sparse reply holds: per mask tensor its True entries' values (the codec's
+        layout), and the dense head when it trains (in warm-up the mask is all False)."""
+        dense = super().train_layout(position, arrays)
+        layout = masked_layout(self.mask, {n: dense[n].dtype for n in self.mask})
+        if self.train_head(position):
+            layout |= head_layout(dense)
+        return layout
 
     def client_update(
         self, base: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
