@@ -154,6 +154,7 @@ def build_strategy(
         "lr_at": functools.partial(lr_at_round, cfg=cfg),
         "retry": RetryPolicy(cfg.min_train_clients, cfg.max_round_retries, cfg.round_timeout),
         "update_metrics": cfg.update_metrics,
+        "rejoin_timeout": cfg.node_wait_timeout,
     }
     if cfg.strategy == "fedavg":
         return OrderedFedAvg(**common)

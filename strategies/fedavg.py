@@ -92,6 +92,7 @@ class OrderedFedAvg(Strategy):
         retry: RetryPolicy = NO_RETRIES,
         update_metrics: bool = True,
         shard_sizes: Mapping[int, int] | None = None,
+        rejoin_timeout: float | None = None,
     ) -> None:
         self.partition_to_node = dict(partition_to_node)
         self.node_to_partition = {node: pid for pid, node in self.partition_to_node.items()}
@@ -105,6 +106,27 @@ class OrderedFedAvg(Strategy):
         self.lr_at = lr_at
         self.retry = retry
         self.update_metrics = update_metrics
+        # seconds to wait for a node that joined mid-run to say its partition (None: never ask)
+        self.rejoin_timeout = rejoin_timeout
+
+    # ---- the roster -----------------------------------------------------------------------
+    def adopt(self, node_id: int, partition_id: int, num_examples: int) -> str:
+        """A node that joined mid-run takes over its partition (a restarted SuperNode has a
+        new node id) if it holds that partition's shard; returns what happened, one line."""
+        if partition_id not in self.partition_to_node:
+            last = len(self.partition_to_node) - 1
+            return f"node {node_id} claims partition {partition_id}, not in 0..{last}: ignored"
+        expected = self.shard_sizes.get(partition_id)
+        if expected is not None and num_examples != expected:
+            return (
+                f"node {node_id} claims partition {partition_id} with {num_examples} examples, "
+                f"not its {expected}: ignored"
+            )
+        old = self.partition_to_node[partition_id]
+        self.node_to_partition.pop(old, None)
+        self.partition_to_node[partition_id] = node_id
+        self.node_to_partition[node_id] = partition_id
+        return f"partition {partition_id} is now on node {node_id} (was node {old})"
 
     # ---- deciding ------------------------------------------------------------------------
     def sample(self, position: RoundPosition, count: int, attempt: int) -> list[int]:
@@ -319,7 +341,8 @@ class OrderedFedAvg(Strategy):
         """
         if num_rounds is not None and num_rounds != self.clock.total_rounds - self.clock.completed:
             raise ValueError(f"num_rounds={num_rounds} disagrees with the plan's remaining rounds")
-        return Result(arrays=run_plan(self, self.clock, grid, initial_arrays, hooks))
+        arrays = run_plan(self, self.clock, grid, initial_arrays, hooks, self.rejoin_timeout)
+        return Result(arrays=arrays)
 
 
 def timed_check(check: Callable[[Message], str], record: RoundRecord) -> Callable[[Message], str]:

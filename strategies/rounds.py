@@ -120,11 +120,35 @@ def send_with_retries(
 class PlannedStrategy(Protocol):
     """What ``run_plan`` needs of a strategy."""
 
+    node_to_partition: dict[int, int]
+
+    def adopt(self, node_id: int, partition_id: int, num_examples: int) -> str: ...
+
     def enter_phase(self, position: RoundPosition, arrays: ArrayRecord) -> None: ...
 
     def run_round(
         self, grid: Grid, position: RoundPosition, arrays: ArrayRecord, record: RoundRecord
     ) -> ArrayRecord: ...
+
+
+def adopt_new_nodes(grid: Grid, strategy: PlannedStrategy, timeout: float) -> None:
+    """Ask nodes that joined since the start which partition they hold; the strategy decides
+    whether each takes it over. A SuperNode that died and came back has a new node id, so
+    without this its partition would stay on the dead id and fail every round."""
+    new = [n for n in grid.get_node_ids() if n not in strategy.node_to_partition]
+    if not new:
+        return
+    messages = [
+        Message(RecordDict(), dst_node_id=n, message_type=protocol.QUERY_PARTITION) for n in new
+    ]
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            print(f"node {node} joined but its partition query failed: {reply.error.reason}")
+            continue
+        metrics = reply.content[protocol.METRICS]
+        pid, examples = int(metrics[protocol.PARTITION_ID]), int(metrics[protocol.NUM_EXAMPLES])
+        print(strategy.adopt(node, pid, examples), flush=True)
 
 
 def run_plan(
@@ -133,11 +157,13 @@ def run_plan(
     grid: Grid,
     arrays: ArrayRecord,
     hooks: Sequence[RoundHook],
+    rejoin_timeout: float | None = None,
 ) -> ArrayRecord:
     """Run the clock's remaining rounds; after each (and after round 0 of a fresh run) the hooks.
 
     A resumed clock continues where it stopped; a phase is entered only at its first round,
-    so a resume inside a phase keeps the state the checkpoint restored.
+    so a resume inside a phase keeps the state the checkpoint restored. With
+    ``rejoin_timeout``, nodes that joined since the last round are adopted before each round.
     """
     if clock.completed == 0:
         initial = RoundRecord(clock.position(0))
@@ -146,6 +172,8 @@ def run_plan(
     while not clock.finished:
         position = clock.next_round()
         record = RoundRecord(position)
+        if rejoin_timeout is not None:
+            adopt_new_nodes(grid, strategy, rejoin_timeout)
         if position.phase_round == 1:
             strategy.enter_phase(position, arrays)
         arrays = strategy.run_round(grid, position, arrays, record)
