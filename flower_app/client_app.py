@@ -1,37 +1,43 @@
 """ClientApp: thin handlers that decode a message, call ``clients/``, encode the reply.
 
-Flower rebuilds the ClientApp for every message, but this module lives on in each
-worker process: the model, the dataset tensors and the partition index are cached
-here and reused across rounds, so a round only loads new weights in place.
+Flower rebuilds the ClientApp for every message, but in a simulation this module lives
+on in each worker process: the model, the dataset tensors and the partition index are
+cached here and reused across rounds, so a round only loads new weights in place. The
+Deployment Engine starts a fresh process per message instead, so importing this module
+is kept cheap (no Hugging Face ``datasets``; imports without the cyclic GC).
 """
 
 from __future__ import annotations
 
-import random
-import time
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from flower_app.fast_import import imports_without_gc
 
-import numpy as np
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-from torch import nn
+# a deployment starts this process for every message: see flower_app.fast_import
+with imports_without_gc():
+    import random
+    import time
+    from collections.abc import Mapping
+    from dataclasses import dataclass
+    from pathlib import Path
+    from typing import Any
 
-from clients.fisher import diagonal_fisher
-from clients.sparse_sgdm import SparseSGDM
-from clients.training import train_local
-from flower_app.config import RunConfig
-from flower_app.data_sources import ImageSplit, load_node_data
-from flower_app.model import build_model
-from flower_app.partitioning import partition_indices
-from flower_app.preprocessing import batch_preprocessor, preprocess_batch
-from flower_app.runtime import resolve_device, run_splits, use_bf16
-from strategies import protocol
-from strategies.seeds import derive_seed
-from strategies.sparse_codec import decode_mask, gather_masked
+    import numpy as np
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from torch import nn
+
+    from clients.fisher import diagonal_fisher
+    from clients.sparse_sgdm import SparseSGDM
+    from clients.training import train_local
+    from flower_app.config import RunConfig
+    from flower_app.data_sources import ImageSplit, load_node_data
+    from flower_app.model import build_model
+    from flower_app.partitioning import partition_indices
+    from flower_app.preprocessing import batch_preprocessor, preprocess_batch
+    from flower_app.runtime import resolve_device, run_splits, use_bf16
+    from strategies import protocol
+    from strategies.seeds import derive_seed
+    from strategies.sparse_codec import decode_mask, gather_masked
 
 app = ClientApp()
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -149,3 +152,14 @@ def test_node_without_partition_id_replies_with_the_one_line_error():
     msg = Message(RecordDict(), dst_node_id=1002, message_type=protocol.QUERY_PARTITION)
     (reply,) = grid.send_and_receive([msg])
     assert reply.has_error() and "node-config has no partition-id" in reply.error.reason
+
+
+def test_client_app_import_leaves_out_partitioning_libraries():
+    """Deployment starts a ClientApp process per message; a node with its own data-dir never
+    partitions, so Hugging Face datasets / flwr_datasets (about 0.7 s) must not be imported."""
+    code = (
+        "import sys, flower_app.client_app; "
+        "print(sorted(m for m in ('datasets', 'flwr_datasets') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
