@@ -228,12 +228,15 @@ class LocalSuperLink:
         *,
         connection_args: Sequence[str] | None = None,
         auth_private_key: Path | None = None,
+        cwd: Path | None = None,
     ) -> subprocess.Popen:
         """A SuperNode process connected to this SuperLink (like a separate machine).
 
         ``connection_args`` replaces ``supernode_connection_args()`` (to start one that
         should be refused); ``auth_private_key`` is its ``--auth-supernode-private-key``.
-        Its output goes to ``supernode-<index>.out`` in FLWR_HOME (see ``supernode_log``).
+        Its output goes to ``supernode-<index>.out`` in FLWR_HOME (see ``supernode_log``);
+        ``cwd`` (default FLWR_HOME) is its working directory, so relative paths in a
+        run-config can name files that only the coordinator's processes see.
         """
         index = len(self.supernodes)
         log = open(self.home / f"supernode-{index}.out", "wb")  # noqa: SIM115
@@ -253,7 +256,7 @@ class LocalSuperLink:
                 node_config,
             ],
             env=self.env,
-            cwd=self.home,
+            cwd=cwd or self.home,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -20,8 +20,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from flower_app.local_superlink import LocalSuperLink, free_port, pids_with_env
+from flower_app.model import build_model
 from tests.conftest import ROOT
 
 RECIPE = ROOT / "scripts" / "deployment_loopback.sh"
@@ -38,61 +41,76 @@ def deployment(tmp_path):
         link.stop()
 
 
-def test_three_supernodes_with_private_data_survive_a_killed_node(deployment, tmp_path):
-    nodes = tmp_path / "node-data"
+def _write_node_data(deployment: LocalSuperLink, nodes: Path) -> None:
     quick = str(ROOT / "configs" / "quick.toml")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flower_app.node_data",
-            "--out",
-            str(nodes),
-            "--run-config",
-            quick,
-            "num-clients=3",
-        ],
-        check=True,
-        cwd=ROOT,
-        env=deployment.env,
-        timeout=300,
-    )
-    for i in range(3):
-        deployment.start_supernode(
-            f'partition-id={i} num-partitions=3 data-dir="{nodes / f"partition-{i}"}"'
-        )
-    deployment.add_connection("loopback")
-    results = tmp_path / "results"
+    command = [sys.executable, "-m", "flower_app.node_data", "--out", str(nodes)]
+    command += ["--run-config", quick, "num-clients=3"]
+    subprocess.run(command, check=True, cwd=ROOT, env=deployment.env, timeout=300)
+
+
+def _coordinator_only_weights(deployment: LocalSuperLink) -> str:
+    """Initial weights in the SuperLink's working directory, named by a relative path: the
+    ServerApp (started from there) finds them, the SuperNodes (started elsewhere) cannot."""
+    torch.manual_seed(11)
+    weights = build_model("vit_tiny_test", num_classes=100, image_size=32).state_dict()
+    save_file({k: v.contiguous() for k, v in weights.items()}, deployment.home / "init.safetensors")
+    return "init.safetensors"
+
+
+def _write_run_config(tmp_path: Path, weights: str, results: Path) -> Path:
+    """The quick preset for the 3 SuperNodes, 4 rounds, starting from ``weights``."""
     with open(ROOT / "configs" / "quick.toml", "rb") as f:
         config = tomllib.load(f) | {
+            "weights": "pretrained",
+            "pretrained-path": weights,
             "num-clients": 3,
             "fraction-train": 1.0,
-            "num-server-rounds": 2,
+            "num-server-rounds": 4,
             "eval-every": 1,
             "round-timeout": 180.0,
             "output-dir": str(results),
             "run-name": "deployed",
         }
-    run_config = tmp_path / "run-config.toml"
-    run_config.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in config.items()))
+    path = tmp_path / "run-config.toml"
+    path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in config.items()))
+    return path
+
+
+def _wait_for_round(metrics_csv: Path, round_: int, deployment: LocalSuperLink) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if metrics_csv.exists() and (pd.read_csv(metrics_csv)["round"] >= round_).any():
+            return
+        time.sleep(1)
+    pytest.fail(f"round {round_} did not finish: {deployment.log()[-3000:]}")
+
+
+def test_supernodes_with_private_data_survive_a_killed_node_that_comes_back(deployment, tmp_path):
+    nodes, node_machine = tmp_path / "node-data", tmp_path / "node-machine"
+    node_machine.mkdir()
+    _write_node_data(deployment, nodes)
+    configs = [
+        f'partition-id={i} num-partitions=3 data-dir="{nodes / f"partition-{i}"}"' for i in range(3)
+    ]
+    for node_config in configs:
+        deployment.start_supernode(node_config, cwd=node_machine)
+    deployment.add_connection("loopback")
+    results = tmp_path / "results"
+    run_config = _write_run_config(tmp_path, _coordinator_only_weights(deployment), results)
     metrics_csv = results / "deployed" / "metrics.csv"
 
-    def kill_node_2_after_round_1(run_id: int) -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:  # kill node 2 once round 1 is aggregated
-            if metrics_csv.exists() and (pd.read_csv(metrics_csv)["round"] >= 1).any():
-                break
-            time.sleep(1)
-        else:
-            pytest.fail(f"round 1 of run {run_id} did not finish: {deployment.log()[-3000:]}")
+    def kill_node_2_then_restart_it(run_id: int) -> None:
+        _wait_for_round(metrics_csv, 1, deployment)
         os.killpg(deployment.supernodes[2].pid, signal.SIGKILL)
+        _wait_for_round(metrics_csv, 2, deployment)
+        deployment.start_supernode(configs[2], cwd=node_machine)  # same partition, new id
 
     run = deployment.run_to_end(
         ROOT,
         run_config,
         connection="loopback",
-        timeout=600,
-        on_submitted=kill_node_2_after_round_1,
+        timeout=900,
+        on_submitted=kill_node_2_then_restart_it,
     )
     assert run.completed, (run.run_id, run.status, run.log[-3000:])
     partitions = pd.read_csv(results / "deployed" / "partitions.csv")
@@ -101,8 +119,10 @@ def test_three_supernodes_with_private_data_survive_a_killed_node(deployment, tm
     metrics = pd.read_csv(metrics_csv).set_index("round")
     assert metrics.loc[1, "failures"] == 0 and metrics.loc[1, "num-examples"] == 9000
     assert metrics.loc[2, "failures"] == 1 and metrics.loc[2, "num-examples"] == 6000
+    assert metrics.loc[4, "failures"] == 0 and metrics.loc[4, "num-examples"] == 9000  # back
+    assert "partition 2 is now on node" in run.log
     summary = json.loads((results / "deployed" / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["rounds"] == 2
+    assert summary["status"] == "completed" and summary["rounds"] == 4
 
 
 def _readme_block_after(marker: str) -> str:

@@ -259,30 +259,13 @@ def assert_served_and_refused(link: LocalSuperLink, refused: list[int]) -> None:
         assert "SuperNode ID:" not in log and "Receiving:" not in log, log[-3000:]
 
 
-def test_tls_run_completes_and_untrusting_or_plain_supernodes_never_join(start_link, tmp_path):
-    link = start_link(tls=write_tls_files(tmp_path / "certs"))
+def test_tls_and_supernode_auth_admit_only_trusting_registered_nodes(start_link, tmp_path):
+    """One TLS SuperLink with SuperNode authentication (one run keeps the suite short): the
+    registered nodes join and train; a node with an unregistered key, one without a key,
+    one without the CA and one speaking plain HTTP never join."""
+    link = start_link(tls=write_tls_files(tmp_path / "certs"), supernode_auth=True)
     with pytest.raises(OSError):  # the one port speaks TLS only
         urllib.request.urlopen(f"http://127.0.0.1:{link.port}/health", timeout=5)
-    link.add_connection(CONNECTION)
-    for i, data_dir in enumerate(write_node_data(link, tmp_path / "node-data")):
-        link.start_supernode(node_config(i, data_dir))
-    no_ca = link.start_supernode(node_config(0, tmp_path), connection_args=[])
-    plain = link.start_supernode(node_config(1, tmp_path), connection_args=["--insecure"])
-
-    no_ca_log = wait_for_log(link, 2, "SSL/TLS handshake error", exits=True)
-    assert no_ca.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in no_ca_log, no_ca_log
-    wait_for_log(link, 3, "Connection attempt failed", exits=False)  # retries forever
-    nodes = wait_for_online(link, NUM_NODES)
-    assert len(nodes) == NUM_NODES and ids(nodes) == activated_node_ids(link), nodes
-
-    assert_run_completes(link, tmp_path)  # the ServerApp also fails on more than NUM_NODES
-    assert ids(link.supernode_list(CONNECTION)) == ids(nodes)
-    assert plain.poll() is None, "the --insecure SuperNode was expected to keep retrying"
-    assert_served_and_refused(link, refused=[2, 3])
-
-
-def test_supernode_auth_admits_registered_keys_only(start_link, tmp_path):
-    link = start_link(tls=write_tls_files(tmp_path / "certs"), supernode_auth=True)
     link.add_connection(CONNECTION)
     keys = [write_node_keys(tmp_path / "keys", f"node-{i}") for i in range(NUM_NODES + 1)]
     registered = {link.register_supernode(public, CONNECTION) for _, public in keys[:NUM_NODES]}
@@ -291,18 +274,25 @@ def test_supernode_auth_admits_registered_keys_only(start_link, tmp_path):
 
     for i, data_dir in enumerate(write_node_data(link, tmp_path / "node-data")):
         link.start_supernode(node_config(i, data_dir), auth_private_key=keys[i][0])
-    unknown = link.start_supernode(node_config(0, tmp_path), auth_private_key=keys[-1][0])
-    anonymous = link.start_supernode(node_config(1, tmp_path))  # self-registration is off
-
+    refused = {  # supernode_log index -> the node
+        2: link.start_supernode(node_config(0, tmp_path), auth_private_key=keys[-1][0]),
+        3: link.start_supernode(node_config(1, tmp_path)),  # no key: self-registration is off
+        4: link.start_supernode(node_config(0, tmp_path), connection_args=[]),  # no CA
+        5: link.start_supernode(node_config(1, tmp_path), connection_args=["--insecure"]),
+    }
     wait_for_log(link, 2, "[code: 2004] Failed to activate SuperNode", exits=True)
     wait_for_log(link, 3, "[code: 2001] SuperNode authentication is enabled", exits=True)
-    assert unknown.returncode != 0 and anonymous.returncode != 0
+    no_ca_log = wait_for_log(link, 4, "SSL/TLS handshake error", exits=True)
+    assert "CERTIFICATE_VERIFY_FAILED" in no_ca_log, no_ca_log
+    wait_for_log(link, 5, "Connection attempt failed", exits=False)  # retries forever
+    assert all(refused[i].returncode != 0 for i in (2, 3, 4))
     nodes = wait_for_online(link, NUM_NODES)
     assert ids(nodes) == registered == activated_node_ids(link), nodes
 
-    assert_run_completes(link, tmp_path)
+    assert_run_completes(link, tmp_path)  # the ServerApp also fails on more than NUM_NODES
     assert ids(link.supernode_list(CONNECTION)) == registered
-    assert_served_and_refused(link, refused=[2, 3])
+    assert refused[5].poll() is None, "the --insecure SuperNode was expected to keep retrying"
+    assert_served_and_refused(link, refused=[2, 3, 4, 5])
 
 
 def test_supernode_auth_requires_tls(tmp_path):
