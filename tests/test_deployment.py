@@ -125,6 +125,61 @@ def test_supernodes_with_private_data_survive_a_killed_node_that_comes_back(depl
     assert summary["status"] == "completed" and summary["rounds"] == 4
 
 
+def test_a_restarted_serverapp_resumes_against_the_running_supernodes(deployment, tmp_path):
+    nodes = tmp_path / "node-data"
+    _write_node_data(deployment, nodes)
+    for i in range(3):
+        deployment.start_supernode(
+            f'partition-id={i} num-partitions=3 data-dir="{nodes / f"partition-{i}"}"'
+        )
+    deployment.add_connection("loopback")
+    results = tmp_path / "results"
+    with open(ROOT / "configs" / "quick.toml", "rb") as f:
+        base = tomllib.load(f) | {
+            "num-clients": 3,
+            "fraction-train": 1.0,
+            "num-server-rounds": 2,
+            "eval-every": 1,
+            "checkpoint-every": 1,
+            "round-timeout": 180.0,
+            "output-dir": str(results),
+            "run-name": "resumed",
+        }
+    run_dir = results / "resumed"
+
+    def stop_after_round_1(run_id: int) -> None:
+        _wait_for_round(run_dir / "metrics.csv", 1, deployment)
+        while not (run_dir / "checkpoint.pt").exists():
+            time.sleep(0.5)
+        deployment.stop_run(run_id, ROOT, "loopback")  # the ServerApp ends; nodes keep running
+
+    first = deployment.run_to_end(
+        ROOT,
+        _toml(tmp_path / "first.toml", base),
+        connection="loopback",
+        timeout=600,
+        on_submitted=stop_after_round_1,
+    )
+    assert not first.completed and not (run_dir / "summary.json").exists(), first.status
+    second = deployment.run_to_end(
+        ROOT,
+        _toml(tmp_path / "second.toml", base | {"resume": True}),
+        connection="loopback",
+        timeout=600,
+    )
+    assert second.completed, (second.status, second.log[-3000:])
+    assert "resuming after round" in second.log
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert metrics["round"].tolist() == [0, 1, 2]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["segments"] == 2
+
+
+def _toml(path: Path, config: dict) -> Path:
+    path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in config.items()))
+    return path
+
+
 def _readme_block_after(marker: str) -> str:
     """The fenced code block that follows ``marker`` in the README."""
     text = (ROOT / "README.md").read_text()
