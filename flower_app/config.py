@@ -432,6 +432,19 @@ def explain_insufficient_replies(reason: str, cfg: RunConfig) -> str:
 
 
 # ---- run-configs outside Flower (console scripts, sweeps, benchmarks) -------------------
+def app_defaults(app: Path) -> dict[str, Any]:
+    """The app folder's ``[tool.flwr.app.config]`` (what Flower itself starts from); a folder
+    without it is a one-line ``--app`` error."""
+    try:
+        with open(app / "pyproject.toml", "rb") as f:
+            return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        raise ConfigError(
+            f"--app {str(app)!r} is not allowed: it must be the Flower app folder (with "
+            "pyproject.toml and [tool.flwr.app.config]); run from there or pass --app"
+        ) from None
+
+
 def load_preset(path: Path) -> dict[str, Any]:
     """A TOML run-config preset such as ``configs/quick.toml``, as a dict."""
     try:

@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,13 @@ from typing import Any
 import pandas as pd
 
 from flower_app.checkpoint import CHECKPOINT_NAME
-from flower_app.config import ConfigError, RunConfig, parse_overrides, write_run_config
+from flower_app.config import (
+    ConfigError,
+    RunConfig,
+    app_defaults,
+    parse_overrides,
+    write_run_config,
+)
 from flower_app.local_superlink import LocalSuperLink
 from flower_app.reports import MANIFEST, MANIFEST_COLUMNS, read_summary, write_report
 from flower_app.results import atomic_write_bytes
@@ -84,16 +89,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_app_dir(app: Path) -> Path:
-    """The app folder: it must hold a pyproject.toml with a [tool.flwr.app] table."""
+    """The app folder, resolved: it must hold a pyproject.toml with the app's run-config."""
     app = app.expanduser().resolve()
-    try:
-        with open(app / "pyproject.toml", "rb") as f:
-            tomllib.load(f)["tool"]["flwr"]["app"]
-    except (OSError, KeyError, tomllib.TOMLDecodeError):
-        raise ConfigError(
-            f"--app {str(app)!r} is not allowed: it must be the Flower app folder (with "
-            "pyproject.toml and [tool.flwr.app]); run from there or pass --app"
-        ) from None
+    app_defaults(app)  # raises the one-line --app error
     return app
 
 

@@ -26,6 +26,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 TIMED_OUT = "timeout"  # RunOutcome.status of a run stopped by run_to_end's timeout
 
@@ -295,26 +296,14 @@ class LocalSuperLink:
         """
         args = ("supernode", "register", str(public_key), connection, "--format", "json")
         out = self.flwr(*args, app_dir=self.home, timeout=120)
-        try:
-            return int(json.loads(out.stdout)["node-id"])
-        except (ValueError, KeyError) as exc:
-            raise RuntimeError(
-                f"flwr supernode register failed (exit {out.returncode}): "
-                f"{(out.stdout + out.stderr).strip()[-2000:]}"
-            ) from exc
+        return int(_json_field(out, "node-id", "flwr supernode register failed"))
 
     def supernode_list(self, connection: str) -> list[dict]:
         """``flwr supernode ls CONNECTION``: the SuperLink's nodes (``node-id``, ``status``)."""
         out = self.flwr(
             "supernode", "ls", connection, "--format", "json", app_dir=self.home, timeout=120
         )
-        try:
-            return json.loads(out.stdout)["nodes"]
-        except (ValueError, KeyError) as exc:
-            raise RuntimeError(
-                f"flwr supernode ls failed (exit {out.returncode}): "
-                f"{(out.stdout + out.stderr).strip()[-2000:]}"
-            ) from exc
+        return _json_field(out, "nodes", "flwr supernode ls failed")
 
     def flwr(self, *args: str, app_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -351,13 +340,7 @@ class LocalSuperLink:
             app_dir=app_dir,
             timeout=timeout,
         )
-        try:
-            return int(json.loads(out.stdout)["run-id"])
-        except (ValueError, KeyError) as exc:
-            raise RuntimeError(
-                f"flwr run did not start a run (exit {out.returncode}): "
-                f"{(out.stdout + out.stderr).strip()[-2000:]}"
-            ) from exc
+        return int(_json_field(out, "run-id", "flwr run did not start a run"))
 
     def run_log(self, run_id: int, app_dir: Path, connection: str = "") -> str:
         """What the run's ServerApp printed (``flwr log RUN --show``)."""
@@ -452,6 +435,16 @@ class LocalSuperLink:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+
+
+def _json_field(out: subprocess.CompletedProcess, key: str, failed: str) -> Any:
+    """``key`` of a ``flwr ... --format json`` answer; anything else is a RuntimeError that
+    shows what flwr printed."""
+    try:
+        return json.loads(out.stdout)[key]
+    except (ValueError, KeyError) as exc:
+        shown = (out.stdout + out.stderr).strip()[-2000:]
+        raise RuntimeError(f"{failed} (exit {out.returncode}): {shown}") from exc
 
 
 def _target(connection: str) -> list[str]:

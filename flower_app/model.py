@@ -8,7 +8,7 @@ pretrained weights; clients build the architecture and receive weights in messag
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,15 +171,28 @@ def offline_weights_message() -> str:
     )
 
 
+def hub_weights_problem(
+    name: str,
+    cached: Callable[[str], bool] | None = None,
+    offline: Callable[[], bool] | None = None,
+) -> str:
+    """Why timm's weights for ``name`` cannot be had from the hub, or "": neither in the
+    cache nor reachable. One connection attempt, not the hub client's minute of retries;
+    the prerequisites check and the download ask the same question here."""
+    if (cached or hub_weights_cached)(name) or not (offline or hub_offline)():
+        return ""
+    return (
+        f"the {name} weights are not in the Hugging Face cache and {hub_endpoint()} is "
+        f"unreachable: {offline_weights_message()}"
+    )
+
+
 def _download_hub_weights(name: str) -> dict[str, torch.Tensor]:
-    """Fetch timm's weights from the Hugging Face hub; offline this is a clear, quick error
-    (one connection attempt instead of the hub client's minute of retries)."""
+    """Fetch timm's weights from the Hugging Face hub; offline this is a clear, quick error."""
     spec = MODEL_SPECS[name]
-    if not hub_weights_cached(name) and hub_offline():
-        raise WeightsNotFoundError(
-            f"{spec.hub_id} is not in the Hugging Face cache and {hub_endpoint()} is "
-            f"unreachable; {offline_weights_message()}"
-        )
+    problem = hub_weights_problem(name)
+    if problem:
+        raise WeightsNotFoundError(problem)
     try:
         import timm
 

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 from flower_app.config import ConfigError, RunConfig
 from flower_app.data_sources import CIFAR100_TARBALL, CIFAR100_URL, cifar100_files_present
-from flower_app.model import hub_endpoint, hub_offline, hub_weights_cached, offline_weights_message
+from flower_app.model import hub_weights_problem
 from flower_app.network import reachable
 
 
@@ -48,12 +48,7 @@ def weights_problem(
     ``RunConfig``)."""
     if cfg.weights != "pretrained" or cfg.pretrained_path:
         return ""
-    if (cached or hub_weights_cached)(cfg.model) or not (offline or hub_offline)():
-        return ""
-    return (
-        f"the {cfg.model} weights are not in the Hugging Face cache and {hub_endpoint()} "
-        f"is unreachable: {offline_weights_message()}"
-    )
+    return hub_weights_problem(cfg.model, cached, offline)
 
 
 def output_problem(output_dir: str) -> str:

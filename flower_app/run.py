@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -29,6 +28,7 @@ from typing import Any, NoReturn
 from flower_app.config import (
     ConfigError,
     RunConfig,
+    app_defaults,
     load_preset,
     parse_overrides,
     write_run_config,
@@ -90,18 +90,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # ---- the run-config -------------------------------------------------------------------------
-def app_defaults(app: Path) -> dict[str, Any]:
-    """The app's ``[tool.flwr.app.config]``: what Flower itself starts from."""
-    try:
-        with open(app / "pyproject.toml", "rb") as f:
-            return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
-    except (OSError, KeyError, tomllib.TOMLDecodeError):
-        raise ConfigError(
-            f"--app {str(app)!r} is not allowed: it must be the Flower app folder (with "
-            "pyproject.toml and [tool.flwr.app.config]); run from there or pass --app"
-        ) from None
-
-
 def split_items(items: list[str]) -> tuple[Path | None, list[str]]:
     """An optional leading preset file, then key=value overrides."""
     if items and "=" not in items[0]:

@@ -43,7 +43,7 @@ from flower_app.hooks import (
     Stopwatch,
     calibration_table,
 )
-from flower_app.prerequisites import check_prerequisites, output_problem
+from flower_app.prerequisites import check_prerequisites
 from flower_app.results import RunDirectory, finish_run, partitions_frame
 from flower_app.runtime import (
     ModelEvaluator,
@@ -178,10 +178,8 @@ def build_strategy(
 
 
 def writable_output_dir(output_dir: str) -> Path:
-    """The absolute output folder, created if needed; unwritable is a one-line error."""
-    problem = output_problem(output_dir)
-    if problem:
-        raise ConfigError(problem)
+    """The absolute output folder, created if needed (its writability was checked with the
+    other prerequisites, ``check_prerequisites``); a failing mkdir is a one-line error."""
     path = Path(os.path.expanduser(output_dir)).resolve()
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,11 @@ def quick_run_config(**overrides) -> dict:
     return config
 
 
+def server_context(config: dict) -> Context:
+    """The ServerApp's Context for an in-process run of ``config``."""
+    return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+
+
 def set_task_identity() -> None:
     TaskIdentity.run_id = 1
     TaskIdentity.node_id = 0

@@ -9,15 +9,13 @@ from __future__ import annotations
 import json
 import sys
 
-from flwr.app import Context, RecordDict
-
 from flower_app import client_app, server_app
-from tests.conftest import InProcessGrid
+from tests.conftest import InProcessGrid, server_context
 
 
 def run(config: dict) -> None:
     grid = InProcessGrid(client_app.app, config, num_nodes=int(config["num-clients"]))
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+    context = server_context(config)
     server_app.main(grid, context)
 
 

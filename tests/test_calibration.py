@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from safetensors.torch import load_file
 
 from flower_app import client_app, server_app
@@ -17,7 +17,7 @@ from strategies.plan import CALIBRATION, TRAIN, Phase, RoundClock
 from strategies.record import RoundRecord
 from strategies.sparse_codec import decode_mask, encode_mask
 from strategies.sparse_fedavg import SparseFedAvg
-from tests.conftest import InProcessGrid, quick_run_config
+from tests.conftest import InProcessGrid, quick_run_config, server_context
 
 SMALL = {
     "synthetic_train_per_class": 20,
@@ -84,7 +84,7 @@ def test_damped_round_scores_the_network_with_its_frozen_entries_scaled():
 def _final_mask(tmp_path, name: str, **overrides) -> tuple[dict, InProcessGrid]:
     config = quick_run_config(**(SMALL | overrides), output_dir=str(tmp_path), run_name=name)
     grid = InProcessGrid(client_app.app, config, num_nodes=4)
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+    context = server_context(config)
     server_app.main(grid, context)
     mask = load_file(tmp_path / name / "mask.safetensors")
     return {k: v.bool() for k, v in mask.items()}, grid

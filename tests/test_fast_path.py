@@ -15,7 +15,7 @@ import shutil
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from safetensors.torch import load_file
 
 from flower_app import client_app, server_app
@@ -23,7 +23,7 @@ from flower_app.config import RunConfig
 from flower_app.model import create_initial_model
 from strategies import protocol
 from strategies.fedavg import client_compute_metrics
-from tests.conftest import InProcessGrid, quick_run_config
+from tests.conftest import InProcessGrid, quick_run_config, server_context
 
 ONE_ROUND = {
     "synthetic_train_per_class": 20,
@@ -40,7 +40,7 @@ RTOL = 1e-5
 def _final_weights(tmp_path, name: str, **overrides) -> dict[str, torch.Tensor]:
     config = quick_run_config(**(ONE_ROUND | overrides), output_dir=str(tmp_path), run_name=name)
     grid = InProcessGrid(client_app.app, config, num_nodes=4)
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+    context = server_context(config)
     server_app.main(grid, context)
     return load_file(tmp_path / name / "final_model.safetensors")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import timm
-from flwr.app import Context, RecordDict
 
 from flower_app import client_app, model, prerequisites, server_app
 from flower_app.config import RunConfig
@@ -16,7 +15,7 @@ from flower_app.prerequisites import (
     output_problem,
     weights_problem,
 )
-from tests.conftest import InProcessGrid, quick_run_config
+from tests.conftest import InProcessGrid, quick_run_config, server_context
 
 
 def _cfg(tmp_path, **overrides) -> RunConfig:
@@ -55,7 +54,7 @@ def test_output_problem_creates_nothing(tmp_path):
 def test_every_missing_piece_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(prerequisites, "reachable", lambda url, timeout=3.0: False)
     monkeypatch.setattr(model, "reachable", lambda url, timeout=3.0: False)
-    monkeypatch.setattr(prerequisites, "hub_weights_cached", lambda name: False)
+    monkeypatch.setattr(model, "hub_weights_cached", lambda name: False)
     cfg = RunConfig.from_run_config(
         quick_run_config(
             output_dir="/proc/forbidden",
@@ -103,7 +102,7 @@ def test_server_checks_prerequisites_before_waiting_for_nodes(tmp_path, monkeypa
         output_dir=str(tmp_path), dataset="cifar100", data_dir=str(tmp_path / "data")
     )
     grid = InProcessGrid(client_app.app, config, num_nodes=10)
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+    context = server_context(config)
     with pytest.raises(PrerequisiteError, match=r"www\.cs\.toronto\.edu is unreachable"):
         server_app.main(grid, context)
     assert grid.sent == [] and not any(tmp_path.iterdir())

@@ -7,7 +7,7 @@ from flwr.app import Context, RecordDict
 
 from flower_app import client_app, server_app
 from strategies import protocol
-from tests.conftest import InProcessGrid, quick_run_config
+from tests.conftest import InProcessGrid, quick_run_config, server_context
 
 OLD, NEW = 1002, 2002  # partition 2's node id before and after its restart
 
@@ -51,7 +51,7 @@ def _run(tmp_path, **overrides):
         **overrides,
     )
     grid = RestartingGrid(client_app.app, config, num_nodes=4)
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+    context = server_context(config)
     server_app.main(grid, context)
     return grid, pd.read_csv(tmp_path / "rejoin" / "metrics.csv").set_index("round")
 

@@ -19,7 +19,6 @@ from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
-    Context,
     Error,
     Message,
     MetricRecord,
@@ -47,7 +46,7 @@ from strategies.reply_checks import (
     train_metrics_problem,
 )
 from strategies.rounds import RetryPolicy, send_with_retries
-from tests.conftest import InProcessGrid, quick_run_config
+from tests.conftest import InProcessGrid, quick_run_config, server_context
 
 Tamper = Callable[[Message, Message], Message]  # (message sent, honest reply) -> reply seen
 Tensors = dict[str, torch.Tensor]
@@ -138,7 +137,7 @@ def _examples(reply: Message) -> float:
 def _run(tmp_path, name: str, tamper: Tamper, target: int, **overrides) -> TamperingGrid:
     config = quick_run_config(**(SMALL | overrides), output_dir=str(tmp_path), run_name=name)
     grid = TamperingGrid(config, tamper, target)
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+    context = server_context(config)
     server_app.main(grid, context)
     assert json.loads((tmp_path / name / "summary.json").read_text())["status"] == "completed"
     assert grid.tampered is not None

@@ -7,17 +7,12 @@ import time
 
 import pandas as pd
 import pytest
-from flwr.app import Context, RecordDict
 from flwr.common.config import parse_config_args
 from safetensors.torch import load_file
 
 from flower_app import client_app, server_app
 from flower_app.config import RunConfig
-from tests.conftest import InProcessGrid, quick_run_config
-
-
-def _context(config: dict) -> Context:
-    return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+from tests.conftest import InProcessGrid, quick_run_config, server_context
 
 
 def test_in_process_run_writes_results(tmp_path):
@@ -32,7 +27,7 @@ def test_in_process_run_writes_results(tmp_path):
         run_name="inproc",
     )
     grid = InProcessGrid(client_app.app, config, num_nodes=4)
-    server_app.main(grid, _context(config))
+    server_app.main(grid, server_context(config))
     run = tmp_path / "inproc"
     assert {p.name for p in run.iterdir()} >= {
         "config.json",
@@ -76,7 +71,7 @@ def test_aggregation_does_not_depend_on_reply_order(tmp_path):
         )
         grid = InProcessGrid(client_app.app, config, num_nodes=4)
         grid.reverse_replies = reverse
-        server_app.main(grid, _context(config))
+        server_app.main(grid, server_context(config))
         finals.append(load_file(tmp_path / f"order-{reverse}" / "final_model.safetensors"))
     assert all((finals[0][k] == finals[1][k]).all() for k in finals[0])
 
@@ -86,7 +81,7 @@ def test_wrong_number_of_nodes_fails_fast_with_the_command_to_use(tmp_path):
     grid = InProcessGrid(client_app.app, config, num_nodes=2)
     start = time.monotonic()
     with pytest.raises(server_app.FederationMismatchError) as info:
-        server_app.main(grid, _context(config))
+        server_app.main(grid, server_context(config))
     assert time.monotonic() - start < server_app.NODE_COUNT_SETTLE_S + 3
     message = str(info.value)
     assert '--federation-config "num-supernodes=10"' in message
@@ -104,7 +99,7 @@ def test_existing_run_name_is_refused_before_work(tmp_path):
     config = quick_run_config(output_dir=str(tmp_path), run_name="taken")
     grid = InProcessGrid(client_app.app, config, num_nodes=10)
     with pytest.raises(FileExistsError, match="'run-name' = 'taken'"):
-        server_app.main(grid, _context(config))
+        server_app.main(grid, server_context(config))
 
 
 def test_quick_preset_learns_in_process(tmp_path):
@@ -115,7 +110,7 @@ def test_quick_preset_learns_in_process(tmp_path):
     """
     config = quick_run_config(output_dir=str(tmp_path), run_name="quick")
     grid = InProcessGrid(client_app.app, config, num_nodes=10)
-    server_app.main(grid, _context(config))
+    server_app.main(grid, server_context(config))
     summary = json.loads((tmp_path / "quick" / "summary.json").read_text())
     assert summary["final-val-accuracy"] >= 0.05 and summary["final-test-accuracy"] >= 0.05
     assert pd.read_csv(tmp_path / "quick" / "metrics.csv")["round"].max() == 8
@@ -131,7 +126,7 @@ def test_run_without_a_validation_split_evaluates_nothing_and_finishes(tmp_path)
         output_dir=str(tmp_path),
         run_name="noval",
     )
-    server_app.main(InProcessGrid(client_app.app, config, num_nodes=4), _context(config))
+    server_app.main(InProcessGrid(client_app.app, config, num_nodes=4), server_context(config))
     summary = json.loads((tmp_path / "noval" / "summary.json").read_text())
     assert summary["best-val-round"] is None and summary["final-val-accuracy"] is None
     assert 0.0 <= summary["final-test-accuracy"] <= 1.0

@@ -7,7 +7,6 @@ import json
 import pandas as pd
 import pytest
 import torch
-from flwr.app import Context, RecordDict
 from safetensors.torch import load_file, save_file
 
 from flower_app import client_app, server_app
@@ -15,7 +14,7 @@ from flower_app.config import RunConfig
 from flower_app.model import build_model, create_initial_model
 from strategies import protocol
 from strategies.masks import MASK_STRATEGIES
-from tests.conftest import InProcessGrid, quick_run_config
+from tests.conftest import InProcessGrid, quick_run_config, server_context
 
 SMALL = {
     "synthetic_train_per_class": 20,
@@ -34,7 +33,7 @@ SMALL = {
 def _run(tmp_path, name: str, **overrides) -> tuple[dict, object]:
     config = quick_run_config(**(SMALL | overrides), output_dir=str(tmp_path), run_name=name)
     grid = InProcessGrid(client_app.app, config, num_nodes=4)
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+    context = server_context(config)
     server_app.main(grid, context)
     return config, grid
 
