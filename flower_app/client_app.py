@@ -37,6 +37,7 @@ with imports_without_gc():
     from flower_app.runtime import resolve_device, run_splits, use_bf16
     from strategies import protocol
     from strategies.seeds import derive_seed
+    from strategies.shared_weights import answer_probe, reply_records, take_state
     from strategies.sparse_codec import decode_mask, gather_masked
 
 app = ClientApp()
@@ -186,9 +187,21 @@ def _synchronized_clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _load_weights(model: nn.Module, arrays: ArrayRecord) -> None:
-    """Copy the received weights into the cached model's tensors (no new model)."""
-    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+def _load_weights(model: nn.Module, content: RecordDict) -> float:
+    """Copy the received weights (in the message or by reference) into the cached model's
+    tensors (no new model); returns the seconds it took."""
+    t0 = time.perf_counter()
+    model.load_state_dict(take_state(content, protocol.ARRAYS), strict=True)
+    return time.perf_counter() - t0
+
+
+def _reply_tensors(
+    request: RecordDict, key: str, state: dict[str, torch.Tensor]
+) -> tuple[dict[str, ArrayRecord | ConfigRecord], float]:
+    """The reply's tensors the way the request's weights came, and the seconds it took."""
+    t0 = time.perf_counter()
+    records = reply_records(request, key, state)
+    return records, time.perf_counter() - t0
 
 
 def inject_failure(cfg: RunConfig, config: ConfigRecord, pid: int, kind: str) -> None:
@@ -273,13 +286,18 @@ def _trained_values(
     return sent
 
 
-def _train_metrics(rt: ClientRuntime, pid: int, loss: float, seconds: float) -> MetricRecord:
+def _train_metrics(
+    rt: ClientRuntime, pid: int, loss: float, seconds: tuple[float, float, float]
+) -> MetricRecord:
+    """What a train reply reports; ``seconds``: (load, compute, encode)."""
     metrics = MetricRecord(
         {
             protocol.NUM_EXAMPLES: len(rt.shard),
             protocol.PARTITION_ID: pid,
             protocol.TRAIN_LOSS: loss,
-            protocol.CLIENT_SECONDS: seconds,
+            protocol.CLIENT_SECONDS: seconds[1],
+            protocol.CLIENT_LOAD_SECONDS: seconds[0],
+            protocol.CLIENT_ENCODE_SECONDS: seconds[2],
         }
     )
     if rt.device.type == "cuda":
@@ -291,7 +309,7 @@ def _train_metrics(rt: ClientRuntime, pid: int, loss: float, seconds: float) -> 
 def train(msg: Message, context: Context) -> Message:
     """J local steps from the received global weights: dense SGD, or SparseSGDM on a mask."""
     cfg, pid, rt = node_runtime(context)
-    _load_weights(rt.model, msg.content[protocol.ARRAYS])
+    load_seconds = _load_weights(rt.model, msg.content)
     config = msg.content[protocol.CONFIG]
     inject_failure(cfg, config, pid, "train")
     server_round, lr = int(config[protocol.SERVER_ROUND]), float(config[protocol.LR])
@@ -319,11 +337,11 @@ def train(msg: Message, context: Context) -> Message:
     finally:
         rt.model.requires_grad_(True)  # the cached model is reused by the next message
     seconds = _synchronized_clock(rt.device) - t_start
+    trained = _trained_values(rt, mask, train_head)
+    records, encode_seconds = _reply_tensors(msg.content, protocol.ARRAYS, trained)
+    timings = (load_seconds, seconds, encode_seconds)
     content = RecordDict(
-        {
-            protocol.ARRAYS: ArrayRecord(_trained_values(rt, mask, train_head)),
-            protocol.METRICS: _train_metrics(rt, pid, result.mean_loss, seconds),
-        }
+        {**records, protocol.METRICS: _train_metrics(rt, pid, result.mean_loss, timings)}
     )
     return Message(content, reply_to=msg)
 
@@ -347,7 +365,7 @@ def damp_frozen(model: nn.Module, mask: dict[str, torch.Tensor], damping: float)
 def fisher(msg: Message, context: Context) -> Message:
     """Diagonal Fisher of the currently trainable entries on up to ``fisher-samples`` examples."""
     cfg, pid, rt = node_runtime(context)
-    _load_weights(rt.model, msg.content[protocol.ARRAYS])
+    _load_weights(rt.model, msg.content)
     mask = node_mask(msg, context)
     if mask is None:
         raise RuntimeError("a Fisher query must carry a mask version")
@@ -375,14 +393,9 @@ def fisher(msg: Message, context: Context) -> Message:
         score=str(config.get(protocol.FISHER_SCORE, "log-likelihood")),
     )
     full = {n: scores.get(n, torch.zeros(m.shape, device=rt.device)) for n, m in mask.items()}
-    content = RecordDict(
-        {
-            protocol.FISHER: ArrayRecord(gather_masked(full, mask)),
-            protocol.METRICS: MetricRecord(
-                {protocol.NUM_EXAMPLES: count, protocol.PARTITION_ID: pid}
-            ),
-        }
-    )
+    records, _ = _reply_tensors(msg.content, protocol.FISHER, gather_masked(full, mask))
+    metrics = MetricRecord({protocol.NUM_EXAMPLES: count, protocol.PARTITION_ID: pid})
+    content = RecordDict({**records, protocol.METRICS: metrics})
     return Message(content, reply_to=msg)
 
 
@@ -400,4 +413,8 @@ def query_partition(msg: Message, context: Context) -> Message:
             protocol.CLASS_COUNTS: [int(c) for c in counts],
         }
     )
-    return Message(RecordDict({protocol.METRICS: metrics}), reply_to=msg)
+    content = RecordDict({protocol.METRICS: metrics})
+    probe = answer_probe(msg.content)  # can this node read the server's shared folder?
+    if probe is not None:
+        content[protocol.SHARED_PROBE] = probe
+    return Message(content, reply_to=msg)

@@ -30,6 +30,9 @@ WEIGHTS = ("pretrained", "random")
 LR_SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+# how weights travel: a shared-memory file where the node can read it (auto), or always
+# in the message; "shared-memory" requires every node to read it
+WEIGHTS_TRANSPORTS = ("auto", "message", "shared-memory")
 
 
 class ConfigError(ValueError):
@@ -76,6 +79,7 @@ class RunConfig:
     device: str = "auto"
     precision: str = "auto"
     compile: bool = False  # torch.compile the client model (GPU; ~1 min compile per worker)
+    weights_transport: str = "auto"
     round_timeout: float = 3600.0
     node_wait_timeout: float = 60.0
     update_metrics: bool = True  # per-round cosine / norm ratio of client updates
@@ -159,6 +163,7 @@ class RunConfig:
             "eval-batch-size",
             "device",
             "compile",
+            "weights-transport",
             "data-dir",
             "download",
             "update-metrics",
@@ -211,6 +216,7 @@ class RunConfig:
         _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("device", self.device, DEVICES)
         _choice("precision", self.precision, PRECISIONS)
+        _choice("weights-transport", self.weights_transport, WEIGHTS_TRANSPORTS)
         _choice("mask-strategy", self.mask_strategy, MASK_STRATEGIES)
         _choice("mask-scope", self.mask_scope, MASK_SCOPES)
         _choice("calibration-schedule", self.calibration_schedule, CALIBRATION_SCHEDULES)

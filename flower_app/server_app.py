@@ -53,7 +53,9 @@ from flower_app.runtime import (
     to_device,
 )
 from flower_app.schedule import lr_at_round
+from flower_app.weights_transport import accept_probes, open_carrier
 from strategies import protocol
+from strategies.carrier import WeightCarrier
 from strategies.fedavg import OrderedFedAvg
 from strategies.masks import eligible_names, mask_density, needs_fisher
 from strategies.plan import CALIBRATION, HEAD_WARMUP, TRAIN, Phase, RoundClock
@@ -96,11 +98,13 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float, overrides: str = "
         time.sleep(0.2)
 
 
-def query_partitions(grid: Grid, node_ids: list[int], timeout: float) -> list[dict]:
-    """Ask every node which shard it holds (loads data and partition on each worker once)."""
+def query_partitions(
+    grid: Grid, node_ids: list[int], timeout: float, probe: Callable[[], RecordDict] = RecordDict
+) -> tuple[list[dict], list[Message]]:
+    """Ask every node which shard it holds (loads data and partition on each worker once);
+    the query also carries ``probe()``, the weight carrier's shared-folder probe."""
     messages = [
-        Message(RecordDict(), dst_node_id=nid, message_type=protocol.QUERY_PARTITION)
-        for nid in node_ids
+        Message(probe(), dst_node_id=nid, message_type=protocol.QUERY_PARTITION) for nid in node_ids
     ]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     failed = [r.error.reason for r in replies if r.has_error()]
@@ -116,7 +120,7 @@ def query_partitions(grid: Grid, node_ids: list[int], timeout: float) -> list[di
     pids = sorted(int(r[protocol.PARTITION_ID]) for r in out)
     if pids != list(range(len(node_ids))):
         raise RuntimeError(f"nodes must hold partitions 0..{len(node_ids) - 1}, got {pids}")
-    return out
+    return out, replies
 
 
 def plan_for(cfg: RunConfig) -> RoundClock:
@@ -139,6 +143,7 @@ def build_strategy(
     partition_to_node: dict[int, int],
     clock: RoundClock,
     shard_sizes: dict[int, int] | None = None,
+    carrier: WeightCarrier | None = None,
 ) -> OrderedFedAvg:
     """The strategy the run-config's ``strategy`` names, on the run's clock.
 
@@ -155,6 +160,7 @@ def build_strategy(
         "retry": RetryPolicy(cfg.min_train_clients, cfg.max_round_retries, cfg.round_timeout),
         "update_metrics": cfg.update_metrics,
         "rejoin_timeout": cfg.node_wait_timeout,
+        "carrier": carrier,
     }
     if cfg.strategy == "fedavg":
         return OrderedFedAvg(**common)
@@ -296,12 +302,13 @@ def build_components(
     clock: RoundClock,
     run_dir: RunDirectory,
     stopwatch: Stopwatch,
+    carrier: WeightCarrier,
 ) -> Components:
     to_node = {int(p[protocol.PARTITION_ID]): p["node-id"] for p in partitions}
     sizes = {int(p[protocol.PARTITION_ID]): int(p[protocol.NUM_EXAMPLES]) for p in partitions}
     return Components(
         clock,
-        build_strategy(cfg, model, to_node, clock, sizes),
+        build_strategy(cfg, model, to_node, clock, sizes, carrier),
         MetricsTable(run_dir),
         calibration_table(run_dir),
         BestModel(),
@@ -317,7 +324,9 @@ def resume_from(checkpoint: Checkpoint, components: Components, run_path: Path) 
     return ArrayRecord(checkpoint.arrays)
 
 
-def prepare(grid: Grid, cfg: RunConfig, run_path: Path) -> PreparedRun | None:
+def prepare(
+    grid: Grid, cfg: RunConfig, run_path: Path, carrier: WeightCarrier
+) -> PreparedRun | None:
     """Check, load and build everything; None when a resumed run had finished already."""
     stopwatch, clock = Stopwatch(), plan_for(cfg)
     checkpoint = open_checkpoint(cfg, run_path) if cfg.resume else None
@@ -336,11 +345,12 @@ def prepare(grid: Grid, cfg: RunConfig, run_path: Path) -> PreparedRun | None:
     if checkpoint is not None:
         initial_state = checkpoint.initial
     print(f"asking the {len(node_ids)} nodes for their shards ...", flush=True)
-    partitions = query_partitions(grid, node_ids, cfg.round_timeout)
+    partitions, replies = query_partitions(grid, node_ids, cfg.round_timeout, carrier.probe_content)
+    accept_probes(carrier, replies, cfg)
     run_dir = open_run_dir(cfg, run_path, checkpoint is not None)
     run_dir.write_csv("partitions.csv", partitions_frame(partitions))
     print(f"run directory: {run_dir.path}; plan: {clock.describe()} rounds", flush=True)
-    components = build_components(cfg, model, partitions, clock, run_dir, stopwatch)
+    components = build_components(cfg, model, partitions, clock, run_dir, stopwatch, carrier)
     evaluator = ModelEvaluator(model, cfg, device)
     val, test = to_device(splits.val, device), to_device(splits.test, device)
     evaluate_val = None
@@ -400,11 +410,15 @@ def main(grid: Grid, context: Context) -> None:
     check_prerequisites(cfg)  # output folder, data, weights: every missing piece at once
     output_dir = writable_output_dir(cfg.output_dir)
     run_path = output_dir / cfg.resolved_run_name(time.strftime("%Y%m%d-%H%M%S"))
-    run = prepare(grid, cfg, run_path)
-    if run is None:
-        return
+    carrier = open_carrier(cfg, context.run_id)
     try:
-        result = run.components.strategy.start(grid, run.start, hooks=run.hooks)
-    except InsufficientRepliesError as exc:
-        raise InsufficientRepliesError(explain_insufficient_replies(str(exc), cfg)) from exc
+        run = prepare(grid, cfg, run_path, carrier)
+        if run is None:
+            return
+        try:
+            result = run.components.strategy.start(grid, run.start, hooks=run.hooks)
+        except InsufficientRepliesError as exc:
+            raise InsufficientRepliesError(explain_insufficient_replies(str(exc), cfg)) from exc
+    finally:
+        carrier.close()  # no file of the run outlives it (a killed run's: the next start)
     finish(run, result.arrays)

@@ -13,15 +13,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from strategies import protocol
+from strategies.carrier import WeightCarrier
 from strategies.interference import split_interference
 from strategies.plan import RoundClock, RoundPosition
 from strategies.record import RoundRecord
-from strategies.reply_checks import Layout, checked_state, dense_layout, train_metrics_problem
+from strategies.reply_checks import Layout, dense_layout, train_metrics_problem
 from strategies.rounds import RetryPolicy, RoundHook, run_plan, send_with_retries
 from strategies.seeds import sample_partitions
 
@@ -93,6 +94,7 @@ class OrderedFedAvg(Strategy):
         update_metrics: bool = True,
         shard_sizes: Mapping[int, int] | None = None,
         rejoin_timeout: float | None = None,
+        carrier: WeightCarrier | None = None,
     ) -> None:
         self.partition_to_node = dict(partition_to_node)
         self.node_to_partition = {node: pid for pid, node in self.partition_to_node.items()}
@@ -108,6 +110,10 @@ class OrderedFedAvg(Strategy):
         self.update_metrics = update_metrics
         # seconds to wait for a node that joined mid-run to say its partition (None: never ask)
         self.rejoin_timeout = rejoin_timeout
+        # how weights reach each node (by reference or in the message); message-only by default
+        self.carrier = carrier or WeightCarrier()
+        # the tensors of the current global ArrayRecord, decoded (or aggregated) once
+        self._tensors: tuple[ArrayRecord, dict[str, torch.Tensor]] | None = None
 
     # ---- the roster -----------------------------------------------------------------------
     def adopt(self, node_id: int, partition_id: int, num_examples: int) -> str:
@@ -153,8 +159,22 @@ class OrderedFedAvg(Strategy):
         self, pid: int, arrays: ArrayRecord, config: ConfigRecord, message_type: str
     ) -> Message:
         """The message for one partition's node (sparse strategies add the mask)."""
-        content = RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: config})
-        return Message(content, dst_node_id=self.partition_to_node[pid], message_type=message_type)
+        node = self.partition_to_node[pid]
+        content = self.carrier.weights_for(node, arrays, lambda: self.tensors_of(arrays))
+        content[protocol.CONFIG] = config
+        return Message(content, dst_node_id=node, message_type=message_type)
+
+    def tensors_of(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        """The tensors of a global ArrayRecord, decoded once (read-only: shared by callers)."""
+        if self._tensors is None or self._tensors[0] is not arrays:
+            self._tensors = (arrays, arrays.to_torch_state_dict())
+        return self._tensors[1]
+
+    def global_arrays(self, state: dict[str, torch.Tensor]) -> ArrayRecord:
+        """The ArrayRecord of new global weights, with ``state`` kept as its tensors."""
+        arrays = ArrayRecord(state)
+        self._tensors = (arrays, state)
+        return arrays
 
     def train_messages(
         self, position: RoundPosition, arrays: ArrayRecord, attempt: int
@@ -221,7 +241,7 @@ class OrderedFedAvg(Strategy):
         mean, metrics = self.average(replies, states)
         record.add({key: float(value) for key, value in metrics.items()})
         record.add(client_compute_metrics([r.content[protocol.METRICS] for r in replies]))
-        base_state = base.to_torch_state_dict() if self.needs_base() else {}
+        base_state = self.tensors_of(base) if self.needs_base() else {}
         if self.update_metrics:
             updates = [self.client_update(base_state, state) for state in states]
             record.add(split_interference(updates, example_weights(replies)))
@@ -239,7 +259,7 @@ class OrderedFedAvg(Strategy):
 
     def merge(self, base: Mapping[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> ArrayRecord:
         """The new global weights: dense FedAvg takes the mean as it is."""
-        return ArrayRecord(mean)
+        return self.global_arrays(mean)
 
     # ---- checking replies ----------------------------------------------------------------
     def train_layout(self, position: RoundPosition, arrays: ArrayRecord) -> Layout:
@@ -263,11 +283,9 @@ class OrderedFedAvg(Strategy):
     def keep_checked(
         self, reply: Message, key: str, layout: Layout, pid: int | None, nonnegative: bool = False
     ) -> str:
-        """Decode and check the reply's array record ``key``; keep the tensors if they fit."""
-        arrays = reply.content.array_records.get(key)
-        if arrays is None:
-            return rejected(reply, pid, f"no {key!r} record")
-        state, problem = checked_state(arrays, layout, nonnegative)
+        """Decode and check the reply's tensors ``key`` (in the message or by reference);
+        keep them if they fit."""
+        state, problem = self.carrier.reply_state(reply, key, layout, nonnegative)
         if problem:
             return rejected(reply, pid, problem)
         self.checked[id(reply)] = (reply, state)
@@ -305,11 +323,12 @@ class OrderedFedAvg(Strategy):
             return self.timed_aggregate(arrays, replies, record)
         finally:
             self.checked.clear()  # decoded replies live for one round
+            self.carrier.end_round()
 
     def timed_aggregate(
         self, base: ArrayRecord, replies: Sequence[Message], record: RoundRecord
     ) -> ArrayRecord:
-        """``aggregate_round`` with its wall time added to the checks' in the record."""
+        """``aggregate_round`` with its wall time in the record's ``seconds-aggregate``."""
         t0 = time.perf_counter()
         arrays = self.aggregate_round(base, replies, record)
         record.count("seconds-aggregate", time.perf_counter() - t0)
@@ -346,15 +365,15 @@ class OrderedFedAvg(Strategy):
 
 
 def timed_check(check: Callable[[Message], str], record: RoundRecord) -> Callable[[Message], str]:
-    """``check`` with its wall time counted in ``seconds-aggregate``: it decodes the replies,
-    which the aggregation did before replies were checked."""
+    """``check`` with its wall time counted in ``seconds-decode``: decoding (or mapping) and
+    checking the replies, apart from the aggregation's arithmetic."""
 
     def run(reply: Message) -> str:
         t0 = time.perf_counter()
         try:
             return check(reply)
         finally:
-            record.count("seconds-aggregate", time.perf_counter() - t0)
+            record.count("seconds-decode", time.perf_counter() - t0)
 
     return run
 
@@ -367,7 +386,8 @@ def rejected(reply: Message, pid: int | None, problem: str) -> str:
 
 
 def client_compute_metrics(metrics: Sequence[MetricRecord]) -> RoundRow:
-    """Client compute seconds (slowest client, and the sum) and peak GPU memory of a round.
+    """Client seconds (compute: slowest and sum; loading the weights, encoding the reply:
+    sums) and peak GPU memory of a round.
 
     The slowest client bounds the round when every client has its own worker; the sum
     is the work to share when fewer workers than clients run.
@@ -378,6 +398,13 @@ def client_compute_metrics(metrics: Sequence[MetricRecord]) -> RoundRow:
     if seconds:
         row["seconds-client-compute"] = max(seconds)
         row["seconds-client-compute-sum"] = sum(seconds)
+    for key, column in (
+        (protocol.CLIENT_LOAD_SECONDS, "seconds-client-load-sum"),
+        (protocol.CLIENT_ENCODE_SECONDS, "seconds-client-encode-sum"),
+    ):
+        values = [float(m[key]) for m in metrics if key in m]
+        if values:
+            row[column] = sum(values)
     if memory:
         row["gpu-memory-mb"] = max(memory)
     return row

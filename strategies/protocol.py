@@ -46,3 +46,14 @@ FISHER_SCORE = "fisher-score"
 
 # Reliability
 ATTEMPT = "attempt"  # ConfigRecord: 0 for a round's first sample, k for its k-th retry
+
+# Weights by reference (strategies/shared_weights.py)
+REF_SUFFIX = "-ref"  # ConfigRecord "<key>-ref": a file reference in place of ArrayRecord "<key>"
+SHARED_PROBE = "shared-probe"  # ConfigRecord: a probe file's reference, or the reason for none
+CLIENT_LOAD_SECONDS = "client-load-seconds"  # MetricRecord: decode + load the received weights
+CLIENT_ENCODE_SECONDS = "client-encode-seconds"  # MetricRecord: encode the reply's tensors
+
+
+def ref_key(key: str) -> str:
+    """The ConfigRecord key that carries a reference to the tensors of record ``key``."""
+    return f"{key}{REF_SUFFIX}"

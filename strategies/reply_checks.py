@@ -184,7 +184,8 @@ def train_metrics_problem(
     loss = number(metrics, protocol.TRAIN_LOSS)
     if loss is None or not math.isfinite(loss):
         return f"{protocol.TRAIN_LOSS} {metrics.get(protocol.TRAIN_LOSS)!r} is not a finite number"
-    for key in (protocol.CLIENT_SECONDS, protocol.GPU_MEMORY_MB):
+    timings = (protocol.CLIENT_LOAD_SECONDS, protocol.CLIENT_ENCODE_SECONDS)
+    for key in (protocol.CLIENT_SECONDS, protocol.GPU_MEMORY_MB, *timings):
         if key in metrics and number(metrics, key) is None:
             return f"{key} {metrics[key]!r} is not a number"
     return ""

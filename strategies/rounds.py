@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from strategies import protocol
+from strategies.carrier import WeightCarrier
 from strategies.plan import RoundClock, RoundPosition
 from strategies.record import RoundRecord
 
@@ -37,8 +38,14 @@ RoundHook = Callable[[RoundRecord, ArrayRecord], None]
 
 
 def content_bytes(content: RecordDict) -> int:
-    """Bytes of the arrays in a message (what dominates communication)."""
-    return sum(record.count_bytes() for record in content.array_records.values())
+    """Bytes of the arrays in a message (what dominates communication), also when they
+    travel by reference (the reference states what the message would have carried)."""
+    carried = sum(record.count_bytes() for record in content.array_records.values())
+    return carried + sum(
+        int(record["bytes"])
+        for key, record in content.config_records.items()
+        if key.endswith(protocol.REF_SUFFIX)
+    )
 
 
 ReplyCheck = Callable[[Message], str]  # "" when a reply may be aggregated, else the reason
@@ -86,12 +93,16 @@ def send_with_retries(
     """Send ``build(0)``; while too few replies are usable, send ``build(k)``, k = 1, 2, ...
 
     A reply is usable when it carries no error and ``check`` finds no reason to reject it.
-    Fills the record's ``bytes-down``, ``bytes-up``, ``clients``, ``failures`` and
-    ``seconds-clients``; returns the usable replies of the last attempt in partition order.
+    Fills the record's ``bytes-down``, ``bytes-up``, ``clients``, ``failures``,
+    ``seconds-send`` (building the messages, writing shared weights) and ``seconds-clients``
+    (from sending to the last reply: transport and client work); returns the usable
+    replies of the last attempt in partition order.
     """
     attempt, failures = 0, 0
     while True:
+        t_build = time.perf_counter()
         messages = build(attempt)
+        record.count("seconds-send", time.perf_counter() - t_build)
         record.count("bytes-down", sum(content_bytes(m.content) for m in messages))
         t_sent = time.perf_counter()
         replies = list(grid.send_and_receive(messages, timeout=policy.timeout))
@@ -121,6 +132,7 @@ class PlannedStrategy(Protocol):
     """What ``run_plan`` needs of a strategy."""
 
     node_to_partition: dict[int, int]
+    carrier: WeightCarrier
 
     def adopt(self, node_id: int, partition_id: int, num_examples: int) -> str: ...
 
@@ -139,7 +151,10 @@ def adopt_new_nodes(grid: Grid, strategy: PlannedStrategy, timeout: float) -> No
     if not new:
         return
     messages = [
-        Message(RecordDict(), dst_node_id=n, message_type=protocol.QUERY_PARTITION) for n in new
+        Message(
+            strategy.carrier.probe_content(), dst_node_id=n, message_type=protocol.QUERY_PARTITION
+        )
+        for n in new
     ]
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
@@ -149,6 +164,7 @@ def adopt_new_nodes(grid: Grid, strategy: PlannedStrategy, timeout: float) -> No
         metrics = reply.content[protocol.METRICS]
         pid, examples = int(metrics[protocol.PARTITION_ID]), int(metrics[protocol.NUM_EXAMPLES])
         print(strategy.adopt(node, pid, examples), flush=True)
+        strategy.carrier.accept_probe(node, reply)
 
 
 def run_plan(

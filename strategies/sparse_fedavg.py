@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from strategies import protocol
@@ -78,7 +78,7 @@ class SparseFedAvg(OrderedFedAvg):
     # ---- phases --------------------------------------------------------------------------
     def enter_phase(self, position: RoundPosition, arrays: ArrayRecord) -> None:
         """Warm-up trains no backbone entry; calibration starts from all; training fixes it."""
-        state = arrays.to_torch_state_dict()
+        state = self.tensors_of(arrays)
         if position.phase == HEAD_WARMUP:
             self.set_mask({n: torch.zeros_like(state[n], dtype=torch.bool) for n in self.eligible})
         elif position.phase == CALIBRATION:
@@ -144,13 +144,14 @@ class SparseFedAvg(OrderedFedAvg):
             fisher, examples = self.aggregate_fisher(replies), sum(example_weights(replies))
         finally:
             self.checked.clear()  # decoded replies live for one round
+            self.carrier.end_round()
         schedule = density_schedule(self.sparsity, position.phase_rounds, self.calibration_schedule)
         target = schedule[position.phase_round - 1]
         record.add({"num-examples": examples, "target-density": target})
         if self.calibration_schedule == "average":
             fisher = self.accumulate_fisher(fisher, examples, position.last_of_phase)
         if fisher is not None:
-            state = arrays.to_torch_state_dict()
+            state = self.tensors_of(arrays)
             params = {n: state[n] for n in self.eligible}
             scores = scores_for(self.mask_strategy, params, fisher, self.seed)
             # entries frozen earlier can never come back: select only among current ones
@@ -228,7 +229,7 @@ class SparseFedAvg(OrderedFedAvg):
                 state[name] = scatter_masked(state[name], self.mask[name], values)
             else:
                 state[name] = values.to(state[name].dtype).reshape(state[name].shape)
-        return ArrayRecord(state)
+        return self.global_arrays(state)
 
     # ---- the mask on the wire ------------------------------------------------------------
     def set_mask(self, mask: Mapping[str, torch.Tensor]) -> None:
@@ -245,11 +246,11 @@ class SparseFedAvg(OrderedFedAvg):
         """Weights and config for one node, with the mask only if the node lacks this version."""
         node = self.partition_to_node[pid]
         config = ConfigRecord(dict(config) | {protocol.MASK_VERSION: self.mask_version})
-        content = RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: config})
+        message = super().message_for(pid, arrays, config, message_type)
         if self.node_mask_version.get(node) != self.mask_version:
-            content[protocol.MASK] = encode_mask(self.mask)
+            message.content[protocol.MASK] = encode_mask(self.mask)
             self.node_mask_version[node] = self.mask_version
-        return Message(content, dst_node_id=node, message_type=message_type)
+        return message
 
     # ---- Saveable ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

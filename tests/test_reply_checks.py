@@ -135,6 +135,8 @@ def _examples(reply: Message) -> float:
 
 
 def _run(tmp_path, name: str, tamper: Tamper, target: int, **overrides) -> TamperingGrid:
+    """A run whose replies carry their tensors in the message (the tampering edits them)."""
+    overrides = {"weights_transport": "message"} | overrides
     config = quick_run_config(**(SMALL | overrides), output_dir=str(tmp_path), run_name=name)
     grid = TamperingGrid(config, tamper, target)
     context = server_context(config)

@@ -31,6 +31,8 @@ SMALL = {
 
 
 def _run(tmp_path, name: str, **overrides) -> tuple[dict, object]:
+    """A run whose messages carry the weights (the tests read them back from the grid)."""
+    overrides = {"weights_transport": "message"} | overrides
     config = quick_run_config(**(SMALL | overrides), output_dir=str(tmp_path), run_name=name)
     grid = InProcessGrid(client_app.app, config, num_nodes=4)
     context = server_context(config)

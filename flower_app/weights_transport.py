@@ -1,0 +1,59 @@
+"""The run's weight transport: make the shared folder, probe the nodes, say what was chosen.
+
+``weights-transport = "auto"`` (default) carries weights through a shared-memory file to
+every node that proves, at the start, that it reads the ServerApp's folder and writes
+into it (all nodes of a simulation; SuperNodes on the ServerApp's host), and in the
+message to the others. ``"message"`` never writes a file; ``"shared-memory"`` stops the
+run at the start when a node cannot use the folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import Message
+
+from flower_app.config import ConfigError, RunConfig
+from strategies.carrier import WeightCarrier
+from strategies.shared_weights import ROOT_ENV, RunFolder, shared_root
+
+
+def open_carrier(cfg: RunConfig, run_id: int) -> WeightCarrier:
+    """The run's carrier; with a shared folder unless ``message`` or it cannot be made."""
+    if cfg.weights_transport == "message":
+        return WeightCarrier()
+    root = shared_root()
+    try:
+        return WeightCarrier(RunFolder.create(root, run_id))
+    except OSError as exc:
+        problem = f"cannot create a run folder under {root} ({exc}); set {ROOT_ENV} to a tmpfs"
+        if cfg.weights_transport == "shared-memory":
+            raise ConfigError(f"weights-transport='shared-memory': {problem}") from exc
+        print(f"weights travel in the messages: {problem}", flush=True)
+        return WeightCarrier()
+
+
+def accept_probes(carrier: WeightCarrier, replies: Iterable[Message], cfg: RunConfig) -> None:
+    """Let the carrier judge each node's probe answer; print one line on the outcome."""
+    if carrier.folder is None:
+        return
+    replies = list(replies)
+    failed = {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        reason = carrier.accept_probe(node, reply)
+        if reason:
+            failed[node] = reason
+    line = (
+        f"weights travel by reference ({carrier.folder.path}) to "
+        f"{len(replies) - len(failed)} of {len(replies)} nodes"
+    )
+    if failed:
+        node, reason = next(iter(failed.items()))
+        line += f", in the messages to the others (node {node}: {reason})"
+        if cfg.weights_transport == "shared-memory":
+            raise ConfigError(
+                f"weights-transport='shared-memory' but {len(failed)} node(s) cannot use "
+                f"{carrier.folder.root} (node {node}: {reason}); use 'auto' or 'message'"
+            )
+    print(line, flush=True)

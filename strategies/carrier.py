@@ -1,0 +1,124 @@
+"""How weights travel between the server and each node: by reference or in the message.
+
+The server's side of ``strategies/shared_weights.py``. At the start (and when a node
+joins mid-run) every node is probed: it reads a small file of the run folder and writes
+one back. Nodes that pass get the global weights as a reference to one file per round;
+the others, and every node with ``weights-transport = "message"``, get them in the
+message. Replies come the way the request went; either way they are decoded and checked
+against the same layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from flwr.app import ArrayRecord, Message, RecordDict
+
+from strategies import protocol
+from strategies.reply_checks import Layout, checked_state, state_problem
+from strategies.shared_weights import (
+    RunFolder,
+    SharedWeightsError,
+    WeightRef,
+    read_state,
+    ref_folder,
+    write_state,
+)
+
+PROBE_TENSOR = "probe"
+
+
+class WeightCarrier:
+    """One per run. Without a folder (``weights-transport = "message"``), every message
+    carries its tensors and nothing is written."""
+
+    def __init__(self, folder: RunFolder | None = None) -> None:
+        self.folder = folder
+        self.by_reference: set[int] = set()
+        self._global: tuple[ArrayRecord, WeightRef] | None = None  # this round's written weights
+        self._probe: WeightRef | None = None
+
+    # ---- which nodes read the folder ------------------------------------------------------
+    def probe_content(self) -> RecordDict:
+        """The content of a partition query: with a folder, the reference of a probe file."""
+        if self.folder is None:
+            return RecordDict()
+        if self._probe is None:
+            probe = {PROBE_TENSOR: torch.arange(64, dtype=torch.int64)}
+            self._probe = write_state(self.folder.root, self.folder.name, probe)
+        return RecordDict({protocol.SHARED_PROBE: self._probe.record()})
+
+    def accept_probe(self, node_id: int, reply: Message) -> str:
+        """Mark the node as reading by reference if its reply proves both directions work;
+        returns why not ("" when it does)."""
+        if self.folder is None:
+            return "weights-transport is message"
+        answer = reply.content.config_records.get(protocol.SHARED_PROBE)
+        if answer is None:
+            return "the node did not answer the shared-folder probe"
+        if "problem" in answer:
+            return str(answer["problem"])
+        try:
+            self._read(WeightRef.from_record(answer))
+        except SharedWeightsError as exc:
+            return f"its probe file cannot be read here: {exc}"
+        self.by_reference.add(node_id)
+        return ""
+
+    # ---- sending ----------------------------------------------------------------------------
+    def weights_for(
+        self, node_id: int, arrays: ArrayRecord, tensors: Callable[[], Mapping[str, torch.Tensor]]
+    ) -> RecordDict:
+        """The weights record of a message to ``node_id``: the reference of ``arrays``'
+        file (written once per global model, from ``tensors()``) or ``arrays`` itself."""
+        if self.folder is None or node_id not in self.by_reference:
+            return RecordDict({protocol.ARRAYS: arrays})
+        if self._global is None or self._global[0] is not arrays:
+            ref = write_state(self.folder.root, self.folder.name, tensors())
+            self._global = (arrays, ref)
+        return RecordDict({protocol.ref_key(protocol.ARRAYS): self._global[1].record()})
+
+    # ---- receiving --------------------------------------------------------------------------
+    def reply_state(
+        self, reply: Message, key: str, layout: Layout, nonnegative: bool = False
+    ) -> tuple[dict[str, torch.Tensor], str]:
+        """The tensors of record ``key`` of a reply, checked against ``layout``:
+        ``(tensors, "")``, or ``({}, reason)`` when they must not be aggregated."""
+        ref_record = reply.content.config_records.get(protocol.ref_key(key))
+        if ref_record is None:
+            arrays = reply.content.array_records.get(key)
+            if arrays is None:
+                return {}, f"no {key!r} record"
+            return checked_state(arrays, layout, nonnegative)
+        if reply.metadata.src_node_id not in self.by_reference:
+            return {}, "a weight reference from a node that was not sent one"
+        try:
+            state = self._read(WeightRef.from_record(ref_record))
+        except SharedWeightsError as exc:
+            return {}, str(exc)
+        problem = state_problem(state, layout, nonnegative)
+        if problem:
+            return {}, problem
+        return {name: state[name] for name in layout}, ""  # the file's order is sorted
+
+    def _read(self, ref: WeightRef) -> dict[str, torch.Tensor]:
+        """A file of this run's folder only: a reply cannot point at another run's files."""
+        assert self.folder is not None
+        if ref_folder(ref) != self.folder.name:
+            raise SharedWeightsError(f"{ref.name} is not in this run's folder {self.folder.name}")
+        return read_state(self.folder.root, ref)
+
+    # ---- cleaning up ------------------------------------------------------------------------
+    def end_round(self) -> None:
+        """Remove the round's files (replies, old weights) but the current global weights."""
+        if self.folder is None:
+            return
+        keep = {self._global[1].name.rsplit("/", 1)[1]} if self._global else set()
+        self.folder.clear(keep)
+
+    def close(self) -> None:
+        """Remove the run folder (the end of the run, or its failure)."""
+        if self.folder is not None:
+            self.folder.remove()
+            self._global = None
