@@ -40,6 +40,8 @@ asserted: a shared or busy machine changes them.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -62,6 +64,7 @@ from flower_app.local_superlink import LocalSuperLink, pids_with_env
 from flower_app.model import build_model
 from flower_app.preprocessing import batch_preprocessor
 from flower_app.runtime import use_bf16
+from strategies.shared_weights import shared_root
 
 APP_DIR = Path(__file__).resolve().parents[1]
 CANONICAL_ROUNDS, CANONICAL_EVAL_EVERY = 500, 10
@@ -87,10 +90,21 @@ TINY_FORM: dict[str, Any] = GPU_FORM | {
     "image-size": 32,
     "eval-batch-size": 500,
 }
+# The payload form: the canonical federation and the ViT-S/16 weights (87 MB), but one
+# step of batch 1 at 32 px per client, so a round is mostly the cost of carrying the model.
+PAYLOAD_FORM: dict[str, Any] = GPU_FORM | {
+    "synthetic-train-per-class": 100,
+    "image-size": 32,
+    "local-steps": 1,
+    "batch-size": 1,
+    "eval-batch-size": 500,
+}
 SPARSE: dict[str, Any] = {
     "strategy": "sparse-fedavg",
     "mask-strategy": "lowest_magnitude",  # no calibration rounds: every round trains
     "sparsity": 0.9,
+    "head": "train",  # the dense head trains with the mask's entries (and travels with them)
+    "head-warmup-rounds": 0,  # no warm-up phase: every measured round is a training round
 }
 
 
@@ -128,6 +142,28 @@ def simulation_pids(marker: bytes, keep: int) -> list[int]:
     return [pid for pid in pids_with_env(marker) if pid == keep or _parent_pid(pid) != me]
 
 
+SERVER_PROCESSES = (b"flwr-simulation", b"flwr-serverapp")  # where the ServerApp runs
+
+
+def _is_server(pid: int) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(name in arg for arg in argv[:2] for name in SERVER_PROCESSES)
+
+
+def folder_mb(root: Path) -> float:
+    """Bytes of the files under ``root`` (the shared-memory weights), in MB."""
+    if not root.is_dir():
+        return 0.0
+    total = 0
+    for path in root.rglob("*"):
+        with contextlib.suppress(OSError):  # removed while walking
+            total += path.stat().st_size if path.is_file() else 0
+    return total / 2**20
+
+
 @dataclass
 class MemorySample:
     seconds: float
@@ -135,6 +171,8 @@ class MemorySample:
     rss_mb: float
     pss_mb: float
     processes: int
+    server_pss_mb: float = 0.0  # the process that runs the ServerApp (and, simulated, Ray's driver)
+    shared_mb: float = 0.0  # files of the shared-memory weight folder (tmpfs, in no process)
 
 
 @dataclass
@@ -169,14 +207,16 @@ class MemorySampler:
     def _loop(self) -> None:
         start = time.monotonic()
         while not self._stop.is_set():
-            rss = pss = 0.0
+            rss = pss = server = 0.0
             pids = simulation_pids(self.marker, self.keep_pid)
             for pid in pids:
                 mem = _read_memory_mb(pid)
                 if mem is not None:
                     rss, pss = rss + mem[0], pss + mem[1]
+                    server += mem[1] if _is_server(pid) else 0.0
             rounds = self._rounds_done()
             sample = MemorySample(time.monotonic() - start, rounds, rss, pss, len(pids))
+            sample.server_pss_mb, sample.shared_mb = server, folder_mb(shared_root())
             self.samples.append(sample)
             self._stop.wait(self.interval)
 
@@ -216,6 +256,9 @@ class Floor:
     images: int
     parallel: int  # processes that add up: client workers on a CPU, 1 on a GPU (time slicing)
     bare_round_s: float  # clients x J steps of batch B, shared by ``parallel`` processes
+    copy_floor_s: float = math.nan  # ``copies`` copies of the weights, one thread
+    model_mb: float = math.nan  # the model's weights
+    copies: int = 0  # 2 x clients of a round: every message down and up
 
     @property
     def seconds(self) -> float:
@@ -313,6 +356,27 @@ def _measure_floor(
     )
     best = max(rates, key=lambda k: rates[k])
     return Floor(rates, best, images_per_round, parallel, bare / parallel)
+
+
+def measure_copy_floor(cfg: RunConfig, copies: int, repeats: int = 5) -> tuple[float, float]:
+    """(seconds, MB): ``copies`` copies of the model's weights into preallocated, touched
+    buffers, best of ``repeats``, one thread: a round's messages moved as plain copies."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        state = build_model(cfg.model, cfg.num_classes, cfg.image_size).state_dict()
+        sources = [t.detach().contiguous() for t in state.values()]
+        targets = [torch.zeros_like(t) for t in sources]
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(copies):
+                for target, source in zip(targets, sources, strict=True):
+                    target.copy_(source)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return best, sum(t.numel() * t.element_size() for t in sources) / 2**20
 
 
 # ---- one run through flwr run ----------------------------------------------------------------
@@ -415,6 +479,10 @@ class RoundFigures:
     compute_sum: float  # the clients' compute of a round, summed
     slowest_client: float
     aggregate: float
+    send: float  # server: building the messages (and writing the shared weights file)
+    load_sum: float  # clients: decoding and loading the received weights, summed
+    encode_sum: float  # clients: encoding their replies, summed
+    decode: float  # server: decoding (or mapping) and checking the replies
     eval_s: float  # nan without an evaluation
     gpu_mb: float  # peak allocated per worker; nan on a CPU
     floor: Floor
@@ -430,6 +498,23 @@ class RoundFigures:
     @property
     def communication(self) -> float:
         return self.client_phase - self.client_compute
+
+    @property
+    def transport(self) -> float:
+        """The client phase minus what clients time themselves (spread over the workers):
+        moving messages to and from the workers, scheduling, polling."""
+        return self.client_phase - (self.load_sum + self.compute_sum + self.encode_sum) / (
+            self.workers
+        )
+
+    @property
+    def carrying(self) -> float:
+        """Everything in a round but the bare client compute: the cost of carrying the model."""
+        return self.median_round - self.floor.bare_round_s
+
+    @property
+    def carrying_ratio(self) -> float:
+        return self.carrying / self.floor.copy_floor_s
 
     @property
     def ratio_to_floor(self) -> float:
@@ -462,6 +547,14 @@ class RoundFigures:
             "ratio-to-floor": self.ratio_to_floor,
             "bare-round-s": self.floor.bare_round_s,
             "flower-overhead-s": self.flower_overhead,
+            "send-s": self.send,
+            "client-load-s": self.load_sum / self.workers,
+            "client-encode-s": self.encode_sum / self.workers,
+            "transport-s": self.transport,
+            "decode-s": self.decode,
+            "copy-floor-s": self.floor.copy_floor_s,
+            "carrying-s": self.carrying,
+            "carrying-over-copy-floor": self.carrying_ratio,
             "projected-canonical-s": self.projected_canonical,
         }
 
@@ -481,6 +574,10 @@ def round_figures(spec: RunSpec, metrics: pd.DataFrame, floor: Floor) -> RoundFi
         compute_sum=median("seconds-client-compute-sum"),
         slowest_client=median("seconds-client-compute"),
         aggregate=median("seconds-aggregate"),
+        send=median("seconds-send"),
+        load_sum=median("seconds-client-load-sum"),
+        encode_sum=median("seconds-client-encode-sum"),
+        decode=median("seconds-decode"),
         eval_s=float(evals.median()) if len(evals) else math.nan,
         gpu_mb=float(_col(metrics, "gpu-memory-mb").max()),
         floor=floor,
@@ -492,36 +589,38 @@ def write_round_split(fig: RoundFigures, warmup: int, write: Callable[[str], Non
     write(f"   rounds measured: {len(fig.round_times)} after {warmup} warm-up")
     write(f"   round time (training, eval excluded): {_median_spread(fig.round_times)}")
     write(f"   images/round {fig.images}, images/s {fig.images / fig.median_round:.1f}")
+    w = fig.workers
+    server = fig.send + fig.decode + fig.aggregate
     write(
-        f"   split (medians): client phase {fig.client_phase:.3f} s = client compute "
-        f"{fig.client_compute:.3f} s (sum {fig.compute_sum:.3f} s over {fig.workers} workers; "
-        f"slowest client {fig.slowest_client:.3f} s) + communication/scheduling "
-        f"{fig.communication:.3f} s"
+        f"   split (medians, client parts summed over clients / {w} workers): server send "
+        f"{fig.send:.3f} s; client phase {fig.client_phase:.3f} s = load "
+        f"{fig.load_sum / w:.3f} + compute {fig.client_compute:.3f} + encode "
+        f"{fig.encode_sum / w:.3f} + transport/scheduling {fig.transport:.3f}"
     )
     write(
-        f"                    server aggregation {fig.aggregate:.3f} s, other server "
-        f"{fig.median_round - fig.client_phase - fig.aggregate:.3f} s, evaluation "
-        f"{fig.eval_s:.3f} s (every {fig.eval_every} rounds)"
+        f"                    server receive/decode+check {fig.decode:.3f} s, aggregation "
+        f"{fig.aggregate:.3f} s, other server {fig.median_round - fig.client_phase - server:.3f}"
+        f" s; evaluation {fig.eval_s:.3f} s (every {fig.eval_every} rounds, not in the round)"
     )
+    write(f"   slowest client's compute {fig.slowest_client:.3f} s")
     write(
         "   GPU memory per worker (peak allocated): "
         + (f"{fig.gpu_mb:.0f} MB" if not math.isnan(fig.gpu_mb) else "n/a (CPU run)")
     )
 
 
-def write_against_floor(fig: RoundFigures, tiny: bool, write: Callable[[str], None]) -> None:
+def write_against_floor(fig: RoundFigures, write: Callable[[str], None]) -> None:
     """The median round against the compute floor, and the projected canonical run."""
     floor, median_round = fig.floor, fig.median_round
     write(
         f"   compute floor {floor.seconds:.3f} s ({floor.best}, {floor.rates[floor.best]:.0f} "
         f"img/s x{floor.parallel}): median round / floor = {fig.ratio_to_floor:.2f}x"
     )
-    if tiny:
-        write(
-            f"   Flower path overhead per round: {fig.flower_overhead:.3f} s (median round "
-            f"{median_round:.3f} s - bare client compute {floor.bare_round_s:.3f} s; ratio "
-            f"{median_round / floor.bare_round_s:.2f}x)"
-        )
+    write(
+        f"   carrying cost {fig.carrying:.3f} s (median round {median_round:.3f} s - bare client "
+        f"compute {floor.bare_round_s:.3f} s) / copy floor {floor.copy_floor_s:.3f} s "
+        f"({floor.copies} copies of {floor.model_mb:.0f} MB) = {fig.carrying_ratio:.2f}x"
+    )
     write(
         f"   projected canonical wall time: {CANONICAL_ROUNDS} x {median_round:.3f} s + "
         f"{fig.canonical_evals} x {fig.eval_s:.3f} s eval = {fig.projected_canonical:.0f} s "
@@ -529,7 +628,7 @@ def write_against_floor(fig: RoundFigures, tiny: bool, write: Callable[[str], No
     )
 
 
-def report_run(result: RunResult, floor: Floor, tiny: bool, write: Callable[[str], None]) -> dict:
+def report_run(result: RunResult, floor: Floor, write: Callable[[str], None]) -> dict:
     """Print the figures of one run; return them as a dict (for the JSON report)."""
     spec = result.spec
     write(f"\n== {spec.name}: K={spec.num_clients} ({spec.config['model']}) ==")
@@ -538,7 +637,7 @@ def report_run(result: RunResult, floor: Floor, tiny: bool, write: Callable[[str
         return {"run": spec.name, "ok": False, "detail": result.detail}
     figures = round_figures(spec, result.metrics, floor)
     write_round_split(figures, spec.warmup, write)
-    write_against_floor(figures, tiny, write)
+    write_against_floor(figures, write)
     memory = report_memory(result, write)
     return {
         "run": spec.name,
@@ -569,7 +668,18 @@ def report_memory(result: RunResult, write: Callable[[str], None]) -> dict[str, 
         f"   memory slope over {len(per_round)} rounds: PSS {pss_slope:+.2f} MB/round, "
         f"RSS {rss_slope:+.2f} MB/round"
     )
+    server = per_round["server_pss_mb"]
+    shared_peak = max(s.shared_mb for s in result.memory)
+    write(
+        f"   ServerApp process PSS {last['server_pss_mb']:.0f} MB after the last round (min "
+        f"{server.min():.0f}, max {server.max():.0f} over the rounds; slope "
+        f"{slope_per_round(per_round, 'server_pss_mb'):+.2f} MB/round); shared weight files "
+        f"{last['shared_mb']:.0f} MB after the last round, peak {shared_peak:.0f} MB"
+    )
     return {
+        "server-pss-mb": float(last["server_pss_mb"]),
+        "server-pss-slope-mb-per-round": slope_per_round(per_round, "server_pss_mb"),
+        "shared-files-peak-mb": shared_peak,
         "host-pss-mb": float(last["pss_mb"]),
         "host-rss-mb": float(last["rss_mb"]),
         "host-pss-peak-mb": peak.pss_mb,
@@ -584,6 +694,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument(
         "--tiny", action="store_true", help="the CPU form: tiny ViT at 32 px (default without GPU)"
+    )
+    parser.add_argument(
+        "--payload",
+        action="store_true",
+        help="ViT-S/16 weights at 32 px, J=1, batch 1: the cost of carrying the model",
+    )
+    parser.add_argument(
+        "--weights-transport",
+        default="",
+        help="run-config weights-transport of the runs (default: the app's, auto); several, "
+        "comma-separated, run one after the other",
     )
     parser.add_argument("--rounds", type=int, default=10, help="measured rounds per run")
     parser.add_argument("--warmup", type=int, default=1, help="rounds dropped before measuring")
@@ -625,15 +746,16 @@ def default_federation(device: torch.device) -> str:
 
 
 def print_setup(
-    device: torch.device, tiny: bool, asked_tiny: bool, cfg: RunConfig, federation: str
+    device: torch.device, tiny: bool, args: argparse.Namespace, cfg: RunConfig, federation: str
 ) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    form = "payload" if args.payload else "tiny (CPU)" if tiny else "canonical (GPU)"
     print(
         f"device: {device.type} ({name}), {os.cpu_count()} CPU cores, torch "
-        f"{torch.__version__}; form: {'tiny (CPU)' if tiny else 'canonical (GPU)'}",
+        f"{torch.__version__}; form: {form}; load average {os.getloadavg()[0]:.2f}",
         flush=True,
     )
-    if device.type == "cpu" and not asked_tiny:
+    if device.type == "cpu" and not args.tiny and not args.payload:
         print("no GPU: running the tiny CPU form (vit_tiny_test, 32 px)", flush=True)
     print(
         f"setup: {cfg.model} at {cfg.image_size} px, K={cfg.num_clients}, C={cfg.fraction_train}, "
@@ -643,13 +765,26 @@ def print_setup(
 
 
 def floor_of_round(
-    cfg: RunConfig, device: torch.device, federation: str, compile_floor: bool
+    cfg: RunConfig,
+    device: torch.device,
+    federation: str,
+    compile_floor: bool,
+    batch_sizes: list[int],
 ) -> Floor:
-    """Measure the compute floor with one client worker's threads, and print it."""
+    """Measure the compute floor with one client worker's threads and the copy floor of a
+    round's messages, and print them."""
     workers = workers_of(federation, cfg.clients_per_round)
     threads = max(1, int(float(_resources(federation).get("client-resources-num-cpus", 2))))
     parallel = workers if device.type == "cpu" else 1
-    floor = measure_floor(cfg, device, [64, 128, 256], compile_floor, threads, parallel)
+    floor = measure_floor(cfg, device, batch_sizes, compile_floor, threads, parallel)
+    copies = 2 * cfg.clients_per_round
+    copy_s, model_mb = measure_copy_floor(cfg, copies)
+    floor = dataclasses.replace(floor, copy_floor_s=copy_s, model_mb=model_mb, copies=copies)
+    print(
+        f"copy floor: {copies} copies of the weights ({model_mb:.1f} MB) into preallocated "
+        f"buffers, one thread, best of 5: {copy_s:.3f} s",
+        flush=True,
+    )
     rates = ", ".join(f"{k} {v:.0f}" for k, v in floor.rates.items())
     print(f"compute floor, one process with {threads} thread(s) (img/s): {rates}", flush=True)
     print(
@@ -671,10 +806,15 @@ def run_specs(
 ) -> list[RunSpec]:
     """Dense and sparse runs of ``form``; unless --skip-k1000, the quick model at K=1000
     (and, in the GPU form, at K=100 as its memory reference)."""
-    specs = [
-        RunSpec("dense", form, federation, args.warmup, args.rounds),
-        RunSpec("sparse", form | SPARSE, federation, args.warmup, args.rounds),
-    ]
+    transports = [t.strip() for t in args.weights_transport.split(",") if t.strip()] or [""]
+    specs = []
+    for transport in transports:
+        suffix = f"-{transport}" if len(transports) > 1 else ""
+        chosen = form | ({"weights-transport": transport} if transport else {})
+        specs += [
+            RunSpec(f"dense{suffix}", chosen, federation, args.warmup, args.rounds),
+            RunSpec(f"sparse{suffix}", chosen | SPARSE, federation, args.warmup, args.rounds),
+        ]
     if args.skip_k1000:
         return specs
     quick = TINY_FORM | {"device": device.type}
@@ -724,6 +864,8 @@ def print_memory_by_k(report: list[dict]) -> None:
 def write_benchmark_json(out: Path, device: torch.device, floor: Floor, report: list[dict]) -> None:
     floor_info = {"rates": floor.rates, "best": floor.best, "seconds": floor.seconds}
     floor_info["bare-round-s"] = floor.bare_round_s
+    floor_info |= {"copy-floor-s": floor.copy_floor_s, "copies": floor.copies}
+    floor_info["model-mb"] = floor.model_mb
     (out / "benchmark.json").write_text(
         json.dumps({"device": device.type, "floor": floor_info, "runs": report}, indent=2) + "\n"
     )
@@ -736,20 +878,23 @@ def main(argv: list[str] | None = None) -> int:
     if device is None:
         print("error: --device cuda but this machine sees no GPU", file=sys.stderr)
         return 2
-    tiny = args.tiny or device.type == "cpu"
-    form = (TINY_FORM if tiny else GPU_FORM) | {"device": device.type, "compile": args.compile}
+    tiny = not args.payload and (args.tiny or device.type == "cpu")
+    form = PAYLOAD_FORM if args.payload else TINY_FORM if tiny else GPU_FORM
+    form = form | {"device": device.type, "compile": args.compile}
     federation = args.federation_config or default_federation(device)
     cfg = RunConfig.from_run_config(form)
-    print_setup(device, tiny, args.tiny, cfg, federation)
-    compile_floor = device.type == "cuda" and not args.no_floor_compile
-    floor = floor_of_round(cfg, device, federation, compile_floor)
+    print_setup(device, tiny, args, cfg, federation)
 
     out = args.output_dir or Path(tempfile.mkdtemp(prefix="round-benchmark-"))
     out = out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     results = run_all(run_specs(args, form, federation, device, tiny), out, args.run_timeout)
 
-    report = [report_run(r, floor, tiny, lambda line: print(line, flush=True)) for r in results]
+    # measured right after the runs, in this process, with the runs' processes gone
+    compile_floor = device.type == "cuda" and not args.no_floor_compile and not args.payload
+    batch_sizes = [cfg.batch_size] if args.payload else [64, 128, 256]
+    floor = floor_of_round(cfg, device, federation, compile_floor, batch_sizes)
+    report = [report_run(r, floor, lambda line: print(line, flush=True)) for r in results]
     print_memory_by_k(report)
     write_benchmark_json(out, device, floor, report)
     print(f"\nresults: {out} (benchmark.json, one folder per run)")

@@ -46,7 +46,11 @@ class WeightCarrier:
             return RecordDict()
         if self._probe is None:
             probe = {PROBE_TENSOR: torch.arange(64, dtype=torch.int64)}
-            self._probe = write_state(self.folder.root, self.folder.name, probe)
+            try:
+                self._probe = write_state(self.folder.root, self.folder.name, probe)
+            except SharedWeightsError as exc:  # no probe: every node answers "no probe"
+                print(f"weights travel in the messages: {exc}", flush=True)
+                return RecordDict()
         return RecordDict({protocol.SHARED_PROBE: self._probe.record()})
 
     def accept_probe(self, node_id: int, reply: Message) -> str:
@@ -75,8 +79,12 @@ class WeightCarrier:
         if self.folder is None or node_id not in self.by_reference:
             return RecordDict({protocol.ARRAYS: arrays})
         if self._global is None or self._global[0] is not arrays:
-            ref = write_state(self.folder.root, self.folder.name, tensors())
-            self._global = (arrays, ref)
+            try:
+                self._global = (arrays, write_state(self.folder.root, self.folder.name, tensors()))
+            except SharedWeightsError as exc:  # e.g. a full tmpfs: messages from now on
+                print(f"weights travel in the messages from now on: {exc}", flush=True)
+                self.by_reference.clear()
+                return RecordDict({protocol.ARRAYS: arrays})
         return RecordDict({protocol.ref_key(protocol.ARRAYS): self._global[1].record()})
 
     # ---- receiving --------------------------------------------------------------------------
@@ -111,11 +119,12 @@ class WeightCarrier:
 
     # ---- cleaning up ------------------------------------------------------------------------
     def end_round(self) -> None:
-        """Remove the round's files (replies, old weights) but the current global weights."""
+        """Remove the round's files (replies, old weights) but the current global weights
+        and the probe (a node that joins later is probed with it)."""
         if self.folder is None:
             return
-        keep = {self._global[1].name.rsplit("/", 1)[1]} if self._global else set()
-        self.folder.clear(keep)
+        kept = [ref for ref in (self._global and self._global[1], self._probe) if ref]
+        self.folder.clear({ref.name.rsplit("/", 1)[1] for ref in kept})
 
     def close(self) -> None:
         """Remove the run folder (the end of the run, or its failure)."""

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import xxhash
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from strategies import protocol
@@ -94,6 +94,7 @@ def write_state(root: Path, folder: str, state: Mapping[str, torch.Tensor]) -> W
     """Write ``state`` into ``root/folder`` under its digest; atomic (temp file, rename).
 
     A reader never sees a partial file: the final name exists only once it is complete.
+    Any failure to write (missing folder, full tmpfs) is a ``SharedWeightsError``.
     """
     directory = root / folder
     tmp = directory / f".{uuid.uuid4().hex}.tmp"
@@ -102,6 +103,8 @@ def write_state(root: Path, folder: str, state: Mapping[str, torch.Tensor]) -> W
         save_file(tensors, str(tmp))
         digest = file_digest(tmp)
         os.replace(tmp, directory / f"{digest}{SUFFIX}")
+    except (OSError, SafetensorError) as exc:
+        raise SharedWeightsError(f"cannot write into {directory}: {exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
     return WeightRef(f"{folder}/{digest}{SUFFIX}", digest, message_bytes(tensors))
@@ -109,8 +112,10 @@ def write_state(root: Path, folder: str, state: Mapping[str, torch.Tensor]) -> W
 
 def resolve(root: Path, name: str) -> Path:
     """``root/name`` for a reference name of the form ``<folder>/<file>.safetensors``."""
-    parts = PurePosixPath(name).parts
-    if len(parts) != 2 or any(p in ("", ".", "..") for p in parts) or not name.endswith(SUFFIX):
+    path = PurePosixPath(name)
+    parts = path.parts
+    bad_part = any(p in ("", ".", "..") or "/" in p for p in parts)
+    if path.is_absolute() or len(parts) != 2 or bad_part or not name.endswith(SUFFIX):
         raise SharedWeightsError(f"weight reference {name!r} is not '<folder>/<file>{SUFFIX}'")
     return root / parts[0] / parts[1]
 
@@ -152,7 +157,7 @@ def reply_records(
         try:
             ref = write_state(shared_root(), ref_folder(WeightRef.from_record(sent)), state)
             return {protocol.ref_key(key): ref.record()}
-        except OSError as exc:  # a full or vanished tmpfs: the message path still works
+        except SharedWeightsError as exc:  # a full or vanished tmpfs: the message still works
             print(f"reply in the message: cannot write to {shared_root()}: {exc}", flush=True)
     return {key: ArrayRecord(dict(state))}
 
@@ -168,7 +173,7 @@ def answer_probe(request: RecordDict) -> ConfigRecord | None:
         seen = read_state(shared_root(), ref)
         mine = {name: t.flip(0) for name, t in seen.items()}  # another file than the probe
         answer = write_state(shared_root(), ref_folder(ref), mine)
-    except (SharedWeightsError, OSError) as exc:
+    except SharedWeightsError as exc:
         return ConfigRecord({"problem": " ".join(str(exc).split())})
     return answer.record()
 
