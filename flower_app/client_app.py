@@ -22,6 +22,7 @@ with imports_without_gc():
 
     import numpy as np
     import torch
+    import xxhash
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from torch import nn
@@ -187,21 +188,10 @@ def _synchronized_clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _load_weights(model: nn.Module, content: RecordDict) -> float:
+def _load_weights(model: nn.Module, content: RecordDict) -> None:
     """Copy the received weights (in the message or by reference) into the cached model's
-    tensors (no new model); returns the seconds it took."""
-    t0 = time.perf_counter()
+    tensors (no new model)."""
     model.load_state_dict(take_state(content, protocol.ARRAYS), strict=True)
-    return time.perf_counter() - t0
-
-
-def _reply_tensors(
-    request: RecordDict, key: str, state: dict[str, torch.Tensor]
-) -> tuple[dict[str, ArrayRecord | ConfigRecord], float]:
-    """The reply's tensors the way the request's weights came, and the seconds it took."""
-    t0 = time.perf_counter()
-    records = reply_records(request, key, state)
-    return records, time.perf_counter() - t0
 
 
 def inject_failure(cfg: RunConfig, config: ConfigRecord, pid: int, kind: str) -> None:
@@ -234,7 +224,23 @@ def node_mask(msg: Message, context: Context) -> dict[str, torch.Tensor] | None:
     held = context.state.get(protocol.MASK_VERSION)
     if held is None or int(held[protocol.MASK_VERSION]) != version:
         raise RuntimeError(f"node holds no mask of version {version}; the server must send it")
-    return decode_mask(context.state[protocol.MASK])
+    return _decoded_mask(context.state[protocol.MASK])
+
+
+_MASK: list[tuple[str, dict[str, torch.Tensor]]] = []  # this process's last decoded mask
+
+
+def _decoded_mask(packed: ArrayRecord) -> dict[str, torch.Tensor]:
+    """``decode_mask``, once per mask in a worker process: every node of a simulation
+    holds the same mask, which would otherwise be unpacked for every message."""
+    digest = xxhash.xxh3_128()
+    for name, array in packed.items():
+        digest.update(name.encode())
+        digest.update(array.data)
+    key = digest.hexdigest()
+    if not _MASK or _MASK[0][0] != key:
+        _MASK[:] = [(key, decode_mask(packed))]
+    return _MASK[0][1]
 
 
 def _sparse_optimizer(
@@ -309,11 +315,13 @@ def _train_metrics(
 def train(msg: Message, context: Context) -> Message:
     """J local steps from the received global weights: dense SGD, or SparseSGDM on a mask."""
     cfg, pid, rt = node_runtime(context)
-    load_seconds = _load_weights(rt.model, msg.content)
+    t_load = time.perf_counter()
+    _load_weights(rt.model, msg.content)
     config = msg.content[protocol.CONFIG]
     inject_failure(cfg, config, pid, "train")
     server_round, lr = int(config[protocol.SERVER_ROUND]), float(config[protocol.LR])
     mask = node_mask(msg, context)
+    load_seconds = time.perf_counter() - t_load  # the weights and the mask
     train_head = bool(config.get(protocol.TRAIN_HEAD, True))
     optimizer = _optimizer(rt, mask, train_head, lr, cfg)
     batch_gen, augment_gen = _generators(cfg, ("batches", "augment"), server_round, pid, rt.device)
@@ -337,8 +345,10 @@ def train(msg: Message, context: Context) -> Message:
     finally:
         rt.model.requires_grad_(True)  # the cached model is reused by the next message
     seconds = _synchronized_clock(rt.device) - t_start
+    t_encode = time.perf_counter()
     trained = _trained_values(rt, mask, train_head)
-    records, encode_seconds = _reply_tensors(msg.content, protocol.ARRAYS, trained)
+    records = reply_records(msg.content, protocol.ARRAYS, trained)
+    encode_seconds = time.perf_counter() - t_encode
     timings = (load_seconds, seconds, encode_seconds)
     content = RecordDict(
         {**records, protocol.METRICS: _train_metrics(rt, pid, result.mean_loss, timings)}
@@ -393,7 +403,7 @@ def fisher(msg: Message, context: Context) -> Message:
         score=str(config.get(protocol.FISHER_SCORE, "log-likelihood")),
     )
     full = {n: scores.get(n, torch.zeros(m.shape, device=rt.device)) for n, m in mask.items()}
-    records, _ = _reply_tensors(msg.content, protocol.FISHER, gather_masked(full, mask))
+    records = reply_records(msg.content, protocol.FISHER, gather_masked(full, mask))
     metrics = MetricRecord({protocol.NUM_EXAMPLES: count, protocol.PARTITION_ID: pid})
     content = RecordDict({**records, protocol.METRICS: metrics})
     return Message(content, reply_to=msg)

@@ -26,6 +26,11 @@ UPDATE_METRICS = ("update-cosine", "update-norm-ratio", "update-norm")
 HEAD_UPDATE_METRICS = tuple(f"head-{m}" for m in UPDATE_METRICS)
 
 
+def gram_of_rows(rows: torch.Tensor) -> torch.Tensor:
+    """``rows @ rows.T`` in float64 for one tensor's updates stacked as ``n x numel`` rows."""
+    return (rows @ rows.T).to(device="cpu", dtype=torch.float64)
+
+
 def update_gram(updates: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
     """``G[i, j] = <u_i, u_j>`` over all floating tensors (float64, shape n x n)."""
     if not updates:
@@ -35,9 +40,36 @@ def update_gram(updates: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
     for name, first in updates[0].items():
         if not first.is_floating_point():
             continue
-        stacked = torch.stack([u[name].reshape(-1).to(torch.float32) for u in updates])
-        gram += (stacked @ stacked.T).to(device="cpu", dtype=torch.float64)
+        gram += gram_of_rows(torch.stack([u[name].reshape(-1).to(torch.float32) for u in updates]))
     return gram
+
+
+class SplitGram:
+    """The Gram matrices of a round's updates, backbone and head apart, added tensor by
+    tensor: the strategies stack one tensor's updates at a time into a reused buffer, so
+    no client's whole update is ever built (``split_interference`` on the same updates
+    gives the same numbers)."""
+
+    def __init__(self, n: int, head_prefix: str = protocol.HEAD_PREFIX) -> None:
+        self.backbone = torch.zeros(n, n, dtype=torch.float64)
+        self.head: torch.Tensor | None = None  # None until a head tensor is added
+        self.head_prefix = head_prefix
+
+    def add(self, name: str, rows: torch.Tensor) -> None:
+        """Add tensor ``name``'s updates, one float32 row per client."""
+        if not name.startswith(self.head_prefix):
+            self.backbone += gram_of_rows(rows)
+            return
+        if self.head is None:
+            self.head = torch.zeros_like(self.backbone)
+        self.head += gram_of_rows(rows)
+
+    def metrics(self, weights: Sequence[float]) -> dict[str, float]:
+        """``update-*`` of the backbone, and ``head-update-*`` when a head tensor was added."""
+        out = gram_metrics(self.backbone, weights)
+        if self.head is not None:
+            out |= {f"head-{k}": v for k, v in gram_metrics(self.head, weights).items()}
+        return out
 
 
 def interference_metrics(
@@ -50,9 +82,15 @@ def interference_metrics(
     """
     if len(updates) != len(weights):
         raise ValueError("interference_metrics needs one weight per update")
-    gram = update_gram(updates)
+    return gram_metrics(update_gram(updates), weights)
+
+
+def gram_metrics(gram: torch.Tensor, weights: Sequence[float]) -> dict[str, float]:
+    """The three metrics from the Gram matrix of n updates and their FedAvg weights."""
+    if gram.shape[0] != len(weights):
+        raise ValueError("interference_metrics needs one weight per update")
     norms = gram.diagonal().clamp_min(0).sqrt()
-    n = len(updates)
+    n = gram.shape[0]
     cosines = [
         float(gram[i, j] / (norms[i] * norms[j]))
         for i in range(n)

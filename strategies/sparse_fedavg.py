@@ -70,6 +70,7 @@ class SparseFedAvg(OrderedFedAvg):
         self.warmup_lr = warmup_lr
         self.mask: dict[str, torch.Tensor] = {}
         self.mask_version = 0
+        self._encoded: tuple[int, ArrayRecord] | None = None  # (version, packed mask)
         self.node_mask_version: dict[int, int] = {}
         # "average" schedule: example-weighted Fisher summed over the calibration rounds
         self.fisher_sum: dict[str, torch.Tensor] = {}
@@ -196,9 +197,6 @@ class SparseFedAvg(OrderedFedAvg):
         out[protocol.TRAIN_HEAD] = self.train_head(position)
         return out
 
-    def needs_base(self) -> bool:
-        return True  # the trained values are written into the sent weights
-
     def train_layout(self, position: RoundPosition, arrays: ArrayRecord) -> Layout:
         """What a sparse reply holds: per mask tensor its True entries' values (the codec's
         layout), and the dense head when it trains (in warm-up the mask is all False)."""
@@ -208,18 +206,14 @@ class SparseFedAvg(OrderedFedAvg):
             layout |= head_layout(dense)
         return layout
 
-    def client_update(
-        self, base: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """A client's update: its values minus the sent ones at the same (masked) entries."""
-        out = {}
-        for name, values in state.items():
-            if not values.is_floating_point():
-                continue
-            sent = base[name]
-            sent = sent[self.mask[name]] if name in self.mask else sent.reshape(values.shape)
-            out[name] = values - sent.to(values.dtype)
-        return out
+    def sent_values(
+        self, base: Mapping[str, torch.Tensor], name: str, values: torch.Tensor
+    ) -> torch.Tensor:
+        """The sent values at the mask's True entries (once per tensor, not per client);
+        the dense head as it was sent."""
+        sent = base[name]
+        sent = sent[self.mask[name]] if name in self.mask else sent.reshape(-1)
+        return sent.to(values.dtype)
 
     def merge(self, base: Mapping[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> ArrayRecord:
         """The mean trained values written into the sent weights; the rest stays as sent."""
@@ -248,9 +242,15 @@ class SparseFedAvg(OrderedFedAvg):
         config = ConfigRecord(dict(config) | {protocol.MASK_VERSION: self.mask_version})
         message = super().message_for(pid, arrays, config, message_type)
         if self.node_mask_version.get(node) != self.mask_version:
-            message.content[protocol.MASK] = encode_mask(self.mask)
+            message.content[protocol.MASK] = self.encoded_mask()
             self.node_mask_version[node] = self.mask_version
         return message
+
+    def encoded_mask(self) -> ArrayRecord:
+        """The packed mask of the current version, encoded once (not once per node)."""
+        if self._encoded is None or self._encoded[0] != self.mask_version:
+            self._encoded = (self.mask_version, encode_mask(self.mask))
+        return self._encoded[1]
 
     # ---- Saveable ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -265,6 +265,7 @@ class SparseFedAvg(OrderedFedAvg):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.mask = {n: m.to(torch.bool) for n, m in state["mask"].items()}
         self.mask_version = int(state["mask-version"])
+        self._encoded = None
         self.node_mask_version = {}
         self.fisher_sum = dict(state["fisher-sum"])
         self.fisher_examples = float(state["fisher-examples"])
