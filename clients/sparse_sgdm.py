@@ -64,13 +64,16 @@ class SparseSGDM(Optimizer):
         for i, (p, m) in enumerate(zip(params, masks, strict=True)):
             if m is None:
                 continue
-            if m.dtype != torch.bool:
-                raise TypeError(f"mask {i} has dtype {m.dtype}: must be torch.bool")
+            if m.dtype not in (torch.bool, p.dtype):
+                raise TypeError(
+                    f"mask {i} has dtype {m.dtype}: must be torch.bool or, holding 0/1, "
+                    f"the parameter's {p.dtype}"
+                )
             if m.shape != p.shape:
                 raise ValueError(
                     f"mask {i} has shape {tuple(m.shape)} but its parameter {tuple(p.shape)}"
                 )
-            self.state[p]["mask"] = m.to(device=p.device, dtype=p.dtype)
+            self.state[p]["mask"] = m.to(device=p.device, dtype=p.dtype)  # no copy if it is
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]

@@ -39,7 +39,7 @@ with imports_without_gc():
     from strategies import protocol
     from strategies.seeds import derive_seed
     from strategies.shared_weights import answer_probe, reply_records, take_state
-    from strategies.sparse_codec import decode_mask, gather_masked
+    from strategies.sparse_codec import decode_mask, gather_at, mask_positions
 
 app = ClientApp()
 
@@ -208,7 +208,31 @@ def inject_failure(cfg: RunConfig, config: ConfigRecord, pid: int, kind: str) ->
         )
 
 
-def node_mask(msg: Message, context: Context) -> dict[str, torch.Tensor] | None:
+@dataclass
+class NodeMask:
+    """A decoded mask with what a worker derives from it once, not once per message."""
+
+    bits: dict[str, torch.Tensor]  # bool, True = trainable
+    positions: dict[str, torch.Tensor]  # flat indices of the True entries (sparse_codec)
+    multipliers: dict[tuple, dict[str, torch.Tensor]]  # (device, dtype) -> 0/1 tensors
+
+    @classmethod
+    def of(cls, bits: dict[str, torch.Tensor]) -> NodeMask:
+        return cls(bits, mask_positions(bits), {})
+
+    def trainable(self, name: str) -> bool:
+        return name in self.positions and self.positions[name].numel() > 0
+
+    def multiplier(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The mask of ``name`` as 0/1 in ``like``'s dtype and device (SparseSGDM's form)."""
+        key = (str(like.device), like.dtype)
+        cached = self.multipliers.setdefault(key, {})
+        if name not in cached:
+            cached[name] = self.bits[name].to(device=like.device, dtype=like.dtype)
+        return cached[name]
+
+
+def node_mask(msg: Message, context: Context) -> NodeMask | None:
     """The sparse mask this message assumes: sent with it, or kept in the node's state.
 
     A mask arrives once per version and is stored (packed) in ``context.state``, which
@@ -227,10 +251,10 @@ def node_mask(msg: Message, context: Context) -> dict[str, torch.Tensor] | None:
     return _decoded_mask(context.state[protocol.MASK])
 
 
-_MASK: list[tuple[str, dict[str, torch.Tensor]]] = []  # this process's last decoded mask
+_MASK: list[tuple[str, NodeMask]] = []  # this process's last decoded mask
 
 
-def _decoded_mask(packed: ArrayRecord) -> dict[str, torch.Tensor]:
+def _decoded_mask(packed: ArrayRecord) -> NodeMask:
     """``decode_mask``, once per mask in a worker process: every node of a simulation
     holds the same mask, which would otherwise be unpacked for every message."""
     digest = xxhash.xxh3_128()
@@ -239,19 +263,19 @@ def _decoded_mask(packed: ArrayRecord) -> dict[str, torch.Tensor]:
         digest.update(array.data)
     key = digest.hexdigest()
     if not _MASK or _MASK[0][0] != key:
-        _MASK[:] = [(key, decode_mask(packed))]
+        _MASK[:] = [(key, NodeMask.of(decode_mask(packed)))]
     return _MASK[0][1]
 
 
 def _sparse_optimizer(
-    model: nn.Module, mask: dict[str, torch.Tensor], train_head: bool, lr: float, cfg: RunConfig
+    model: nn.Module, mask: NodeMask, train_head: bool, lr: float, cfg: RunConfig
 ) -> torch.optim.Optimizer:
     """SparseSGDM over the mask's tensors (and the dense head); everything else frozen."""
     params, masks = [], []
     for name, param in model.named_parameters():
-        if name in mask and bool(mask[name].any()):
+        if mask.trainable(name):
             params.append(param)
-            masks.append(mask[name].to(param.device))
+            masks.append(mask.multiplier(name, param))
         elif name.startswith(protocol.HEAD_PREFIX) and train_head:
             params.append(param)
             masks.append(None)
@@ -262,7 +286,7 @@ def _sparse_optimizer(
 
 def _optimizer(
     rt: ClientRuntime,
-    mask: dict[str, torch.Tensor] | None,
+    mask: NodeMask | None,
     train_head: bool,
     lr: float,
     cfg: RunConfig,
@@ -280,13 +304,13 @@ def _optimizer(
 
 
 def _trained_values(
-    rt: ClientRuntime, mask: dict[str, torch.Tensor] | None, train_head: bool
+    rt: ClientRuntime, mask: NodeMask | None, train_head: bool
 ) -> dict[str, torch.Tensor]:
     """What goes back: all weights, or the mask's entries (plus the head when it trained)."""
     state = rt.model.state_dict()
     if mask is None:
         return state
-    sent = gather_masked(state, mask)
+    sent = gather_at(state, mask.positions)
     if train_head:
         sent |= {k: v for k, v in state.items() if k.startswith(protocol.HEAD_PREFIX)}
     return sent
@@ -388,9 +412,9 @@ def fisher(msg: Message, context: Context) -> Message:
     # sorted: all of a shard's examples give the same Fisher in every round, bit for bit
     picked = torch.randperm(len(rt.shard), generator=pick_gen)[:count].sort().values
     idx = rt.shard[picked].to(rt.device)
-    damp_frozen(rt.model, mask, float(config.get(protocol.CALIBRATION_DAMPING, 1.0)))
+    damp_frozen(rt.model, mask.bits, float(config.get(protocol.CALIBRATION_DAMPING, 1.0)))
     images = preprocess_batch(rt.train.images[idx], cfg.image_size, False, None)
-    names = [n for n, m in mask.items() if bool(m.any())]
+    names = [n for n in mask.bits if mask.trainable(n)]
     scores = diagonal_fisher(
         rt.model,
         images,
@@ -402,8 +426,8 @@ def fisher(msg: Message, context: Context) -> Message:
         # a server from before fisher-score sends no score: it meant the log-likelihood
         score=str(config.get(protocol.FISHER_SCORE, "log-likelihood")),
     )
-    full = {n: scores.get(n, torch.zeros(m.shape, device=rt.device)) for n, m in mask.items()}
-    records = reply_records(msg.content, protocol.FISHER, gather_masked(full, mask))
+    full = {n: scores.get(n, torch.zeros(m.shape, device=rt.device)) for n, m in mask.bits.items()}
+    records = reply_records(msg.content, protocol.FISHER, gather_at(full, mask.positions))
     metrics = MetricRecord({protocol.NUM_EXAMPLES: count, protocol.PARTITION_ID: pid})
     content = RecordDict({**records, protocol.METRICS: metrics})
     return Message(content, reply_to=msg)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import InMemoryGrid
 
 from flower_app.checkpoint import (
     CHECKPOINT_NAME,
@@ -403,9 +404,21 @@ def finish(run: PreparedRun, final: ArrayRecord) -> None:
     print(f"results written to {run.run_dir.path}", flush=True)
 
 
+SIMULATION_POLL_S = 0.01  # Flower's InMemoryGrid looks for replies every 0.1 s
+
+
+def poll_quickly(grid: Grid) -> None:
+    """In a simulation, look for replies every 10 ms: Flower's default 0.1 s pause between
+    looks left the ServerApp idle for 0.05 s of every round on average, once all replies
+    were in (the look is a dictionary scan under a lock; deployment is not changed)."""
+    if isinstance(grid, InMemoryGrid):
+        grid.pull_interval = min(grid.pull_interval, SIMULATION_POLL_S)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Prepare, run the plan of rounds, finish."""
+    poll_quickly(grid)
     cfg = RunConfig.from_run_config(dict(context.run_config))
     check_prerequisites(cfg)  # output folder, data, weights: every missing piece at once
     output_dir = writable_output_dir(cfg.output_dir)

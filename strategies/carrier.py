@@ -16,7 +16,7 @@ import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 
 from strategies import protocol
-from strategies.reply_checks import Layout, checked_state, state_problem
+from strategies.reply_checks import Layout, checked_state, names_problem, tensor_problem
 from strategies.shared_weights import (
     RunFolder,
     SharedWeightsError,
@@ -25,6 +25,7 @@ from strategies.shared_weights import (
     ref_folder,
     write_state,
 )
+from strategies.tensor_file import Inspect
 
 PROBE_TENSOR = "probe"
 
@@ -101,21 +102,26 @@ class WeightCarrier:
             return checked_state(arrays, layout, nonnegative)
         if reply.metadata.src_node_id not in self.by_reference:
             return {}, "a weight reference from a node that was not sent one"
+
+        def inspect(name: str, tensor: torch.Tensor) -> str:
+            spec = layout.get(name)  # an extra tensor is named by names_problem below
+            return tensor_problem(name, tensor, spec, nonnegative) if spec else ""
+
         try:
-            state = self._read(WeightRef.from_record(ref_record))
+            state = self._read(WeightRef.from_record(ref_record), inspect)
         except SharedWeightsError as exc:
             return {}, str(exc)
-        problem = state_problem(state, layout, nonnegative)
+        problem = names_problem(state, layout)
         if problem:
             return {}, problem
-        return {name: state[name] for name in layout}, ""  # the file's order is sorted
+        return {name: state[name] for name in layout}, ""  # the file's order differs
 
-    def _read(self, ref: WeightRef) -> dict[str, torch.Tensor]:
+    def _read(self, ref: WeightRef, inspect: Inspect | None = None) -> dict[str, torch.Tensor]:
         """A file of this run's folder only: a reply cannot point at another run's files."""
         assert self.folder is not None
         if ref_folder(ref) != self.folder.name:
             raise SharedWeightsError(f"{ref.name} is not in this run's folder {self.folder.name}")
-        return read_state(self.folder.root, ref)
+        return read_state(self.folder.root, ref, inspect)
 
     # ---- cleaning up ------------------------------------------------------------------------
     def end_round(self) -> None:

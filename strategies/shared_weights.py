@@ -29,7 +29,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from strategies import protocol
-from strategies.tensor_file import TensorFileError, digest_of, map_file, tensors_in, write_tensors
+from strategies.tensor_file import Inspect, TensorFileError, map_file, tensors_in, write_tensors
 
 ROOT_ENV = "FL_SHARED_WEIGHTS_ROOT"  # another root: another tmpfs, or "another host" in tests
 DEFAULT_ROOT = Path("/dev/shm") / "fl-task-arithmetic"
@@ -109,20 +109,43 @@ def resolve(root: Path, name: str) -> Path:
     return root / parts[0] / parts[1]
 
 
-def read_state(root: Path, ref: WeightRef) -> dict[str, torch.Tensor]:
-    """The tensors of ``ref`` as views of a private memory map, after checking its digest."""
+def read_state(
+    root: Path, ref: WeightRef, inspect: Inspect | None = None, remember: bool = False
+) -> dict[str, torch.Tensor]:
+    """The tensors of ``ref`` as views of a private memory map, after checking its digest.
+
+    ``inspect`` sees each tensor right after its bytes were hashed and may refuse it (a
+    ``SharedWeightsError`` with its reason). With ``remember``, a file this process has
+    verified once is not hashed again while its identity (device, inode, size, mtime) is
+    unchanged: a node's worker reads one global file for every client of a round.
+    """
     path = resolve(root, ref.name)
     try:
         view = map_file(path)
+        identity = _identity(path)
     except (OSError, ValueError) as exc:  # missing, unreadable, or empty
         raise SharedWeightsError(f"cannot read {ref.name} under {root}: {exc}") from exc
-    digest = digest_of(view)
-    if digest != ref.digest:
-        raise SharedWeightsError(f"{ref.name} under {root} hashes to {digest}, not {ref.digest}")
+    trusted = remember and _VERIFIED.get(ref.digest) == identity
     try:
-        return tensors_in(view)  # the tensors keep the mapping alive; it goes with them
+        state, digest, problem = tensors_in(view, inspect, hashed=not trusted)
     except TensorFileError as exc:
         raise SharedWeightsError(f"{ref.name} under {root}: {exc}") from exc
+    if problem:
+        raise SharedWeightsError(problem)
+    if not trusted and digest != ref.digest:
+        raise SharedWeightsError(f"{ref.name} under {root} hashes to {digest}, not {ref.digest}")
+    if remember:
+        _VERIFIED.clear()  # one global model at a time
+        _VERIFIED[ref.digest] = identity
+    return state  # the tensors keep the mapping alive; it goes with them
+
+
+_VERIFIED: dict[str, tuple[int, int, int, int]] = {}  # digest -> identity of a verified file
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    info = path.stat()
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def ref_folder(ref: WeightRef) -> str:
@@ -135,7 +158,7 @@ def take_state(content: RecordDict, key: str) -> dict[str, torch.Tensor]:
     """The tensors of record ``key`` of a message: by reference when it carries one."""
     ref_record = content.config_records.get(protocol.ref_key(key))
     if ref_record is not None:
-        return read_state(shared_root(), WeightRef.from_record(ref_record))
+        return read_state(shared_root(), WeightRef.from_record(ref_record), remember=True)
     return content[key].to_torch_state_dict()
 
 

@@ -38,7 +38,7 @@ from strategies.record import RoundRecord
 from strategies.reply_checks import Layout, fisher_metrics_problem, head_layout, masked_layout
 from strategies.rounds import send_with_retries
 from strategies.seeds import derive_seed
-from strategies.sparse_codec import encode_mask, scatter_masked
+from strategies.sparse_codec import encode_mask, mask_positions, scatter_at, scatter_masked
 
 FISHER_DTYPE = torch.float32  # what clients/fisher.py returns
 
@@ -71,6 +71,7 @@ class SparseFedAvg(OrderedFedAvg):
         self.mask: dict[str, torch.Tensor] = {}
         self.mask_version = 0
         self._encoded: tuple[int, ArrayRecord] | None = None  # (version, packed mask)
+        self._positions: tuple[int, dict[str, torch.Tensor]] | None = None  # (version, indices)
         self.node_mask_version: dict[int, int] = {}
         # "average" schedule: example-weighted Fisher summed over the calibration rounds
         self.fisher_sum: dict[str, torch.Tensor] = {}
@@ -212,7 +213,9 @@ class SparseFedAvg(OrderedFedAvg):
         """The sent values at the mask's True entries (once per tensor, not per client);
         the dense head as it was sent."""
         sent = base[name]
-        sent = sent[self.mask[name]] if name in self.mask else sent.reshape(-1)
+        if name in self.mask:
+            return sent.reshape(-1).index_select(0, self.positions()[name]).to(values.dtype)
+        sent = sent.reshape(-1)
         return sent.to(values.dtype)
 
     def merge(self, base: Mapping[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -220,7 +223,7 @@ class SparseFedAvg(OrderedFedAvg):
         state = dict(base)
         for name, values in mean.items():
             if name in self.mask:
-                state[name] = scatter_masked(state[name], self.mask[name], values)
+                state[name] = scatter_at(state[name], self.positions()[name], values)
             else:
                 state[name] = values.to(state[name].dtype).reshape(state[name].shape)
         return self.global_arrays(state)
@@ -246,6 +249,12 @@ class SparseFedAvg(OrderedFedAvg):
             self.node_mask_version[node] = self.mask_version
         return message
 
+    def positions(self) -> dict[str, torch.Tensor]:
+        """The mask's True entries as flat indices, derived once per version."""
+        if self._positions is None or self._positions[0] != self.mask_version:
+            self._positions = (self.mask_version, mask_positions(self.mask))
+        return self._positions[1]
+
     def encoded_mask(self) -> ArrayRecord:
         """The packed mask of the current version, encoded once (not once per node)."""
         if self._encoded is None or self._encoded[0] != self.mask_version:
@@ -265,7 +274,7 @@ class SparseFedAvg(OrderedFedAvg):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.mask = {n: m.to(torch.bool) for n, m in state["mask"].items()}
         self.mask_version = int(state["mask-version"])
-        self._encoded = None
+        self._encoded = self._positions = None
         self.node_mask_version = {}
         self.fisher_sum = dict(state["fisher-sum"])
         self.fisher_examples = float(state["fisher-examples"])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import mmap
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -93,28 +93,60 @@ def digest_of(view: mmap.mmap) -> str:
     return xxhash.xxh3_128(view).hexdigest()
 
 
-def tensors_in(view: mmap.mmap) -> dict[str, torch.Tensor]:
-    """The tensors of a mapped safetensors file, as views of the mapping (no copy)."""
+Inspect = Callable[[str, torch.Tensor], str]  # "" when a tensor is acceptable, else why not
+
+
+def _entries(view: mmap.mmap) -> tuple[int, list[tuple[str, torch.dtype, list[int], int, int]]]:
+    """(data start, [(name, dtype, shape, begin, end)] in file order) from the header."""
     try:
         (size,) = struct.unpack_from("<Q", view, 0)
-        entries = json.loads(view[8 : 8 + size])
-        start = 8 + size
-        out = {}
-        for name, entry in entries.items():
+        header = json.loads(view[8 : 8 + size])
+        start, out = 8 + size, []
+        for name, entry in header.items():
             if name == "__metadata__":
                 continue
             dtype, shape = DTYPES[entry["dtype"]], [int(n) for n in entry["shape"]]
             begin, end = (int(n) for n in entry["data_offsets"])
             count = (end - begin) // torch.empty(0, dtype=dtype).element_size()
-            if count != int(torch.Size(shape).numel()) or start + end > len(view):
+            fits = 0 <= begin <= end and start + end <= len(view)
+            if count != int(torch.Size(shape).numel()) or not fits:
                 raise TensorFileError(f"tensor {name!r}: offsets do not fit shape {shape}")
-            if count == 0:
-                out[name] = torch.empty(shape, dtype=dtype)
-                continue
-            flat = torch.frombuffer(view, dtype=dtype, count=count, offset=start + begin)
-            out[name] = flat.reshape(shape)
-    except (struct.error, ValueError, KeyError, TypeError) as exc:
-        if isinstance(exc, TensorFileError):
-            raise
+            out.append((name, dtype, shape, begin, end))
+    except TensorFileError:
+        raise
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise TensorFileError(f"not a safetensors file: {type(exc).__name__}: {exc}") from exc
-    return out
+    return start, sorted(out, key=lambda e: e[3])
+
+
+def tensors_in(
+    view: mmap.mmap, inspect: Inspect | None = None, hashed: bool = True
+) -> tuple[dict[str, torch.Tensor], str, str]:
+    """(tensors as views of the mapping, xxh3-128 of the file, first problem or "").
+
+    Each tensor's bytes are hashed and then handed to ``inspect`` while they are still
+    in the CPU's cache, so checking a reply costs little more than hashing it; at the
+    first problem the rest is neither hashed nor inspected. The digest is "" then, and
+    without ``hashed``.
+    """
+    start, entries = _entries(view)
+    raw, digest, position, out = memoryview(view), xxhash.xxh3_128(), 0, {}
+    for name, dtype, shape, begin, end in entries:
+        if hashed:
+            digest.update(raw[position : start + end])
+        position = start + end
+        count = int(torch.Size(shape).numel())
+        if count == 0:
+            tensor = torch.empty(shape, dtype=dtype)
+        else:
+            flat = torch.frombuffer(view, dtype=dtype, count=count, offset=start + begin)
+            tensor = flat.reshape(shape)
+        problem = inspect(name, tensor) if inspect is not None else ""
+        if problem:
+            return {}, "", problem
+        out[name] = tensor
+    if not hashed:
+        return out, "", ""
+    digest.update(raw[position:])
+    raw.release()
+    return out, digest.hexdigest(), ""

@@ -146,9 +146,27 @@ def test_bad_arguments_are_named():
         SparseSGDM([w], [None, None], lr=0.1)
     with pytest.raises(ValueError, match=r"mask 0 has shape \(4,\)"):
         SparseSGDM([w], [torch.ones(4, dtype=torch.bool)], lr=0.1)
-    with pytest.raises(TypeError, match=r"torch\.bool"):
-        SparseSGDM([w], [torch.ones(3)], lr=0.1)
+    with pytest.raises(TypeError, match=r"torch\.bool or, holding 0/1, the parameter's"):
+        SparseSGDM([w], [torch.ones(3, dtype=torch.int64)], lr=0.1)
     with pytest.raises(ValueError, match=r"lr=-0\.1"):
         SparseSGDM([w], [None], lr=-0.1)
     with pytest.raises(ValueError, match="Nesterov"):
         SparseSGDM([w], [None], lr=0.1, nesterov=True)
+
+
+def test_a_mask_in_the_parameters_dtype_steps_as_the_bool_mask():
+    """A worker converts a mask to 0/1 floats once and reuses it for every message."""
+    torch.manual_seed(3)
+    start, grad = torch.randn(5, 4), torch.randn(5, 4)
+    bits = torch.rand(5, 4) < 0.3
+    results = []
+    for mask in (bits, bits.to(torch.float32)):
+        p = start.clone().requires_grad_(True)
+        opt = SparseSGDM([p], [mask], lr=0.1, momentum=0.9, weight_decay=0.01)
+        for _ in range(3):
+            p.grad = grad.clone()
+            opt.step()
+        results.append(p.detach())
+    assert torch.equal(results[0], results[1])
+    assert torch.equal(results[0][~bits], start[~bits])
+    assert not torch.equal(results[0][bits], start[bits])
