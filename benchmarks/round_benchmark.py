@@ -6,13 +6,15 @@ best measured rate; everything else in a round (Ray scheduling, message encoding
 aggregation, the SuperLink) is overhead. This script measures how far the app is from
 that floor, where the rest of the round goes, and whether host memory stays flat.
 
-What it does, in order:
+What it does (the floors are measured after the runs, when their processes are gone):
 
 1. The compute floor, in this process on the same device: a tight loop of the app's
    own ``train_local`` (same model, preprocessing and precision) over the round's
    number of images, at a few batch sizes (plus ``torch.compile`` on a GPU); the
    best rate is the floor. It also times the bare client work of a round: each
-   client's J steps of its batch size, one after another, without Flower.
+   client's J steps of its batch size, one after another, without Flower; and the copy
+   floor: 20 copies of the model's weights (a round's messages, down and up) into
+   preallocated buffers, one thread, best of 5.
 2. A SuperLink of its own (``LocalSuperLink``, own FLWR_HOME, stopped by PID at the
    end) and, through ``flwr run``, a dense FedAvg run and a sparse run (mask without
    calibration, so every round is a training round), with K=100, C=0.1, J=4, batch 64
@@ -28,12 +30,19 @@ compute, communication/scheduling, aggregation and evaluation, images/s, peak GP
 memory per worker, the ratio to the floor, the projected wall time of the canonical
 500-round run, and the memory slope in MB per round.
 
+With ``--payload`` it runs the payload form: the ViT-S/16 weights (87 MB) at 32 px, J=1,
+batch 1, so a round is mostly the cost of carrying the model; every form prints that
+carrying cost (median round - bare client compute) over the copy floor, and the split
+of the round the app times itself (server send, client load / compute / encode,
+transport, server decode + check, aggregation).
+
 Without a GPU (or with ``--tiny``) it runs the tiny CPU form: the quick preset's tiny
 ViT at 32 px with the same K, C, J and batch, and reports the per-round overhead of
 the Flower path over the bare client compute of the same images. Timings are never
 asserted: a shared or busy machine changes them.
 
     python benchmarks/round_benchmark.py --tiny --rounds 3 --skip-k1000   # CI smoke
+    python benchmarks/round_benchmark.py --payload --rounds 15 --skip-k1000   # carrying cost
     python benchmarks/round_benchmark.py --rounds 20                      # GPU, canonical
 """
 

@@ -4,11 +4,14 @@
 every node that proves, at the start, that it reads the ServerApp's folder and writes
 into it (all nodes of a simulation; SuperNodes on the ServerApp's host), and in the
 message to the others. ``"message"`` never writes a file; ``"shared-memory"`` stops the
-run at the start when a node cannot use the folder.
+run at the start when a node cannot use the folder. A simulation that joins an existing
+Ray cluster (``RAY_ADDRESS`` set) may run a node's messages on any of its machines, so
+``auto`` carries weights in the messages there.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 from flwr.app import Message
@@ -21,6 +24,15 @@ from strategies.shared_weights import ROOT_ENV, RunFolder, shared_root
 def open_carrier(cfg: RunConfig, run_id: int) -> WeightCarrier:
     """The run's carrier; with a shared folder unless ``message`` or it cannot be made."""
     if cfg.weights_transport == "message":
+        return WeightCarrier()
+    if cfg.weights_transport == "auto" and os.environ.get("RAY_ADDRESS"):
+        # a simulation that joins a Ray cluster may run any node's message on any machine,
+        # so a node's probe says nothing about where its next message runs
+        print(
+            "weights travel in the messages: RAY_ADDRESS is set, so client workers may run "
+            "on other machines (weights-transport='shared-memory' overrides)",
+            flush=True,
+        )
         return WeightCarrier()
     root = shared_root()
     try:

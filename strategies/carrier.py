@@ -125,12 +125,12 @@ class WeightCarrier:
 
     # ---- cleaning up ------------------------------------------------------------------------
     def end_round(self) -> None:
-        """Remove the round's files (replies, old weights) but the current global weights
-        and the probe (a node that joins later is probed with it)."""
+        """Remove the round's files (weights, replies) but the probe (a node that joins
+        later is probed with it); the next round writes its global weights again."""
         if self.folder is None:
             return
-        kept = [ref for ref in (self._global and self._global[1], self._probe) if ref]
-        self.folder.clear({ref.name.rsplit("/", 1)[1] for ref in kept})
+        self._global = None  # the round's weights need not outlive it in this process
+        self.folder.clear({self._probe.name.rsplit("/", 1)[1]} if self._probe else set())
 
     def close(self) -> None:
         """Remove the run folder (the end of the run, or its failure)."""

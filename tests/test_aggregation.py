@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from strategies import protocol
+from strategies import interference, protocol
 from strategies.fedavg import OrderedFedAvg, weighted_average
+from strategies.interference import SplitGram, split_interference
 from strategies.plan import TRAIN, Phase, RoundClock
 from strategies.seeds import derive_seed, sample_partitions
+from strategies.sparse_codec import gather_masked
+from strategies.sparse_fedavg import SparseFedAvg
 
 
 def _states(seed: int = 0):
@@ -98,3 +103,99 @@ def test_derived_seeds_differ_by_purpose_and_key_and_repeat():
     }
     assert len(seeds) == 12 and all(0 <= s < 2**63 for s in seeds)
     assert derive_seed(5, "batches", 3, 7) == derive_seed(5, "batches", 3, 7)
+
+
+# ---- the round's aggregation (mean_update) against the float64 reference -------------------
+def _model_like_states(n: int, seed: int) -> tuple[dict, list[dict]]:
+    """A sent state and n client states near it (updates ~1e-3 of the weights), with an
+    integer buffer and a head, like a model's."""
+    g = torch.Generator().manual_seed(seed)
+    sent = {
+        "blocks.w": torch.randn(64, 48, generator=g),
+        "blocks.b": torch.randn(48, generator=g),
+        "steps": torch.tensor([7]),
+        "head.weight": torch.randn(10, 48, generator=g),
+    }
+    states = []
+    for k in range(n):
+        state = {
+            name: t + 1e-3 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t
+            for name, t in sent.items()
+        }
+        state["steps"] = torch.tensor([7 + k])
+        states.append(state)
+    return sent, states
+
+
+def _round_mean(strategy: OrderedFedAvg, sent: dict, states: list[dict], weights: list[float]):
+    gram = SplitGram(len(states))
+    mean = strategy.mean_update(sent, states, weights, gram)
+    return mean, gram.metrics(weights)
+
+
+def test_round_mean_equals_the_float64_mean_to_float32_precision():
+    """sent + weights @ (updates), float32, against sum_k w_k state_k accumulated in float64:
+    the same weights within a few units in the last place; integer buffers from the first."""
+    sent, states = _model_like_states(6, seed=2)
+    weights = [3.0, 5.0, 8.0, 13.0, 21.0, 34.0]
+    mean, _ = _round_mean(_strategy(), sent, states, weights)
+    reference = weighted_average(states, weights)
+    for name, value in reference.items():
+        assert mean[name].dtype == value.dtype and mean[name].shape == value.shape
+        if value.is_floating_point():
+            ulp = torch.finfo(torch.float32).eps * value.abs().clamp_min(1e-3)
+            assert bool(((mean[name] - value).abs() <= 4 * ulp).all()), name
+        else:
+            assert torch.equal(mean[name], states[0][name])
+
+
+def test_round_interference_equals_the_metrics_of_whole_updates():
+    """The Gram added tensor by tensor in column blocks gives split_interference's numbers."""
+    sent, states = _model_like_states(5, seed=3)
+    weights = [1.0, 2.0, 3.0, 4.0, 5.0]
+    _, metrics = _round_mean(_strategy(), sent, states, weights)
+    updates = [{n: s[n] - sent[n] for n in s if s[n].is_floating_point()} for s in states]
+    expected = split_interference(updates, weights)
+    assert set(metrics) == set(expected)
+    for key, value in expected.items():
+        assert math.isclose(metrics[key], value, rel_tol=1e-5, abs_tol=1e-9), key
+
+
+def test_gram_in_column_blocks_equals_one_product(monkeypatch):
+    rows = torch.randn(4, 10_000, generator=torch.Generator().manual_seed(5))
+    whole = (rows @ rows.T).double()
+    monkeypatch.setattr(interference, "GRAM_COLUMNS", 333)  # many blocks, a ragged last one
+    torch.testing.assert_close(interference.gram_of_rows(rows), whole, rtol=1e-5, atol=1e-3)
+
+
+def test_sparse_round_mean_reads_the_masked_entries_of_what_was_sent():
+    """Sparse replies hold the mask's values; their updates are taken against the sent
+    values at the same positions (gathered once per tensor)."""
+    sent, states = _model_like_states(3, seed=4)
+    mask = {"blocks.w": torch.rand(64, 48, generator=torch.Generator().manual_seed(6)) < 0.2}
+    strategy = SparseFedAvg(
+        eligible=["blocks.w"],
+        head_mode="train",
+        sparsity=0.8,
+        mask_strategy="lowest_magnitude",
+        calibration_schedule="exponential",
+        calibration_clients=3,
+        fisher_config={},
+        warmup_lr=0.1,
+        partition_to_node={i: 100 + i for i in range(3)},
+        clients_per_round=3,
+        seed=0,
+        clock=RoundClock([Phase(TRAIN, 1)]),
+        lr_at=lambda r: 0.1,
+    )
+    strategy.set_mask(mask)
+    replies = [gather_masked(s, mask) | {"head.weight": s["head.weight"]} for s in states]
+    weights = [2.0, 3.0, 5.0]
+    mean, _ = _round_mean(strategy, sent, replies, weights)
+    reference = weighted_average(replies, weights)
+    for name, value in reference.items():
+        torch.testing.assert_close(mean[name], value, rtol=1e-6, atol=1e-6)
+    merged = strategy.merge(sent, mean).to_torch_state_dict()
+    assert torch.equal(merged["blocks.w"][~mask["blocks.w"]], sent["blocks.w"][~mask["blocks.w"]])
+    torch.testing.assert_close(merged["blocks.w"][mask["blocks.w"]], mean["blocks.w"])
+    assert torch.equal(merged["blocks.b"], sent["blocks.b"])  # not in the mask: as sent

@@ -248,7 +248,7 @@ def test_weights_are_written_once_per_global_model_and_cleaned_up(
     root: Path, identity: None
 ) -> None:
     """One file per global ArrayRecord whatever the number of nodes; a round's end keeps
-    only the current global weights' file and the probe; ``close`` removes the folder."""
+    only the probe (the next round writes its weights again); ``close`` removes the folder."""
     folder = RunFolder.create(root, 7)
     carrier = WeightCarrier(folder)
     assert probed(carrier, 1) == "" and probed(carrier, 2) == ""
@@ -273,7 +273,9 @@ def test_weights_are_written_once_per_global_model_and_cleaned_up(
     carrier.end_round()
     probe = carrier.probe_content()[protocol.SHARED_PROBE]
     probe_file = WeightRef.from_record(probe).name.rsplit("/", 1)[1]
-    assert file_names(folder.path) == {second_file, probe_file}
+    assert file_names(folder.path) == {probe_file}
+    again = carrier.weights_for(1, second, tensors_of(dense_state(1)))
+    assert len(calls) == 3 and dict(again[key]) == dict(new[key])  # written again, same file
     carrier.close()
     assert not folder.path.exists() and list(root.iterdir()) == []
 
@@ -524,3 +526,20 @@ def test_a_killed_run_leaves_its_folder_until_the_next_start(
     )
     assert "to 4 of 4 nodes" in capsys.readouterr().out
     assert not stale.exists() and list(root.iterdir()) == []
+
+
+def test_auto_carries_in_messages_when_the_simulation_joins_a_ray_cluster(
+    root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With RAY_ADDRESS a node's messages may run on any machine of the cluster: no folder."""
+    from flower_app.config import RunConfig
+    from flower_app.weights_transport import open_carrier
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    auto = open_carrier(RunConfig.from_run_config(quick_run_config()), run_id=3)
+    assert auto.folder is None and not root.exists()
+    assert "RAY_ADDRESS is set" in capsys.readouterr().out
+    forced = quick_run_config(weights_transport="shared-memory")
+    carrier = open_carrier(RunConfig.from_run_config(forced), run_id=3)
+    assert carrier.folder is not None and carrier.folder.path.is_dir()
+    carrier.close()
