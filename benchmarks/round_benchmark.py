@@ -368,7 +368,7 @@ def _measure_floor(
 
 
 def measure_copy_floor(cfg: RunConfig, copies: int, repeats: int = 5) -> tuple[float, float]:
-    """(seconds, MB): ``copies`` copies of the model's weights into preallocated, touched
+    """(seconds, MiB): ``copies`` copies of the model's weights into preallocated, touched
     buffers, best of ``repeats``, one thread: a round's messages moved as plain copies."""
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -628,7 +628,7 @@ def write_against_floor(fig: RoundFigures, write: Callable[[str], None]) -> None
     write(
         f"   carrying cost {fig.carrying:.3f} s (median round {median_round:.3f} s - bare client "
         f"compute {floor.bare_round_s:.3f} s) / copy floor {floor.copy_floor_s:.3f} s "
-        f"({floor.copies} copies of {floor.model_mb:.0f} MB) = {fig.carrying_ratio:.2f}x"
+        f"({floor.copies} copies of {floor.model_mb:.0f} MiB) = {fig.carrying_ratio:.2f}x"
     )
     write(
         f"   projected canonical wall time: {CANONICAL_ROUNDS} x {median_round:.3f} s + "
@@ -790,7 +790,7 @@ def floor_of_round(
     copy_s, model_mb = measure_copy_floor(cfg, copies)
     floor = dataclasses.replace(floor, copy_floor_s=copy_s, model_mb=model_mb, copies=copies)
     print(
-        f"copy floor: {copies} copies of the weights ({model_mb:.1f} MB) into preallocated "
+        f"copy floor: {copies} copies of the weights ({model_mb:.1f} MiB) into preallocated "
         f"buffers, one thread, best of 5: {copy_s:.3f} s",
         flush=True,
     )

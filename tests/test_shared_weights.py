@@ -543,3 +543,21 @@ def test_auto_carries_in_messages_when_the_simulation_joins_a_ray_cluster(
     carrier = open_carrier(RunConfig.from_run_config(forced), run_id=3)
     assert carrier.folder is not None and carrier.folder.path.is_dir()
     carrier.close()
+
+
+def test_files_are_ordinary_safetensors_files_both_ways(tmp_path: Path) -> None:
+    """The one-pass writer and the mapped reader speak the safetensors format: the library
+    reads what ``write_tensors`` wrote, and ``tensors_in`` reads what the library wrote."""
+    from safetensors.torch import save_file
+
+    from strategies.tensor_file import map_file, tensors_in, write_tensors
+
+    state = sparse_state(1) | dense_state(2)
+    ours = tmp_path / "ours.safetensors"
+    digest = write_tensors(ours, state)
+    assert_bitwise_equal(load_file(ours), state)
+    theirs = tmp_path / "theirs.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(theirs))
+    tensors, their_digest, problem = tensors_in(map_file(theirs))
+    assert problem == "" and their_digest != "" and digest != ""
+    assert_bitwise_equal(tensors, state)
