@@ -627,8 +627,8 @@ def write_against_floor(fig: RoundFigures, write: Callable[[str], None]) -> None
     )
     write(
         f"   carrying cost {fig.carrying:.3f} s (median round {median_round:.3f} s - bare client "
-        f"compute {floor.bare_round_s:.3f} s) / copy floor {floor.copy_floor_s:.3f} s "
-        f"({floor.copies} copies of {floor.model_mb:.0f} MiB) = {fig.carrying_ratio:.2f}x"
+        f"compute {floor.bare_round_s:.3f} s) / copy floor {floor.copy_floor_s:.4g} s "
+        f"({floor.copies} copies of {floor.model_mb:.3g} MiB) = {fig.carrying_ratio:.2f}x"
     )
     write(
         f"   projected canonical wall time: {CANONICAL_ROUNDS} x {median_round:.3f} s + "
@@ -791,7 +791,7 @@ def floor_of_round(
     floor = dataclasses.replace(floor, copy_floor_s=copy_s, model_mb=model_mb, copies=copies)
     print(
         f"copy floor: {copies} copies of the weights ({model_mb:.1f} MiB) into preallocated "
-        f"buffers, one thread, best of 5: {copy_s:.3f} s",
+        f"buffers, one thread, best of 5: {copy_s:.4g} s",
         flush=True,
     )
     rates = ", ".join(f"{k} {v:.0f}" for k, v in floor.rates.items())
