@@ -37,9 +37,9 @@ of the round the app times itself (server send, client load / compute / encode,
 transport, server decode + check, aggregation).
 
 Without a GPU (or with ``--tiny``) it runs the tiny CPU form: the quick preset's tiny
-ViT at 32 px with the same K, C, J and batch, and reports the per-round overhead of
-the Flower path over the bare client compute of the same images. Timings are never
-asserted: a shared or busy machine changes them.
+ViT at 32 px with the same K, C, J and batch (its carrying cost is the Flower path's
+overhead over the bare client compute of the same images). Timings are never asserted:
+a shared or busy machine changes them.
 
     python benchmarks/round_benchmark.py --tiny --rounds 3 --skip-k1000   # CI smoke
     python benchmarks/round_benchmark.py --payload --rounds 15 --skip-k1000   # carrying cost
@@ -530,10 +530,6 @@ class RoundFigures:
         return self.median_round / self.floor.seconds
 
     @property
-    def flower_overhead(self) -> float:
-        return self.median_round - self.floor.bare_round_s
-
-    @property
     def canonical_evals(self) -> int:
         return CANONICAL_ROUNDS // CANONICAL_EVAL_EVERY
 
@@ -555,7 +551,6 @@ class RoundFigures:
             "floor-s": self.floor.seconds,
             "ratio-to-floor": self.ratio_to_floor,
             "bare-round-s": self.floor.bare_round_s,
-            "flower-overhead-s": self.flower_overhead,
             "send-s": self.send,
             "client-load-s": self.load_sum / self.workers,
             "client-encode-s": self.encode_sum / self.workers,

@@ -361,8 +361,13 @@ class OrderedFedAvg(Strategy):
             )
             return self.timed_aggregate(arrays, replies, record)
         finally:
-            self.checked.clear()  # decoded replies live for one round
-            self.carrier.end_round()
+            self.end_round()
+
+    def end_round(self) -> None:
+        """What a round (training or calibration) leaves: decoded replies live for one
+        round, and so do its shared weight files."""
+        self.checked.clear()
+        self.carrier.end_round()
 
     def timed_aggregate(
         self, base: ArrayRecord, replies: Sequence[Message], record: RoundRecord

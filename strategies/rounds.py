@@ -19,6 +19,7 @@ from strategies import protocol
 from strategies.carrier import WeightCarrier
 from strategies.plan import RoundClock, RoundPosition
 from strategies.record import RoundRecord
+from strategies.shared_weights import WeightRef
 
 
 class InsufficientRepliesError(RuntimeError):
@@ -42,7 +43,7 @@ def content_bytes(content: RecordDict) -> int:
     travel by reference (the reference states what the message would have carried)."""
     carried = sum(record.count_bytes() for record in content.array_records.values())
     return carried + sum(
-        int(record["bytes"])
+        WeightRef.from_record(record).nbytes
         for key, record in content.config_records.items()
         if key.endswith(protocol.REF_SUFFIX)
     )

@@ -38,7 +38,7 @@ from strategies.record import RoundRecord
 from strategies.reply_checks import Layout, fisher_metrics_problem, head_layout, masked_layout
 from strategies.rounds import send_with_retries
 from strategies.seeds import derive_seed
-from strategies.sparse_codec import encode_mask, mask_positions, scatter_at, scatter_masked
+from strategies.sparse_codec import encode_mask, mask_positions, scatter_at
 
 FISHER_DTYPE = torch.float32  # what clients/fisher.py returns
 
@@ -125,7 +125,7 @@ class SparseFedAvg(OrderedFedAvg):
         vectors = [self.reply_state(r, protocol.FISHER) for r in replies]
         mean = weighted_average(vectors, example_weights(replies))
         return {
-            n: scatter_masked(torch.zeros(self.mask[n].shape), self.mask[n], mean[n])
+            n: scatter_at(torch.zeros(self.mask[n].shape), self.positions()[n], mean[n])
             for n in self.eligible
         }
 
@@ -145,8 +145,7 @@ class SparseFedAvg(OrderedFedAvg):
             )
             fisher, examples = self.aggregate_fisher(replies), sum(example_weights(replies))
         finally:
-            self.checked.clear()  # decoded replies live for one round
-            self.carrier.end_round()
+            self.end_round()
         schedule = density_schedule(self.sparsity, position.phase_rounds, self.calibration_schedule)
         target = schedule[position.phase_round - 1]
         record.add({"num-examples": examples, "target-density": target})
@@ -212,11 +211,9 @@ class SparseFedAvg(OrderedFedAvg):
     ) -> torch.Tensor:
         """The sent values at the mask's True entries (once per tensor, not per client);
         the dense head as it was sent."""
-        sent = base[name]
-        if name in self.mask:
-            return sent.reshape(-1).index_select(0, self.positions()[name]).to(values.dtype)
-        sent = sent.reshape(-1)
-        return sent.to(values.dtype)
+        if name not in self.mask:
+            return super().sent_values(base, name, values)
+        return base[name].reshape(-1).index_select(0, self.positions()[name]).to(values.dtype)
 
     def merge(self, base: Mapping[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> ArrayRecord:
         """The mean trained values written into the sent weights; the rest stays as sent."""

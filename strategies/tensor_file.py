@@ -89,10 +89,6 @@ def map_file(path: Path) -> mmap.mmap:
         )
 
 
-def digest_of(view: mmap.mmap) -> str:
-    return xxhash.xxh3_128(view).hexdigest()
-
-
 Inspect = Callable[[str, torch.Tensor], str]  # "" when a tensor is acceptable, else why not
 
 
