@@ -29,7 +29,7 @@ with imports_without_gc():
 
     from clients.fisher import diagonal_fisher
     from clients.sparse_sgdm import SparseSGDM
-    from clients.training import train_local
+    from clients.training import copy_weights_into, train_local
     from flower_app.config import RunConfig
     from flower_app.data_sources import ImageSplit, load_node_data
     from flower_app.model import build_model
@@ -191,7 +191,7 @@ def _synchronized_clock(device: torch.device) -> float:
 def _load_weights(model: nn.Module, content: RecordDict) -> None:
     """Copy the received weights (in the message or by reference) into the cached model's
     tensors (no new model)."""
-    model.load_state_dict(take_state(content, protocol.ARRAYS), strict=True)
+    copy_weights_into(model, take_state(content, protocol.ARRAYS))
 
 
 def inject_failure(cfg: RunConfig, config: ConfigRecord, pid: int, kind: str) -> None:

@@ -11,6 +11,7 @@ against the same layout.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import PurePosixPath
 
 import torch
 from flwr.app import ArrayRecord, Message, RecordDict
@@ -39,6 +40,7 @@ class WeightCarrier:
         self.by_reference: set[int] = set()
         self._global: tuple[ArrayRecord, WeightRef] | None = None  # this round's written weights
         self._probe: WeightRef | None = None
+        self._replies: set[str] = set()  # file names of this round's replies read here
 
     # ---- which nodes read the folder ------------------------------------------------------
     def probe_content(self) -> RecordDict:
@@ -108,9 +110,11 @@ class WeightCarrier:
             return tensor_problem(name, tensor, spec, nonnegative) if spec else ""
 
         try:
-            state = self._read(WeightRef.from_record(ref_record), inspect)
+            ref = WeightRef.from_record(ref_record)
+            state = self._read(ref, inspect)
         except SharedWeightsError as exc:
             return {}, str(exc)
+        self._replies.add(PurePosixPath(ref.name).name)
         problem = names_problem(state, layout)
         if problem:
             return {}, problem
@@ -126,11 +130,14 @@ class WeightCarrier:
     # ---- cleaning up ------------------------------------------------------------------------
     def end_round(self) -> None:
         """Remove the round's files (weights, replies) but the probe (a node that joins
-        later is probed with it); the next round writes its global weights again."""
+        later is probed with it); the replies read here become spares that the next
+        round's writes reuse. Call it once the round's decoded replies are dropped."""
         if self.folder is None:
             return
         self._global = None  # the round's weights need not outlive it in this process
-        self.folder.clear({self._probe.name.rsplit("/", 1)[1]} if self._probe else set())
+        keep = {PurePosixPath(self._probe.name).name} if self._probe else set()
+        self.folder.clear(keep, recycle=self._replies)
+        self._replies = set()
 
     def close(self) -> None:
         """Remove the run folder (the end of the run, or its failure)."""

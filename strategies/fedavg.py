@@ -357,7 +357,7 @@ class OrderedFedAvg(Strategy):
                 self.retry,
                 record,
                 self.on_client_failure,
-                timed_check(lambda reply: self.check_train_reply(reply, layout), record),
+                lambda reply: self.check_train_reply(reply, layout),
             )
             return self.timed_aggregate(arrays, replies, record)
         finally:
@@ -406,20 +406,6 @@ class OrderedFedAvg(Strategy):
             raise ValueError(f"num_rounds={num_rounds} disagrees with the plan's remaining rounds")
         arrays = run_plan(self, self.clock, grid, initial_arrays, hooks, self.rejoin_timeout)
         return Result(arrays=arrays)
-
-
-def timed_check(check: Callable[[Message], str], record: RoundRecord) -> Callable[[Message], str]:
-    """``check`` with its wall time counted in ``seconds-decode``: decoding (or mapping) and
-    checking the replies, apart from the aggregation's arithmetic."""
-
-    def run(reply: Message) -> str:
-        t0 = time.perf_counter()
-        try:
-            return check(reply)
-        finally:
-            record.count("seconds-decode", time.perf_counter() - t0)
-
-    return run
 
 
 def rejected(reply: Message, pid: int | None, problem: str) -> str:

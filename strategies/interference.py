@@ -31,12 +31,20 @@ GRAM_COLUMNS = 16384  # an n x 16K block stays in cache: 2.5x faster than one n 
 
 def gram_of_rows(rows: torch.Tensor) -> torch.Tensor:
     """``rows @ rows.T`` in float64 for one tensor's updates stacked as ``n x numel`` rows,
-    as a sum of products over blocks of columns (float32 products, float64 sum)."""
-    gram = torch.zeros(rows.shape[0], rows.shape[0], dtype=torch.float64)
-    for start in range(0, rows.shape[1], GRAM_COLUMNS):
-        block = rows[:, start : start + GRAM_COLUMNS]
-        gram += (block @ block.T).to(device="cpu", dtype=torch.float64)
-    return gram
+    as a sum of products over blocks of columns (float32 products, float64 sum).
+
+    The whole blocks go through one batched product (``bmm`` over a strided view, no copy):
+    one small product per block in a Python loop left the threads idle between blocks
+    (2x slower on 2 cores), and one product over all columns runs out of cache.
+    """
+    n, numel = rows.shape
+    whole = numel // GRAM_COLUMNS * GRAM_COLUMNS
+    blocks = rows[:, :whole].reshape(n, -1, GRAM_COLUMNS).transpose(0, 1)
+    gram = torch.bmm(blocks, blocks.transpose(1, 2)).to(torch.float64).sum(0)
+    if whole < numel:
+        rest = rows[:, whole:]
+        gram += (rest @ rest.T).to(torch.float64)
+    return gram.to("cpu")
 
 
 def update_gram(updates: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:

@@ -7,8 +7,10 @@ here. Training, head warm-up and calibration rounds all go through ``send_with_r
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -57,22 +59,70 @@ def accept_all(reply: Message) -> str:
     return ""
 
 
+CHECK_THREADS = 4  # replies checked at once: hashing and reading mapped files scale to ~4
+PULL_INTERVAL_S = 0.1  # between looks for replies, when the grid does not say (deployment)
+
+
+@dataclass
+class Exchange:
+    """The replies to one set of messages, in arrival order, with each one's verdict."""
+
+    replies: list[Message]
+    reasons: list[str]  # "" for a usable reply, else why it is not (a Flower error too)
+    seconds_clients: float  # from the push to the last reply: transport and client work
+    seconds_decode: float  # checks still running after the last reply
+
+
+def exchange(grid: Grid, messages: list[Message], timeout: float, check: ReplyCheck) -> Exchange:
+    """Push ``messages``, pull replies until all came or ``timeout``, and check each reply
+    as soon as it arrives.
+
+    Checking a reply reads all of its bytes (hash, shape, finiteness): for 10 ViT-S/16
+    replies about 0.2 s on one core. Done after the last reply (as with
+    ``send_and_receive``), that time was added to every round; here the checks run in a
+    few threads while later replies are still being computed, and only the last ones are
+    left when the last reply lands. A check must not depend on another reply's (the
+    strategies' checks read the roster and keep what they decoded).
+    """
+    t_sent = time.perf_counter()
+    pending = set(grid.push_messages(messages))
+    deadline = t_sent + timeout
+    interval = float(getattr(grid, "pull_interval", PULL_INTERVAL_S))
+    threads = max(1, min(len(messages), CHECK_THREADS, os.cpu_count() or 1))
+    replies: list[Message] = []
+    last = t_sent
+    with ThreadPoolExecutor(threads, thread_name_prefix="reply-check") as pool:
+        verdicts = []
+        while pending:
+            arrived = list(grid.pull_messages(pending))
+            if arrived:
+                last = time.perf_counter()
+            for reply in arrived:
+                replies.append(reply)
+                verdicts.append(pool.submit(_verdict, reply, check))
+                pending.discard(reply.metadata.reply_to_message_id)
+            if not pending or time.perf_counter() >= deadline:
+                break
+            time.sleep(interval)
+        reasons = [verdict.result() for verdict in verdicts]
+    return Exchange(replies, reasons, last - t_sent, time.perf_counter() - last)
+
+
+def _verdict(reply: Message, check: ReplyCheck) -> str:
+    return reply.error.reason if reply.has_error() else check(reply)
+
+
 def usable_replies(
-    replies: Iterable[Message],
-    record: RoundRecord,
-    on_failure: Callable[[int], None],
-    check: ReplyCheck = accept_all,
+    done: Exchange, record: RoundRecord, on_failure: Callable[[int], None]
 ) -> list[Message]:
-    """Replies without error that pass ``check``, in partition order.
+    """The usable replies of an exchange, in partition order.
 
     A Flower error and a rejected reply are the same to a round: a failed client, counted
     with its one-line reason (printed and kept in the record for the CSVs).
     """
     valid = []
-    for reply in replies:
-        failed = reply.has_error()
-        reason = reply.error.reason if failed else check(reply)
-        if failed or reason:
+    for reply, reason in zip(done.replies, done.reasons, strict=True):
+        if reason:
             reason = " ".join(reason.split())  # one line, whatever the client sent
             on_failure(reply.metadata.src_node_id)
             record.failure_reasons.append(reason)
@@ -95,9 +145,10 @@ def send_with_retries(
 
     A reply is usable when it carries no error and ``check`` finds no reason to reject it.
     Fills the record's ``bytes-down``, ``bytes-up``, ``clients``, ``failures``,
-    ``seconds-send`` (building the messages, writing shared weights) and ``seconds-clients``
-    (from sending to the last reply: transport and client work); returns the usable
-    replies of the last attempt in partition order.
+    ``seconds-send`` (building the messages, writing shared weights), ``seconds-clients``
+    (from sending to the last reply: transport and client work) and ``seconds-decode``
+    (checks left after the last reply); returns the usable replies of the last attempt
+    in partition order.
     """
     attempt, failures = 0, 0
     while True:
@@ -105,10 +156,10 @@ def send_with_retries(
         messages = build(attempt)
         record.count("seconds-send", time.perf_counter() - t_build)
         record.count("bytes-down", sum(content_bytes(m.content) for m in messages))
-        t_sent = time.perf_counter()
-        replies = list(grid.send_and_receive(messages, timeout=policy.timeout))
-        record.count("seconds-clients", time.perf_counter() - t_sent)
-        valid = usable_replies(replies, record, on_failure, check)
+        done = exchange(grid, messages, policy.timeout, check)
+        record.count("seconds-clients", done.seconds_clients)
+        record.count("seconds-decode", done.seconds_decode)
+        valid = usable_replies(done, record, on_failure)
         failures += len(messages) - len(valid)
         if len(valid) >= policy.min_replies or attempt >= policy.max_retries:
             break

@@ -68,14 +68,19 @@ def _raw(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
-def write_tensors(path: Path, state: Mapping[str, torch.Tensor]) -> str:
-    """Write ``state`` to ``path`` in the safetensors format; returns the xxh3-128 of the file."""
+def write_tensors(path: Path, state: Mapping[str, torch.Tensor], overwrite: bool = False) -> str:
+    """Write ``state`` to ``path`` in the safetensors format; returns the xxh3-128 of the file.
+
+    With ``overwrite``, ``path`` is an existing file written over in place and cut to the
+    new length: on tmpfs that reuses its pages instead of allocating and zeroing new ones.
+    """
     tensors = _in_file_order(state)
     digest = xxhash.xxh3_128()
-    with open(path, "wb") as f:
+    with open(path, "r+b" if overwrite else "wb") as f:
         for chunk in (_header(tensors), *(_raw(t) for t in tensors.values() if t.numel())):
             digest.update(chunk)
             f.write(chunk)
+        f.truncate()
     return digest.hexdigest()
 
 
@@ -116,20 +121,18 @@ def _entries(view: mmap.mmap) -> tuple[int, list[tuple[str, torch.dtype, list[in
 
 
 def tensors_in(
-    view: mmap.mmap, inspect: Inspect | None = None, hashed: bool = True
+    view: mmap.mmap, inspect: Inspect | None = None
 ) -> tuple[dict[str, torch.Tensor], str, str]:
     """(tensors as views of the mapping, xxh3-128 of the file, first problem or "").
 
     Each tensor's bytes are hashed and then handed to ``inspect`` while they are still
     in the CPU's cache, so checking a reply costs little more than hashing it; at the
-    first problem the rest is neither hashed nor inspected. The digest is "" then, and
-    without ``hashed``.
+    first problem the rest is neither hashed nor inspected, and the digest is "".
     """
     start, entries = _entries(view)
     raw, digest, position, out = memoryview(view), xxhash.xxh3_128(), 0, {}
     for name, dtype, shape, begin, end in entries:
-        if hashed:
-            digest.update(raw[position : start + end])
+        digest.update(raw[position : start + end])
         position = start + end
         count = int(torch.Size(shape).numel())
         if count == 0:
@@ -141,8 +144,6 @@ def tensors_in(
         if problem:
             return {}, "", problem
         out[name] = tensor
-    if not hashed:
-        return out, "", ""
     digest.update(raw[position:])
     raw.release()
     return out, digest.hexdigest(), ""

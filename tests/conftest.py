@@ -7,6 +7,7 @@ Flower API); it is set here and nowhere else.
 from __future__ import annotations
 
 import tomllib
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -40,7 +41,27 @@ def set_task_identity() -> None:
     TaskIdentity.task_id = 1
 
 
-class InProcessGrid(Grid):
+class PushPull:
+    """``push_messages`` / ``pull_messages`` over a test grid's ``send_and_receive``: push
+    gives each message an id (as Flower's grids do) and answers them all at once; pull
+    hands out the replies to the ids asked for, in the order they were answered."""
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        messages = list(messages)
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        answered = list(self.send_and_receive(messages))
+        self.unpulled = getattr(self, "unpulled", []) + answered
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        wanted = set(message_ids)
+        out = [r for r in self.unpulled if r.metadata.reply_to_message_id in wanted]
+        self.unpulled = [r for r in self.unpulled if r.metadata.reply_to_message_id not in wanted]
+        return out
+
+
+class InProcessGrid(PushPull, Grid):
     """A Grid whose nodes are ClientApp calls in this process (no Ray, no SuperLink)."""
 
     def __init__(self, client_app: ClientApp, run_config: dict, num_nodes: int) -> None:
@@ -72,12 +93,6 @@ class InProcessGrid(Grid):
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.node_ids)
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout=None) -> Iterable[Message]:
         messages = list(messages)

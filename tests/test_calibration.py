@@ -17,7 +17,7 @@ from strategies.plan import CALIBRATION, TRAIN, Phase, RoundClock
 from strategies.record import RoundRecord
 from strategies.sparse_codec import decode_mask, encode_mask
 from strategies.sparse_fedavg import SparseFedAvg
-from tests.conftest import InProcessGrid, quick_run_config, server_context
+from tests.conftest import InProcessGrid, PushPull, quick_run_config, server_context
 
 SMALL = {
     "synthetic_train_per_class": 20,
@@ -117,7 +117,7 @@ def test_undamped_rounds_give_the_one_shot_mask_and_damped_ones_another(tmp_path
         assert all(not bool((after[k] & ~before[k]).any()) for k in after)
 
 
-class FisherGrid:
+class FisherGrid(PushPull):
     """Answers Fisher queries with fixed values per round: round r -> (values, examples)."""
 
     def __init__(self, per_round: dict[int, list[tuple[torch.Tensor, int]]]) -> None:

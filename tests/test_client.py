@@ -9,6 +9,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
+from clients.training import copy_weights_into
 from flower_app import client_app
 from flower_app.config import ConfigError, RunConfig
 from flower_app.model import create_initial_model
@@ -163,3 +164,21 @@ def test_client_app_import_leaves_out_partitioning_libraries():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_weights_are_copied_into_the_model_as_load_state_dict_would():
+    """The cached model takes the received weights in place; wrong names or shapes are
+    refused with what does not fit (``copy_`` alone would broadcast a wrong shape)."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    reference = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    state = {k: torch.randn_like(v.float()).to(v.dtype) for k, v in model.state_dict().items()}
+    params = [p.data_ptr() for p in model.parameters()]
+    copy_weights_into(model, state)
+    reference.load_state_dict(state)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    assert [p.data_ptr() for p in model.parameters()] == params  # in place
+    with pytest.raises(ValueError, match=r"missing \['1.bias'\], unexpected \['1.gamma'\]"):
+        copy_weights_into(model, {("1.gamma" if k == "1.bias" else k): v for k, v in state.items()})
+    with pytest.raises(ValueError, match=r"'0.bias' has shape \(1,\), the model's \(2,\)"):
+        copy_weights_into(model, state | {"0.bias": torch.zeros(1)})

@@ -46,7 +46,7 @@ from strategies.reply_checks import (
     train_metrics_problem,
 )
 from strategies.rounds import RetryPolicy, send_with_retries
-from tests.conftest import InProcessGrid, quick_run_config, server_context
+from tests.conftest import InProcessGrid, PushPull, quick_run_config, server_context
 
 Tamper = Callable[[Message, Message], Message]  # (message sent, honest reply) -> reply seen
 Tensors = dict[str, torch.Tensor]
@@ -490,7 +490,7 @@ def test_fisher_metrics_problem(examples, limit, reason):
 
 
 # ---- the round driver ----------------------------------------------------------------------
-class ReplyingGrid:
+class ReplyingGrid(PushPull):
     """Partition 2 fails with a Flower error; the others answer."""
 
     def send_and_receive(self, messages: list[Message], timeout=None) -> list[Message]:

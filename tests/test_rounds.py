@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
@@ -12,9 +14,11 @@ from strategies.record import RoundRecord
 from strategies.rounds import (
     InsufficientRepliesError,
     RetryPolicy,
+    exchange,
     run_plan,
     send_with_retries,
 )
+from tests.conftest import PushPull
 
 
 def _clock() -> RoundClock:
@@ -51,7 +55,7 @@ def test_clock_completes_in_order_and_saves_itself():
         other.load_state_dict(clock.state_dict())
 
 
-class FakeGrid:
+class FakeGrid(PushPull):
     """Answers each message with a reply, or an error for the partitions in ``fail[attempt]``."""
 
     def __init__(self, fail: list[set[int]]) -> None:
@@ -114,6 +118,76 @@ def test_too_few_replies_after_all_retries(identity):
         send_with_retries(grid, _build, RetryPolicy(1, 2), record)
     assert "0 usable replies, fewer than the 1 required, after 3 attempts" in str(info.value)
     assert "\n" not in str(info.value) and grid.calls == 3 and record.get("failures") == 9
+
+
+class TricklingGrid:
+    """Replies one at a time, one per look, last message first; ``silent`` partitions never
+    answer. Records when each reply was handed out."""
+
+    pull_interval = 0.001
+
+    def __init__(self, silent: set[int] = frozenset()) -> None:
+        self.silent = silent
+        self.queue: list[Message] = []
+        self.handed: dict[int, float] = {}  # pid -> when its reply was pulled
+
+    def push_messages(self, messages):
+        for i, m in enumerate(messages):
+            m.metadata.__dict__["_message_id"] = f"m{i}"
+        self.queue = [m for m in reversed(messages) if _pid(m) not in self.silent]
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids):
+        if not self.queue:
+            return []
+        m = self.queue.pop(0)
+        self.handed[_pid(m)] = time.perf_counter()
+        metrics = MetricRecord({protocol.PARTITION_ID: _pid(m), protocol.NUM_EXAMPLES: 1})
+        return [Message(RecordDict({protocol.METRICS: metrics}), reply_to=m)]
+
+
+def _pid(message: Message) -> int:
+    return int(message.content["config"]["pid"])
+
+
+def test_replies_are_checked_as_they_arrive(identity):
+    """The first reply's check runs before the last reply is pulled; verdicts keep the
+    arrival order, and the round's usable replies come back in partition order."""
+    grid, checked = TricklingGrid(), {}
+
+    def check(reply: Message) -> str:
+        pid = int(reply.content[protocol.METRICS][protocol.PARTITION_ID])
+        checked[pid] = time.perf_counter()
+        time.sleep(0.02)  # a check takes a while: the next replies arrive meanwhile
+        return "odd partition" if pid % 2 else ""
+
+    done = exchange(grid, _build(0), timeout=10.0, check=check)
+    arrival = [int(r.content[protocol.METRICS][protocol.PARTITION_ID]) for r in done.replies]
+    assert arrival == [2, 1, 0] and done.reasons == ["", "odd partition", ""]
+    assert checked[2] < grid.handed[0]  # checked while partition 0's reply was not in yet
+    assert 0 < done.seconds_decode < 1.0 and done.seconds_clients > 0
+
+    record, failed = _record(), []
+    replies = send_with_retries(
+        TricklingGrid(), _build, RetryPolicy(1), record, failed.append, check
+    )
+    assert [_pid_of(r) for r in replies] == [0, 2] and failed == [11]
+    assert record.failure_reasons == ["odd partition"] and record.get("seconds-decode") > 0
+
+
+def _pid_of(reply: Message) -> int:
+    return int(reply.content[protocol.METRICS][protocol.PARTITION_ID])
+
+
+def test_a_node_that_never_answers_fails_the_round_at_the_timeout(identity):
+    grid = TricklingGrid(silent={1})
+    t0 = time.perf_counter()
+    done = exchange(grid, _build(0), timeout=0.2, check=lambda reply: "")
+    assert 0.2 <= time.perf_counter() - t0 < 2.0
+    assert sorted(_pid_of(r) for r in done.replies) == [0, 2]
+    record = _record()
+    replies = send_with_retries(TricklingGrid({1}), _build, RetryPolicy(1, timeout=0.2), record)
+    assert [_pid_of(r) for r in replies] == [0, 2] and record.get("failures") == 1
 
 
 class CountingStrategy:

@@ -30,6 +30,7 @@ from strategies.carrier import WeightCarrier
 from strategies.reply_checks import dense_layout
 from strategies.shared_weights import (
     ROOT_ENV,
+    SPARE_SUFFIX,
     SUFFIX,
     RunFolder,
     SharedWeightsError,
@@ -46,6 +47,7 @@ from strategies.shared_weights import (
     write_state,
 )
 from strategies.sparse_codec import gather_masked
+from strategies.tensor_file import write_tensors
 from tests.conftest import ROOT, InProcessGrid, quick_run_config, server_context
 from tests.run_in_process import run
 
@@ -163,6 +165,27 @@ def test_a_changed_byte_or_a_missing_file_is_refused(tmp_path: Path) -> None:
         WeightRef.from_record(ConfigRecord({"name": ref.name, "digest": ref.digest}))
 
 
+def test_a_node_maps_its_global_file_once_and_again_when_it_changes(tmp_path: Path) -> None:
+    """A worker's clients of one round share one mapping of the global file (no new page
+    faults, no second hash); a file replaced under the same name is read and hashed anew,
+    so a tampered one is still refused."""
+    (tmp_path / "run").mkdir()
+    ref = write_state(tmp_path, "run", finite_state(0))
+    first = read_state(tmp_path, ref, remember=True)
+    again = read_state(tmp_path, ref, remember=True)
+    assert all(again[n].data_ptr() == first[n].data_ptr() for n in first if first[n].numel())
+    assert read_state(tmp_path, ref)["z.weight"].data_ptr() != first["z.weight"].data_ptr()
+
+    path = tmp_path / ref.name
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.unlink()  # a new file under the same name: another inode
+    path.write_bytes(bytes(data))
+    with pytest.raises(SharedWeightsError, match=f"not {ref.digest}"):
+        read_state(tmp_path, ref, remember=True)
+    assert_bitwise_equal(first, finite_state(0))  # the old mapping is unchanged
+
+
 @pytest.mark.parametrize(
     "name",
     [
@@ -278,6 +301,58 @@ def test_weights_are_written_once_per_global_model_and_cleaned_up(
     assert len(calls) == 3 and dict(again[key]) == dict(new[key])  # written again, same file
     carrier.close()
     assert not folder.path.exists() and list(root.iterdir()) == []
+
+
+def test_replies_read_by_the_server_become_spares_that_later_writes_reuse(
+    root: Path, identity: None
+) -> None:
+    """A round's end turns the replies it read (and no longer maps) into spares; the next
+    write in the folder takes one over: same inode, cut to its new length, digest right.
+    A reply still mapped (its tensors alive) is removed instead: nobody writes over it."""
+    folder = RunFolder.create(root, 7)
+    carrier = WeightCarrier(folder)
+    assert probed(carrier, 1) == ""
+    sent = finite_state(0)
+    arrays = ArrayRecord(sent)
+    layout = dense_layout(arrays)
+    train = request(carrier.weights_for(1, arrays, lambda: sent), 1)
+    trained = {name: t + 1 if t.is_floating_point() else t for name, t in sent.items()}
+
+    def answered() -> tuple[Tensors, Path]:
+        records = reply_records(train.content, protocol.ARRAYS, trained)
+        state, reason = carrier.reply_state(reply(train, records), protocol.ARRAYS, layout)
+        assert reason == ""
+        return state, root / WeightRef.from_record(records[protocol.ref_key(protocol.ARRAYS)]).name
+
+    def spares() -> list[Path]:
+        return sorted(folder.path.glob(f"*{SPARE_SUFFIX}"))
+
+    held, path = answered()
+    carrier.end_round()  # ``held`` still maps the reply: removed, not recycled
+    assert spares() == [] and not path.exists()
+    assert_bitwise_equal(held, trained)
+
+    del held
+    path = answered()[1]  # its tensors are dropped at once
+    inode = path.stat().st_ino
+    carrier.end_round()
+    assert [p.stat().st_ino for p in spares()] == [inode] and not path.exists()
+
+    smaller = {"a.bias": torch.arange(5, dtype=torch.float32)}
+    ref = write_state(root, folder.name, smaller)
+    written = root / ref.name
+    assert spares() == [] and written.stat().st_ino == inode
+    fresh = root / "fresh.safetensors"
+    assert write_tensors(fresh, smaller) == ref.digest
+    assert written.read_bytes() == fresh.read_bytes()  # nothing of the old reply is left
+    assert_bitwise_equal(read_state(root, ref), smaller)  # the digest is checked on read
+
+    for _ in range(3):  # spares left from an earlier, larger round
+        (folder.path / f"{os.urandom(4).hex()}{SPARE_SUFFIX}").write_bytes(b"x")
+    path = answered()[1]
+    carrier.end_round()  # no more spares than the round's replies
+    assert len(spares()) == 1 and spares()[0].stat().st_size > 1
+    carrier.close()
 
 
 # ---- the fallback to the message ----------------------------------------------------------------
