@@ -23,7 +23,7 @@ with imports_without_gc():
     import numpy as np
     import torch
     import xxhash
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from torch import nn
 
@@ -38,7 +38,14 @@ with imports_without_gc():
     from flower_app.runtime import resolve_device, run_splits, use_bf16
     from strategies import protocol
     from strategies.seeds import derive_seed
-    from strategies.shared_weights import answer_probe, reply_records, take_state
+    from strategies.shared_weights import (
+        WeightRef,
+        answer_probe,
+        read_state,
+        reply_records,
+        shared_root,
+        take_state,
+    )
     from strategies.sparse_codec import decode_mask, gather_at, mask_positions
 
 app = ClientApp()
@@ -235,34 +242,50 @@ class NodeMask:
 def node_mask(msg: Message, context: Context) -> NodeMask | None:
     """The sparse mask this message assumes: sent with it, or kept in the node's state.
 
-    A mask arrives once per version and is stored (packed) in ``context.state``, which
-    Flower keeps per node for the whole run; dense messages carry no mask version.
+    A mask arrives once per version, packed in the message or (weights by reference) as a
+    reference to one file of the run folder, and is stored in ``context.state``, which
+    Flower keeps per node for the whole run: a reference keeps a simulation's K node
+    contexts small (a packed ViT-S/16 mask is 2.7 MB). Dense messages carry no version.
     """
     config = msg.content[protocol.CONFIG]
     if protocol.MASK_VERSION not in config:
         return None
     version = int(config[protocol.MASK_VERSION])
-    if protocol.MASK in msg.content:
-        context.state[protocol.MASK] = msg.content[protocol.MASK]
+    sent = [key for key in (protocol.MASK, protocol.ref_key(protocol.MASK)) if key in msg.content]
+    if sent:
+        for key in (protocol.MASK, protocol.ref_key(protocol.MASK)):
+            if key in context.state:
+                del context.state[key]
+        context.state[sent[0]] = msg.content[sent[0]]
         context.state[protocol.MASK_VERSION] = ConfigRecord({protocol.MASK_VERSION: version})
     held = context.state.get(protocol.MASK_VERSION)
     if held is None or int(held[protocol.MASK_VERSION]) != version:
         raise RuntimeError(f"node holds no mask of version {version}; the server must send it")
-    return _decoded_mask(context.state[protocol.MASK])
+    return _decoded_mask(context.state)
 
 
 _MASK: list[tuple[str, NodeMask]] = []  # this process's last decoded mask
 
 
-def _decoded_mask(packed: ArrayRecord) -> NodeMask:
-    """``decode_mask``, once per mask in a worker process: every node of a simulation
-    holds the same mask, which would otherwise be unpacked for every message."""
-    digest = xxhash.xxh3_128()
-    for name, array in packed.items():
-        digest.update(name.encode())
-        digest.update(array.data)
-    key = digest.hexdigest()
+def _decoded_mask(state: RecordDict) -> NodeMask:
+    """The node's stored mask, decoded once per mask in a worker process: every node of a
+    simulation holds the same mask, which would otherwise be unpacked for every message.
+    A referenced file is read (and its digest checked) only when this worker lacks it."""
+    ref_record = state.config_records.get(protocol.ref_key(protocol.MASK))
+    if ref_record is not None:
+        ref = WeightRef.from_record(ref_record)
+        key = ref.digest
+        packed: Any = None
+    else:
+        packed = state.array_records[protocol.MASK]
+        digest = xxhash.xxh3_128()
+        for name, array in packed.items():
+            digest.update(name.encode())
+            digest.update(array.data)
+        key = digest.hexdigest()
     if not _MASK or _MASK[0][0] != key:
+        if packed is None:
+            packed = read_state(shared_root(), ref)
         _MASK[:] = [(key, NodeMask.of(decode_mask(packed)))]
     return _MASK[0][1]
 

@@ -41,6 +41,7 @@ class WeightCarrier:
         self._global: tuple[ArrayRecord, WeightRef] | None = None  # this round's written weights
         self._probe: WeightRef | None = None
         self._replies: set[str] = set()  # file names of this round's replies read here
+        self._kept: dict[str, tuple[ArrayRecord, WeightRef]] = {}  # key -> files kept over rounds
 
     # ---- which nodes read the folder ------------------------------------------------------
     def probe_content(self) -> RecordDict:
@@ -90,6 +91,24 @@ class WeightCarrier:
                 return RecordDict({protocol.ARRAYS: arrays})
         return RecordDict({protocol.ref_key(protocol.ARRAYS): self._global[1].record()})
 
+    def kept_for(self, node_id: int, key: str, arrays: ArrayRecord) -> RecordDict:
+        """Record ``key`` of a message to ``node_id`` for something that stays valid over
+        rounds (the sparse mask of one version): the reference of one file, written once
+        per ArrayRecord and kept until another one replaces it, or ``arrays`` itself."""
+        if self.folder is None or node_id not in self.by_reference:
+            return RecordDict({key: arrays})
+        kept = self._kept.get(key)
+        if kept is None or kept[0] is not arrays:
+            try:
+                ref = write_state(self.folder.root, self.folder.name, arrays.to_torch_state_dict())
+            except SharedWeightsError as exc:  # e.g. a full tmpfs: this one in the message
+                print(f"{key} travels in the message: {exc}", flush=True)
+                return RecordDict({key: arrays})
+            if kept is not None and kept[1].name != ref.name:
+                (self.folder.root / kept[1].name).unlink(missing_ok=True)
+            self._kept[key] = kept = (arrays, ref)
+        return RecordDict({protocol.ref_key(key): kept[1].record()})
+
     # ---- receiving --------------------------------------------------------------------------
     def reply_state(
         self, reply: Message, key: str, layout: Layout, nonnegative: bool = False
@@ -135,7 +154,10 @@ class WeightCarrier:
         if self.folder is None:
             return
         self._global = None  # the round's weights need not outlive it in this process
-        keep = {PurePosixPath(self._probe.name).name} if self._probe else set()
+        refs = [self._probe] if self._probe else []
+        keep = {
+            PurePosixPath(ref.name).name for ref in [*refs, *(k[1] for k in self._kept.values())]
+        }
         self.folder.clear(keep, recycle=self._replies)
         self._replies = set()
 

@@ -26,8 +26,8 @@ def encode_mask(mask: Mapping[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
-def decode_mask(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """Inverse of ``encode_mask``."""
+def decode_mask(record: ArrayRecord | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of ``encode_mask``; also of its arrays as tensors (read back from a file)."""
     arrays = {k: v.numpy() for k, v in record.items()}
     out = {}
     for name, packed in arrays.items():

@@ -97,7 +97,13 @@ def _same(a: dict, b: dict) -> bool:
 def test_undamped_rounds_give_the_one_shot_mask_and_damped_ones_another(tmp_path):
     one_shot, _ = _final_mask(tmp_path, "one-shot", calibration_rounds=1)
     undamped, _ = _final_mask(tmp_path, "undamped", calibration_rounds=3, calibration_damping=1.0)
-    damped, grid = _final_mask(tmp_path, "damped", calibration_rounds=3, calibration_damping=0.1)
+    damped, grid = _final_mask(  # masks in the messages, to read them back below
+        tmp_path,
+        "damped",
+        calibration_rounds=3,
+        calibration_damping=0.1,
+        weights_transport="message",
+    )
     assert _same(undamped, one_shot)  # the same network scored three times
     assert not _same(damped, one_shot)
     total = sum(m.numel() for m in damped.values())

@@ -46,7 +46,7 @@ from strategies.shared_weights import (
     take_state,
     write_state,
 )
-from strategies.sparse_codec import gather_masked
+from strategies.sparse_codec import decode_mask, encode_mask, gather_masked
 from strategies.tensor_file import write_tensors
 from tests.conftest import ROOT, InProcessGrid, quick_run_config, server_context
 from tests.run_in_process import run
@@ -355,6 +355,31 @@ def test_replies_read_by_the_server_become_spares_that_later_writes_reuse(
     carrier.close()
 
 
+def test_a_kept_record_is_written_once_and_lives_until_replaced(root: Path, identity: None) -> None:
+    """The sparse mask of one version: one file whatever the nodes and rounds, kept by a
+    round's end, removed when the next version replaces it; a node not reading by
+    reference gets the record itself. Its bytes count as the record's."""
+    folder = RunFolder.create(root, 7)
+    carrier = WeightCarrier(folder)
+    assert probed(carrier, 1) == "" and probed(carrier, 2) == ""
+    first, second = encode_mask({"w": torch.rand(9, 7) < 0.5}), encode_mask({"w": torch.ones(3)})
+    key = protocol.ref_key(protocol.MASK)
+    to_one, to_two = (
+        carrier.kept_for(1, protocol.MASK, first),
+        carrier.kept_for(2, protocol.MASK, first),
+    )
+    assert dict(to_one[key]) == dict(to_two[key]) and protocol.MASK not in to_one
+    ref = WeightRef.from_record(to_one[key])
+    assert ref.nbytes == first.count_bytes()
+    assert_bitwise_equal(decode_mask(read_state(root, ref)), decode_mask(first))
+    carrier.end_round()
+    assert (root / ref.name).exists()
+    assert carrier.kept_for(3, protocol.MASK, first)[protocol.MASK] is first  # not probed
+    newer = WeightRef.from_record(carrier.kept_for(1, protocol.MASK, second)[key])
+    assert not (root / ref.name).exists() and (root / newer.name).exists()
+    carrier.close()
+
+
 # ---- the fallback to the message ----------------------------------------------------------------
 def test_a_node_on_another_host_gets_the_weights_in_the_message(
     tmp_path: Path, root: Path, monkeypatch: pytest.MonkeyPatch, identity: None
@@ -475,6 +500,50 @@ def test_mixed_transports_give_the_same_run_as_messages_only(
 
     assert_same_results(tmp_path / "message", tmp_path / "mixed")
     assert_same_results(tmp_path / "message", tmp_path / "auto")
+
+
+def test_a_sparse_mask_goes_by_reference_and_the_run_is_the_same(
+    tmp_path: Path, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node reading by reference gets each mask version as a reference to one file
+    (kept over rounds) and keeps only that in its context; the others get the packed mask.
+    Warm-up, calibration and training masks (three versions) give the same run as
+    messages only."""
+    sparse = SMALL | {
+        "strategy": "sparse-fedavg",
+        "head_warmup_rounds": 1,
+        "calibration_rounds": 1,
+        "fisher_samples": 8,
+        "num_server_rounds": 2,
+    }
+    run(
+        quick_run_config(
+            **sparse, weights_transport="message", output_dir=str(tmp_path), run_name="message"
+        )
+    )
+    probes_from_another_host(monkeypatch, tmp_path / "another-host", lambda i: i % 2 == 0)
+    grid = run_on(quick_run_config(**sparse, output_dir=str(tmp_path), run_name="mixed"))
+    with_mask = [
+        m for m in grid.sent if protocol.MASK_VERSION in m.content.get(protocol.CONFIG, {})
+    ]
+    versions = {int(m.content[protocol.CONFIG][protocol.MASK_VERSION]) for m in with_mask}
+    assert len(versions) == 3
+    for message in with_mask:
+        in_message = message.metadata.dst_node_id in (1000, 1002)
+        assert protocol.ref_key(protocol.MASK) not in message.content or not in_message
+        assert protocol.MASK not in message.content or in_message
+    refs = {
+        dict(m.content[protocol.ref_key(protocol.MASK)])["name"]
+        for m in with_mask
+        if protocol.ref_key(protocol.MASK) in m.content
+    }
+    assert len(refs) == 3  # one file per version, not per node or round
+    for node, context in grid.contexts.items():
+        by_reference = node in (1001, 1003)
+        assert (protocol.ref_key(protocol.MASK) in context.state) is by_reference
+        assert (protocol.MASK in context.state) is not by_reference
+    assert list(root.iterdir()) == []
+    assert_same_results(tmp_path / "message", tmp_path / "mixed")
 
 
 def test_shared_memory_with_a_node_that_cannot_read_fails_at_the_start(
