@@ -251,11 +251,10 @@ def node_mask(msg: Message, context: Context) -> NodeMask | None:
     if protocol.MASK_VERSION not in config:
         return None
     version = int(config[protocol.MASK_VERSION])
-    sent = [key for key in (protocol.MASK, protocol.ref_key(protocol.MASK)) if key in msg.content]
+    sent = [key for key in MASK_KEYS if key in msg.content]
     if sent:
-        for key in (protocol.MASK, protocol.ref_key(protocol.MASK)):
-            if key in context.state:
-                del context.state[key]
+        for key in MASK_KEYS:  # the new mask replaces the old, whichever way either came
+            context.state.pop(key, None)
         context.state[sent[0]] = msg.content[sent[0]]
         context.state[protocol.MASK_VERSION] = ConfigRecord({protocol.MASK_VERSION: version})
     held = context.state.get(protocol.MASK_VERSION)
@@ -264,6 +263,7 @@ def node_mask(msg: Message, context: Context) -> NodeMask | None:
     return _decoded_mask(context.state)
 
 
+MASK_KEYS = (protocol.MASK, protocol.ref_key(protocol.MASK))  # packed, or its file's reference
 _MASK: list[tuple[str, NodeMask]] = []  # this process's last decoded mask
 
 
@@ -274,19 +274,16 @@ def _decoded_mask(state: RecordDict) -> NodeMask:
     ref_record = state.config_records.get(protocol.ref_key(protocol.MASK))
     if ref_record is not None:
         ref = WeightRef.from_record(ref_record)
-        key = ref.digest
-        packed: Any = None
+        key, packed = ref.digest, lambda: read_state(shared_root(), ref)
     else:
-        packed = state.array_records[protocol.MASK]
+        record = state.array_records[protocol.MASK]
         digest = xxhash.xxh3_128()
-        for name, array in packed.items():
+        for name, array in record.items():
             digest.update(name.encode())
             digest.update(array.data)
-        key = digest.hexdigest()
+        key, packed = digest.hexdigest(), lambda: record
     if not _MASK or _MASK[0][0] != key:
-        if packed is None:
-            packed = read_state(shared_root(), ref)
-        _MASK[:] = [(key, NodeMask.of(decode_mask(packed)))]
+        _MASK[:] = [(key, NodeMask.of(decode_mask(packed())))]
     return _MASK[0][1]
 
 

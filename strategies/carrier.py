@@ -11,7 +11,6 @@ against the same layout.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from pathlib import PurePosixPath
 
 import torch
 from flwr.app import ArrayRecord, Message, RecordDict
@@ -23,6 +22,7 @@ from strategies.shared_weights import (
     SharedWeightsError,
     WeightRef,
     read_state,
+    ref_file,
     ref_folder,
     write_state,
 )
@@ -133,7 +133,7 @@ class WeightCarrier:
             state = self._read(ref, inspect)
         except SharedWeightsError as exc:
             return {}, str(exc)
-        self._replies.add(PurePosixPath(ref.name).name)
+        self._replies.add(ref_file(ref))
         problem = names_problem(state, layout)
         if problem:
             return {}, problem
@@ -154,10 +154,8 @@ class WeightCarrier:
         if self.folder is None:
             return
         self._global = None  # the round's weights need not outlive it in this process
-        refs = [self._probe] if self._probe else []
-        keep = {
-            PurePosixPath(ref.name).name for ref in [*refs, *(k[1] for k in self._kept.values())]
-        }
+        kept = [ref for _, ref in self._kept.values()] + ([self._probe] if self._probe else [])
+        keep = {ref_file(ref) for ref in kept}
         self.folder.clear(keep, recycle=self._replies)
         self._replies = set()
 

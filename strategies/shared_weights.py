@@ -182,6 +182,11 @@ def ref_folder(ref: WeightRef) -> str:
     return PurePosixPath(ref.name).parts[0]
 
 
+def ref_file(ref: WeightRef) -> str:
+    """The file name of a reference inside its run folder."""
+    return PurePosixPath(ref.name).name
+
+
 # ---- a node's side ---------------------------------------------------------------------------
 def take_state(content: RecordDict, key: str) -> dict[str, torch.Tensor]:
     """The tensors of record ``key`` of a message: by reference when it carries one."""

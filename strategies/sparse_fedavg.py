@@ -242,10 +242,7 @@ class SparseFedAvg(OrderedFedAvg):
         config = ConfigRecord(dict(config) | {protocol.MASK_VERSION: self.mask_version})
         message = super().message_for(pid, arrays, config, message_type)
         if self.node_mask_version.get(node) != self.mask_version:
-            for key, record in self.carrier.kept_for(
-                node, protocol.MASK, self.encoded_mask()
-            ).items():
-                message.content[key] = record
+            message.content.update(self.carrier.kept_for(node, protocol.MASK, self.encoded_mask()))
             self.node_mask_version[node] = self.mask_version
         return message
 
