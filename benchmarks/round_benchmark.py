@@ -68,6 +68,7 @@ import pandas as pd
 import torch
 
 from clients.training import train_local
+from flower_app.allocator import keep_freed_memory
 from flower_app.config import RunConfig, write_run_config
 from flower_app.local_superlink import LocalSuperLink, pids_with_env
 from flower_app.model import build_model
@@ -321,12 +322,14 @@ def measure_floor(
     threads: int,
     parallel: int,
 ) -> Floor:
-    """The tight loop: same model, data path and precision as a client, no Flower.
+    """The tight loop: same model, data path, precision and allocator settings as a client
+    (``keep_freed_memory``), no Flower.
 
     On a CPU it runs with the threads of one client worker (Ray gives each worker
     ``client-resources-num-cpus`` threads) and counts ``parallel`` workers as adding
     up, since each has its own cores; on a GPU workers take turns, so ``parallel`` is 1.
     """
+    keep_freed_memory()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from clients.training import Preprocess, batch_schedule, sgd_step
+from flower_app.allocator import keep_freed_memory
 from flower_app.config import ConfigError, RunConfig, load_preset, parse_overrides
 from flower_app.data_sources import ImageSplit
 from flower_app.hooks import BestModel, MetricsTable
@@ -113,6 +114,7 @@ def _prepare(cfg: RunConfig) -> tuple[_Trainer, State]:
     The order (splits, then the model) is the federated run's, so the same ``seed``
     gives the same initial weights.
     """
+    keep_freed_memory()  # as in the clients: freed blocks stay in the heap
     device = resolve_device(cfg.device)
     splits = run_splits(cfg)
     model = initial_model(cfg)

@@ -30,6 +30,7 @@ with imports_without_gc():
     from clients.fisher import diagonal_fisher
     from clients.sparse_sgdm import SparseSGDM
     from clients.training import copy_weights_into, train_local
+    from flower_app.allocator import keep_freed_memory
     from flower_app.config import RunConfig
     from flower_app.data_sources import ImageSplit, load_node_data
     from flower_app.model import build_model
@@ -97,6 +98,7 @@ def get_runtime(cfg: RunConfig, partition_id: int, node_data_dir: str = "") -> C
     private data set per SuperNode); otherwise on shard ``partition-id`` of the
     run-config's data set, partitioned the same way on every node.
     """
+    keep_freed_memory()  # a fresh optimizer per message: its pages stay in the heap
     device = resolve_device(cfg.device)
     model_key = (cfg.model, cfg.num_classes, cfg.image_size, str(device))
     if model_key not in _MODELS:

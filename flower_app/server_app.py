@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
+from flower_app.allocator import keep_freed_memory
 from flower_app.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
@@ -419,6 +420,7 @@ def poll_quickly(grid: Grid) -> None:
 def main(grid: Grid, context: Context) -> None:
     """Prepare, run the plan of rounds, finish."""
     poll_quickly(grid)
+    keep_freed_memory()  # a new global model every round: its pages stay in the heap
     cfg = RunConfig.from_run_config(dict(context.run_config))
     check_prerequisites(cfg)  # output folder, data, weights: every missing piece at once
     output_dir = writable_output_dir(cfg.output_dir)
