@@ -8,13 +8,15 @@ again by the next (``flower_app/allocator.py``). This script shows what that cos
 What it does: pairs of fresh child processes (``sys.executable``), one with glibc's
 defaults and one that calls ``keep_freed_memory()`` first, alternating. Each builds the
 model of the payload form (ViT-S/16 at 32 px by default), warms up, then times
-``--clients`` clients one after the other as the app's ClientApp runs them: a fresh
+``--clients`` clients one after the other as a client worker runs them: a fresh
 SGD-momentum optimizer and ``--steps`` steps of ``clients.training.train_local`` each,
-with one torch thread (one client worker), counting minor page faults. Prints the
-median client time and faults per client of each setting and their ratio.
+with one torch thread (one client worker), counting minor page faults. The step is
+``round_benchmark.py``'s bare client compute (the app's ``train_local``, the payload
+form's learning rate, momentum and weight decay). Prints the median client time and
+faults per client of each setting and their ratio.
 
     python benchmarks/allocator_benchmark.py                  # ViT-S/16 at 32 px, batch 1
-    python benchmarks/allocator_benchmark.py --model vit_tiny_test --pairs 2
+    python benchmarks/allocator_benchmark.py --steps 4 --batch 8  # more compute per client
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,52 +34,37 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def child(model_name: str, keep: bool, clients: int, steps: int, batch: int) -> dict:
     """Runs in a fresh process: seconds and minor faults of each client, one thread."""
-    sys.path.insert(0, str(ROOT))
+    sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
     from flower_app.allocator import keep_freed_memory
 
     kept = keep_freed_memory() if keep else False
     import torch
+    from round_benchmark import PAYLOAD_FORM, _timed_train
 
-    from clients.training import train_local
+    from flower_app.config import RunConfig
     from flower_app.model import build_model
-    from flower_app.preprocessing import batch_preprocessor
 
     torch.set_num_threads(1)
+    overrides = {"device": "cpu", "model": model_name, "local-steps": steps, "batch-size": batch}
+    cfg = RunConfig.from_run_config(PAYLOAD_FORM | overrides)
     torch.manual_seed(0)
-    model = build_model(model_name, 100, 32)
+    model = build_model(cfg.model, cfg.num_classes, cfg.image_size)
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (4 * batch, 3, 32, 32), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, 100, (4 * batch,), generator=g)
+    shape = (4 * batch, 3, cfg.image_size, cfg.image_size)
+    data = (
+        torch.randint(0, 256, shape, dtype=torch.uint8, generator=g),
+        torch.randint(0, cfg.num_classes, (4 * batch,), generator=g),
+    )
 
     def one_client(seed: int) -> tuple[float, int]:
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        start = time.perf_counter()
-        optimizer = torch.optim.SGD(
-            model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, foreach=True
-        )
-        train_local(
-            model,
-            optimizer,
-            images,
-            labels,
-            torch.arange(len(labels)),
-            steps,
-            batch,
-            batch_preprocessor(32),
-            torch.Generator().manual_seed(seed),
-            torch.Generator().manual_seed(seed),
-        )
-        seconds = time.perf_counter() - start
+        seconds = _timed_train(model, data, steps, batch, cfg, torch.device("cpu"), seed)
         return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
-    for seed in range(2):  # warm-up: first-touch of the model, grads, kernels
+    for seed in range(2):  # warm-up: first touch of the model, its gradients, the kernels
         one_client(seed)
     runs = [one_client(10 + c) for c in range(clients)]
-    return {
-        "kept": kept,
-        "seconds": [s for s, _ in runs],
-        "faults": [f for _, f in runs],
-    }
+    return {"kept": kept, "seconds": [s for s, _ in runs], "faults": [f for _, f in runs]}
 
 
 def run_child(args: argparse.Namespace, keep: bool) -> dict:

@@ -92,3 +92,16 @@ def test_the_clientapp_keeps_freed_memory_before_it_trains(monkeypatch):
     cfg = RunConfig.from_run_config(quick_run_config(synthetic_train_per_class=20, num_clients=4))
     client_app.get_runtime(cfg, partition_id=0)
     assert calls == [1]
+
+
+def test_allocator_benchmark_prints_both_settings(capsys):
+    """The benchmark's short form: one pair of children, the summary line with its ratio."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import allocator_benchmark
+
+    argv = ["--model", "vit_tiny_test", "--clients", "2", "--pairs", "1"]
+    assert allocator_benchmark.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "pair 1 default" in out and "pair 1 kept" in out
+    assert "vit_tiny_test, J=1, batch 1, one thread: median client" in out
+    assert "with freed memory kept (" in out and "page faults per client" in out
