@@ -5,11 +5,10 @@ buffers and weight-decay temporaries about twice the model's size, and the serve
 allocates a new global model every round. glibc serves each block above a threshold
 that starts at 128 KiB with its own ``mmap`` and unmaps it on ``free``, and trims the
 heap's free top, so the next message faults in and zeroes all those pages again:
-about 40,000 page faults in one ViT-S/16 step of batch 1 at 32 px, 150 ms a step, and
-114 ms with no faults once freed blocks stay in the heap (one thread, 2-core machine,
-``python benchmarks/allocator_benchmark.py``). PyTorch's CPU performance guide makes
-the same point by suggesting jemalloc or tcmalloc; two ``mallopt`` calls do it here
-without another library.
+about 40,000 page faults in one ViT-S/16 step of batch 1 at 32 px, 145 ms a step, and
+110 ms with no faults once freed blocks stay in the heap (one thread, 2-core machine,
+``python benchmarks/allocator_benchmark.py``). A preloaded jemalloc or tcmalloc would
+keep them too; two ``mallopt`` calls do it without another library.
 
 Blocks up to 32 MiB (glibc's largest threshold on 64-bit) come from the heap; larger
 ones (data sets, evaluation activations) still go back to the kernel when freed. A
