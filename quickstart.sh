@@ -3,7 +3,10 @@
 # which validates the run-config first and exits non-zero when the run failed.
 set -euo pipefail
 cd "$(dirname "$0")"
-if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
+if [ ! -x .venv/bin/python ]; then
+  bash scripts/check_free_disk.sh 7000 "the install (a venv with torch's CUDA build, ~6.5 GB)"
+  python3 -m venv .venv
+fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 .venv/bin/python -m pip install -q -e ".[dev]"

@@ -727,6 +727,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-floor-compile", action="store_true", help="eager floor on a GPU")
     parser.add_argument("--output-dir", type=Path, default=None, help="default: a temp folder")
+    parser.add_argument(
+        "--keep-models",
+        action="store_true",
+        help="keep the runs' model files (checkpoint, weights, mask); by default they are "
+        "deleted once the runs are read (about 1 GB for the payload form)",
+    )
     parser.add_argument("--run-timeout", type=float, default=1800.0)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0:
@@ -878,6 +884,28 @@ def write_benchmark_json(out: Path, device: torch.device, floor: Floor, report: 
     )
 
 
+MODEL_FILE_SUFFIXES = (".safetensors", ".pt")
+
+
+def prune_model_files(out: Path, run_names: list[str]) -> int:
+    """Delete the runs' model files, keep their metrics; return the bytes freed.
+
+    Why: the benchmark reads only metrics.csv and summary.json, but every run writes its
+    checkpoint, best/final weights and task vector (about 0.5 GB a run in the payload
+    form); left in a temp folder, a few CI runs fill a small disk.
+    """
+    freed = 0
+    for name in run_names:
+        run_dir = out / name
+        if not run_dir.is_dir():
+            continue
+        for path in run_dir.iterdir():
+            if path.is_file() and path.suffix in MODEL_FILE_SUFFIXES:
+                freed += path.stat().st_size
+                path.unlink()
+    return freed
+
+
 def main(argv: list[str] | None = None) -> int:
     """Floor, dense and sparse runs (and K=1000); exit 1 if a run failed."""
     args = parse_args(argv)
@@ -895,7 +923,14 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output_dir or Path(tempfile.mkdtemp(prefix="round-benchmark-"))
     out = out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    results = run_all(run_specs(args, form, federation, device, tiny), out, args.run_timeout)
+    specs = run_specs(args, form, federation, device, tiny)
+    try:
+        results = run_all(specs, out, args.run_timeout)
+    finally:  # also when a run fails or the benchmark is interrupted
+        if not args.keep_models:
+            freed = prune_model_files(out, [spec.name for spec in specs])
+            mb = freed / 2**20
+            print(f"deleted the runs' model files ({mb:.0f} MB; --keep-models keeps them)")
 
     # measured right after the runs, in this process, with the runs' processes gone
     compile_floor = device.type == "cuda" and not args.no_floor_compile and not args.payload
