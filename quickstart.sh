@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -x .venv/bin/python ]; then
-  bash scripts/check_free_disk.sh 7000 "the install (a venv with torch's CUDA build, ~6.5 GB)"
+  bash scripts/check_free_disk.sh 7000 "the install (a venv with torch's CUDA build, ~6.4 GB)"
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip

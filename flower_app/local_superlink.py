@@ -120,6 +120,32 @@ def pids_with_env(marker: bytes) -> list[int]:
     return pids
 
 
+RUN_PROCESSES = ("flwr-simulation", "flwr-serverapp")  # one per running run, ends with it
+
+
+def run_process_pids(marker: bytes) -> set[int]:
+    """PIDs of the runs' own processes (a run's simulation or ServerApp) with ``marker``.
+
+    Reading /proc costs milliseconds where a ``flwr ls`` costs a CPU-second, so a wait can
+    watch these often and ask ``flwr ls`` as soon as one of them ends.
+    """
+    pids = set()
+    for pid in pids_with_env(marker):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2]
+        except OSError:
+            continue
+        if any(Path(arg.decode(errors="replace")).name in RUN_PROCESSES for arg in argv):
+            pids.add(pid)
+    return pids
+
+
+def _wait_until_gone(marker: bytes, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while pids_with_env(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _superlink_env(home: Path, http_port: int, bin_dir: Path) -> dict[str, str]:
     """The environment of a SuperLink the caller owns (and of every ``flwr`` that talks to
     it): its own FLWR_HOME, no per-run installs, Flower's helpers found in ``bin_dir``
@@ -201,7 +227,7 @@ class LocalSuperLink:
                 raise RuntimeError(f"flower-superlink exited: {self.log()[-2000:]}")
             if self.healthy():
                 return
-            time.sleep(0.5)
+            time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"flower-superlink did not answer on port {self.port} in time")
 
@@ -407,17 +433,21 @@ class LocalSuperLink:
 
         Each ``flwr ls`` is a new Python process (about a CPU-second), which on a 2-core
         machine competes with the run itself, so the poll interval grows from 1 s to 5 s.
+        In between, the runs' own processes are watched in /proc (``run_process_pids``)
+        every ``WATCH_S``: when one ends, ``flwr ls`` is asked at once, so a finished run
+        is seen within a second instead of up to 5 s later.
         """
         deadline = time.monotonic() + timeout
         interval = 1.0
+        marker = f"FLWR_HOME={self.home}".encode()
         while time.monotonic() < deadline:
             for run in self.runs(app_dir, connection):
                 if int(run["run-id"]) == run_id and run["status"].startswith("finished"):
                     return run
             if on_poll is not None:
                 on_poll()
-            time.sleep(interval)
-            interval = min(5.0, interval * 1.5)
+            ended = _watch_until_one_ends(marker, min(interval, deadline - time.monotonic()))
+            interval = 1.0 if ended else min(5.0, interval * 1.5)
         raise TimeoutError(f"run {run_id} did not finish within {timeout} s")
 
     def stop(self) -> None:
@@ -428,13 +458,32 @@ class LocalSuperLink:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=10)
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in pids_with_env(marker):
+            left = pids_with_env(marker)
+            if not left:
+                break
+            for pid in left:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-            time.sleep(1)
+            _wait_until_gone(marker, 1.0)
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+
+
+WATCH_S = 0.25  # how often wait_for_run looks for an ended run process in /proc
+
+
+def _watch_until_one_ends(marker: bytes, seconds: float) -> bool:
+    """Sleep up to ``seconds``; return early (True) when a run process seen meanwhile ends."""
+    deadline = time.monotonic() + seconds
+    seen = run_process_pids(marker)
+    while time.monotonic() < deadline:
+        time.sleep(max(0.0, min(WATCH_S, deadline - time.monotonic())))
+        now = run_process_pids(marker)
+        if seen - now:
+            return True
+        seen |= now
+    return False
 
 
 def _json_field(out: subprocess.CompletedProcess, key: str, failed: str) -> Any:
