@@ -82,7 +82,8 @@ def test_damped_round_scores_the_network_with_its_frozen_entries_scaled():
 
 
 def _final_mask(tmp_path, name: str, **overrides) -> tuple[dict, InProcessGrid]:
-    config = quick_run_config(**(SMALL | overrides), output_dir=str(tmp_path), run_name=name)
+    small = SMALL | {"synthetic_train_per_class": 8}  # 200 images a client: a quicker Fisher
+    config = quick_run_config(**(small | overrides), output_dir=str(tmp_path), run_name=name)
     grid = InProcessGrid(client_app.app, config, num_nodes=4)
     context = server_context(config)
     server_app.main(grid, context)

@@ -58,7 +58,7 @@ def _coordinator_only_weights(deployment: LocalSuperLink) -> str:
 
 
 def _write_run_config(tmp_path: Path, weights: str, results: Path) -> Path:
-    """The quick preset for the 3 SuperNodes, 4 rounds, starting from ``weights``."""
+    """The quick preset (2 local steps) for the 3 SuperNodes, 4 rounds, from ``weights``."""
     with open(ROOT / "configs" / "quick.toml", "rb") as f:
         config = tomllib.load(f) | {
             "weights": "pretrained",
@@ -66,6 +66,7 @@ def _write_run_config(tmp_path: Path, weights: str, results: Path) -> Path:
             "num-clients": 3,
             "fraction-train": 1.0,
             "num-server-rounds": 4,
+            "local-steps": 2,  # what is tested is who trains, not how much
             "eval-every": 1,
             "round-timeout": 180.0,
             "output-dir": str(results),
@@ -139,6 +140,7 @@ def test_a_restarted_serverapp_resumes_against_the_running_supernodes(deployment
             "num-clients": 3,
             "fraction-train": 1.0,
             "num-server-rounds": 2,
+            "local-steps": 2,
             "eval-every": 1,
             "checkpoint-every": 1,
             "round-timeout": 180.0,

@@ -154,6 +154,7 @@ def write_run_config(tmp_path: Path) -> Path:
             "fraction-train": 1.0,
             "synthetic-train-per-class": 20,
             "num-server-rounds": 1,
+            "local-steps": 2,
             "eval-every": 1,
             "round-timeout": 180.0,
             "node-wait-timeout": 60.0,
