@@ -426,8 +426,7 @@ def run_one(link: LocalSuperLink, spec: RunSpec, out: Path, timeout: float) -> R
     RunConfig.from_run_config(config)  # a bad benchmark config fails here, in one line
     toml = write_run_config(out / f"{spec.name}.toml", config)
     federation = f"num-supernodes={spec.num_clients} {spec.federation}".strip()
-    marker = f"FLWR_HOME={link.home}".encode()
-    sampler = MemorySampler(marker, link.process.pid, out / spec.name / "metrics.csv")
+    sampler = MemorySampler(link.marker, link.process.pid, out / spec.name / "metrics.csv")
     try:
         with sampler:
             outcome = link.run_to_end(APP_DIR, toml, federation, timeout=timeout)

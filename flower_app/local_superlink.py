@@ -140,10 +140,14 @@ def run_process_pids(marker: bytes) -> set[int]:
     return pids
 
 
-def _wait_until_gone(marker: bytes, seconds: float) -> None:
+def wait_until_gone(marker: bytes, seconds: float) -> bool:
+    """Wait up to ``seconds`` until no process carries ``marker``; True when none does."""
     deadline = time.monotonic() + seconds
-    while pids_with_env(marker) and time.monotonic() < deadline:
+    while pids_with_env(marker):
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.05)
+    return True
 
 
 def _superlink_env(home: Path, http_port: int, bin_dir: Path) -> dict[str, str]:
@@ -174,6 +178,11 @@ class LocalSuperLink:
     port: int
     supernodes: list[subprocess.Popen] = field(default_factory=list)
     tls: TlsFiles | None = None
+
+    @property
+    def marker(self) -> bytes:
+        """The environment entry that every process of this SuperLink carries."""
+        return f"FLWR_HOME={self.home}".encode()
 
     @classmethod
     def start(
@@ -439,20 +448,20 @@ class LocalSuperLink:
         """
         deadline = time.monotonic() + timeout
         interval = 1.0
-        marker = f"FLWR_HOME={self.home}".encode()
         while time.monotonic() < deadline:
             for run in self.runs(app_dir, connection):
                 if int(run["run-id"]) == run_id and run["status"].startswith("finished"):
                     return run
             if on_poll is not None:
                 on_poll()
-            ended = _watch_until_one_ends(marker, min(interval, deadline - time.monotonic()))
+            wait = min(interval, deadline - time.monotonic())
+            ended = _watch_until_one_ends(self.marker, wait)
             interval = 1.0 if ended else min(5.0, interval * 1.5)
         raise TimeoutError(f"run {run_id} did not finish within {timeout} s")
 
     def stop(self) -> None:
         """End the SuperLink's process group, then anything else with this FLWR_HOME."""
-        marker = f"FLWR_HOME={self.home}".encode()
+        marker = self.marker
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -464,7 +473,7 @@ class LocalSuperLink:
             for pid in left:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-            _wait_until_gone(marker, 1.0)
+            wait_until_gone(marker, 1.0)
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)

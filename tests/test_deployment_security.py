@@ -37,6 +37,7 @@ from flower_app.local_superlink import (
     flower_executable,
     free_port,
     pids_with_env,
+    wait_until_gone,
 )
 from tests.conftest import ROOT
 
@@ -212,10 +213,7 @@ def stop_everything(links: list[LocalSuperLink], home: Path) -> None:
     for pid in pids_with_env(marker):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while pids_with_env(marker) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not pids_with_env(marker), "processes left behind"
+    assert wait_until_gone(marker, 10), "processes left behind"
 
 
 @pytest.fixture
