@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.fisher import FISHER_LABEL_MODES, FISHER_SCORES
+from flower_app.backbone_cache import make_command
 from flower_app.data_sources import NUM_CLASSES_BY_DATASET, cifar100_files_present
 from flower_app.model import MODEL_SPECS
 from flower_app.partitioning import partition_feasibility_error
@@ -333,7 +334,7 @@ class RunConfig:
             )
 
     def _validate_partition(self) -> None:
-        per_class = self.synthetic_train_per_class if self.dataset == "synthetic" else 500
+        per_class = self.synthetic_train_per_class if self.dataset != "cifar100" else 500
         train_per_class = per_class - round(self.val_fraction * per_class)
         reason = partition_feasibility_error(
             train_per_class,
@@ -348,6 +349,11 @@ class RunConfig:
             raise _err(key, value, reason)
 
     def _validate_paths(self) -> None:
+        self.check_data_dir()
+        self.check_pretrained_path()
+
+    def check_data_dir(self) -> None:
+        """A local CIFAR-100 is there when the run may not download it."""
         missing = not cifar100_files_present(self.data_path)
         if self.dataset == "cifar100" and not self.download and missing:
             raise _err(
@@ -357,10 +363,17 @@ class RunConfig:
                 "cifar-100-python.tar.gz (https://www.cs.toronto.edu/~kriz/"
                 "cifar-100-python.tar.gz) there, or set download=true",
             )
+
+    def check_pretrained_path(self) -> None:
+        """The weights file exists; a missing ``fl-pretrain`` backbone names its command."""
         if self.pretrained_path:
             path = Path(os.path.expanduser(self.pretrained_path))
             if not path.is_file():
-                raise _err("pretrained-path", self.pretrained_path, "must be an existing file")
+                command = make_command(path)
+                hint = f" (the pretrained tiny ViT: make it with {command})" if command else ""
+                raise _err(
+                    "pretrained-path", self.pretrained_path, "must be an existing file" + hint
+                )
 
 
 def unknown_key_message(key: str) -> str:

@@ -22,12 +22,17 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from torchvision.datasets import CIFAR100
 
-NUM_CLASSES_BY_DATASET = {"cifar100": 100, "synthetic": 100}
+NUM_CLASSES_BY_DATASET = {"cifar100": 100, "synthetic": 100, "synthetic-pretrain": 100}
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_FOLDER = "cifar-100-python"
 CIFAR100_TARBALL = "cifar-100-python.tar.gz"
 DOWNLOAD_SOCKET_TIMEOUT_S = 60.0  # a silently dropped connection fails instead of hanging
 SYNTHETIC_SEED = 20_240_101  # the synthetic set is a fixed data set, not a run's random draw
+# the pretraining set of ``fl-pretrain``: the same generator with other class prototypes, so
+# the tiny ViT learns features on a task disjoint from the fine-tuning task (as DINO did on
+# ImageNet before CIFAR-100)
+SYNTHETIC_PRETRAIN_SEED = 20_231_231
+SYNTHETIC_SEEDS = {"synthetic": SYNTHETIC_SEED, "synthetic-pretrain": SYNTHETIC_PRETRAIN_SEED}
 SYNTHETIC_TEST_PER_CLASS = 100
 SYNTHETIC_MAX_SHIFT = 2  # px of random translation each way
 SYNTHETIC_NOISE_BITS = 7  # pixel noise uniform in [0, 127] (std 37) added to the prototype
@@ -173,7 +178,9 @@ def _download_cifar100(data_dir: Path) -> tuple[ImageSplit, ImageSplit]:
 
 # ---- synthetic source --------------------------------------------------------------------
 def synthetic_cifar100(
-    train_per_class: int, test_per_class: int = SYNTHETIC_TEST_PER_CLASS
+    train_per_class: int,
+    test_per_class: int = SYNTHETIC_TEST_PER_CLASS,
+    generator_seed: int = SYNTHETIC_SEED,
 ) -> tuple[ImageSplit, ImageSplit]:
     """A fixed, learnable, CIFAR-100-shaped data set: class prototypes, shifted, plus noise.
 
@@ -181,6 +188,8 @@ def synthetic_cifar100(
     image; a sample is a random 32x32 window of it (a translation of up to 2 px each way)
     plus uniform pixel noise. The seed is fixed, like a real data set's content, and the
     test set does not depend on ``train_per_class``. Samples are ordered by class.
+    ``generator_seed`` names the data set (``SYNTHETIC_SEEDS``): another seed draws other
+    class prototypes, a disjoint task of the same kind.
     Speed (0.3-0.5 s for 60k images on one core): all 25 windows of every class are built once;
     a sample is then one row copy plus one uint8 add of random bytes shifted right (the
     prototypes stay <= 255 - max noise, so nothing overflows, and full-range bytes are
@@ -191,7 +200,7 @@ def synthetic_cifar100(
             f"synthetic images per class must be >= 1, got train={train_per_class}, "
             f"test={test_per_class}"
         )
-    proto_seed, train_seed, test_seed = np.random.SeedSequence(SYNTHETIC_SEED).spawn(3)
+    proto_seed, train_seed, test_seed = np.random.SeedSequence(generator_seed).spawn(3)
     classes = NUM_CLASSES_BY_DATASET["synthetic"]
     span = 2 * SYNTHETIC_MAX_SHIFT + 1
     shift = 8 - SYNTHETIC_NOISE_BITS
@@ -227,8 +236,10 @@ def load_source(
     """(official train, official test) of the named data set; never a fallback to another."""
     if dataset == "cifar100":
         return load_cifar100(data_dir, download)
-    if dataset == "synthetic":
-        return synthetic_cifar100(synthetic_train_per_class)
+    if dataset in SYNTHETIC_SEEDS:
+        return synthetic_cifar100(
+            synthetic_train_per_class, generator_seed=SYNTHETIC_SEEDS[dataset]
+        )
     raise ValueError(f"dataset={dataset!r}: must be one of {', '.join(NUM_CLASSES_BY_DATASET)}")
 
 

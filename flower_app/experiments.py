@@ -1,19 +1,25 @@
-"""Sweep runner: every setting of a study x seeds through ``flwr run``, then tables and plots.
+"""Sweep runner: every setting of a study x seeds, then tables, plots and one report.
 
 ``python -m flower_app.experiments STUDY [--quick] [--seeds N] [--output-dir DIR]
-[--settings a,b] [--federation-config "..."] [key=value ...]`` (or ``fl-experiments``).
-Federated runs go through ``flwr run`` on one local SuperLink that the runner starts
-with its own FLWR_HOME and stops by PID at the end; each run's status is read back
-from ``flwr ls`` and a run counts as a result only when Flower says it completed and
-its ``summary.json`` exists. The centralized baseline runs as its console script.
-Started again, a sweep skips finished runs and resumes interrupted ones from their
-checkpoint. Results land in ``DIR/STUDY/<setting>-seed<k>/``, with ``sweep.csv``,
-``table.csv``, ``table.md`` and the plots beside them.
+[--settings a,b] [--engine in-process|flwr] [--federation-config "..."] [key=value ...]``
+(or ``fl-experiments``). With ``--engine flwr`` (the default without ``--quick``)
+federated runs go through ``flwr run`` on one local SuperLink that the runner starts with
+its own FLWR_HOME and stops by PID at the end; each run's status is read back from ``flwr
+ls`` and a run counts as a result only when Flower says it completed and its
+``summary.json`` exists. With ``--engine in-process`` (the default with ``--quick``, the
+miniature study) the same ServerApp and ClientApp run in this process
+(``flower_app.sweep_engines``). The centralized baseline runs as its console script (in
+this process with ``in-process``). A backbone of ``fl-pretrain`` that a run names and that
+is missing is made first. Started again, a sweep skips finished runs and resumes
+interrupted ones from their checkpoint. Results land in ``DIR/STUDY/<setting>-seed<k>/``,
+with ``sweep.csv``, ``table.csv``, ``table.md`` and the plots beside them, and
+``DIR/report.md`` holds every study's table and figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +31,7 @@ from typing import Any
 
 import pandas as pd
 
+from flower_app.backbone_cache import backbone_seed, make_command
 from flower_app.checkpoint import CHECKPOINT_NAME
 from flower_app.config import (
     ConfigError,
@@ -33,11 +40,21 @@ from flower_app.config import (
     parse_overrides,
     write_run_config,
 )
+from flower_app.in_process import run_in_process
 from flower_app.local_superlink import LocalSuperLink
-from flower_app.reports import MANIFEST, MANIFEST_COLUMNS, read_summary, write_report
+from flower_app.pretrain import PretrainError, ensure_backbone
+from flower_app.reports import (
+    MANIFEST,
+    MANIFEST_COLUMNS,
+    findings,
+    read_summary,
+    write_report,
+    write_sweep_report,
+)
 from flower_app.results import atomic_write_bytes
 from flower_app.server_app import plan_for
 from flower_app.studies import ALL, STUDIES, Setting, base_config, expand, study_settings
+from flower_app.sweep_engines import ENGINES, console_writer, run_here
 
 DEFAULT_RUN_TIMEOUT_S = 24 * 3600.0
 
@@ -77,6 +94,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--settings", default="", help="only these settings (comma separated)")
     parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=None,
+        help="in-process (default with --quick): the ServerApp and ClientApps in this process, "
+        "no Ray; flwr (default otherwise): each run through flwr run (Flower's simulation)",
+    )
+    parser.add_argument(
         "--federation-config",
         default="",
         help='added to "num-supernodes=K", e.g. "client-resources-num-gpus=0.25"',
@@ -108,7 +132,7 @@ def plan(args: argparse.Namespace) -> list[PlannedRun]:
     runs: list[PlannedRun] = []
     for study in expand(args.study):
         federated_base = base_config(args.app, args.quick, centralized=False)
-        settings = study_settings(study, federated_base | overrides, args.quick)
+        settings = study_settings(study, federated_base | overrides)
         if wanted:
             names = [s.name for s in settings]
             unknown = [w for w in wanted if w not in names]
@@ -125,11 +149,44 @@ def plan(args: argparse.Namespace) -> list[PlannedRun]:
                 config = base | setting.overrides | overrides | {"seed": seed}
                 run = PlannedRun(study, setting, seed, config, study_dir)
                 config |= {"output-dir": str(study_dir), "run-name": run.name}
-                RunConfig.from_run_config(config)  # raises the one-line error
+                check_run_config(config)  # raises the one-line error
                 runs.append(run)
     if not runs:
         raise ConfigError(f"--settings {args.settings!r} selects no run of study {args.study!r}")
     return runs
+
+
+def engine_of(args: argparse.Namespace) -> str:
+    """``--engine``, or its default: in-process for the miniature (``--quick``), else flwr."""
+    return args.engine or ("in-process" if args.quick else "flwr")
+
+
+def backbone_to_make(cfg: RunConfig) -> tuple[Path, int] | None:
+    """The ``fl-pretrain`` backbone the run names, with its seed, if it is missing (also
+    with weights=random: the run-config check wants every named file to exist)."""
+    seed = backbone_seed(cfg.pretrained_path)
+    path = Path(os.path.expanduser(cfg.pretrained_path)).absolute()
+    return (path, seed) if seed is not None and not path.is_file() else None
+
+
+def check_run_config(config: dict[str, Any]) -> None:
+    """Every key and file of a run, except a backbone the runner will make first."""
+    cfg = RunConfig.from_run_config(config, check_files=False)
+    cfg.check_data_dir()
+    if backbone_to_make(cfg) is None:
+        cfg.check_pretrained_path()
+
+
+def backbones_to_make(runs: list[PlannedRun]) -> dict[Path, int]:
+    """The missing backbones the runs start from (-> their pretraining seed)."""
+    configs = (RunConfig.from_run_config(r.config, check_files=False) for r in runs)
+    return dict(filter(None, (backbone_to_make(cfg) for cfg in configs)))
+
+
+def make_backbones(runs: list[PlannedRun]) -> None:
+    """Make the missing backbones (``fl-pretrain``'s training, a minute on a CPU)."""
+    for path, seed in backbones_to_make(runs).items():
+        ensure_backbone(path, seed, log=lambda line: print(line, flush=True))
 
 
 def record(
@@ -197,13 +254,22 @@ class RunProgress:
 
 
 class SweepRunner:
-    """Runs planned runs one after another; starts the SuperLink on first need."""
+    """Runs planned runs one after another on ``engine``; with ``flwr`` it starts the
+    SuperLink on first need."""
 
-    def __init__(self, app_dir: Path, output_dir: Path, federation: str, timeout: float) -> None:
+    def __init__(
+        self,
+        app_dir: Path,
+        output_dir: Path,
+        federation: str,
+        timeout: float,
+        engine: str = "flwr",
+    ) -> None:
         self.app_dir = app_dir
         self.output_dir = output_dir
         self.federation = federation
         self.timeout = timeout
+        self.engine = engine
         self.link: LocalSuperLink | None = None
 
     def stop(self) -> None:
@@ -224,7 +290,19 @@ class SweepRunner:
         toml = write_run_config(configs / f"{run.name}.toml", config)
         if run.setting.centralized:
             return self._centralized(run, toml)
+        if self.engine == "in-process":
+            return self._in_process(run, config)
         return self._federated(run, toml)
+
+    def _in_process(self, run: PlannedRun, config: dict[str, Any]) -> tuple[bool, str]:
+        """The run as ``flwr run`` would merge it (app defaults + its run-config), here."""
+        log = self.log_path(run)
+        merged = RunConfig.from_run_config(app_defaults(self.app_dir) | config).to_dict()
+        progress = RunProgress(run, console_writer())
+        ok, error = run_here(lambda: run_in_process(merged), log, progress)
+        if ok and read_summary(run.run_dir) is not None:
+            return True, "in-process"
+        return False, f"{error or 'no summary written'}; log: {log}; last line: {_last_line(log)}"
 
     def _federated(self, run: PlannedRun, toml: Path) -> tuple[bool, str]:
         if self.link is None:
@@ -244,6 +322,8 @@ class SweepRunner:
 
     def _centralized(self, run: PlannedRun, toml: Path) -> tuple[bool, str]:
         log = self.log_path(run)
+        if self.engine == "in-process":
+            return self._centralized_here(run, toml, log)
         with open(log, "w") as out:
             proc = subprocess.run(
                 [sys.executable, "-m", "flower_app.centralized", "--run-config", str(toml)],
@@ -256,6 +336,17 @@ class SweepRunner:
         if proc.returncode == 0 and read_summary(run.run_dir) is not None:
             return True, "centralized"
         return False, f"exit {proc.returncode}; log: {log}; last line: {_last_line(log)}"
+
+    def _centralized_here(self, run: PlannedRun, toml: Path, log: Path) -> tuple[bool, str]:
+        from flower_app import centralized  # the trainer: imported when a run needs it
+
+        codes: list[int] = []
+        work = lambda: codes.append(centralized.main(["--run-config", str(toml)]))  # noqa: E731
+        ok, error = run_here(work, log, poll=lambda: None)
+        if ok and codes == [0] and read_summary(run.run_dir) is not None:
+            return True, "centralized"
+        reason = error or f"exit {codes[0] if codes else '?'}"
+        return False, f"{reason}; log: {log}; last line: {_last_line(log)}"
 
 
 def _last_line(path: Path) -> str:
@@ -271,7 +362,8 @@ def _accuracy(run: PlannedRun) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Plan, run what is not finished, write tables and plots; exit 1 if any run failed."""
+    """Plan, make missing backbones, run what is not finished, write tables, plots and the
+    report; exit 1 if any run failed, 2 on bad input (before any run)."""
     args = parse_args(argv)
     try:
         args.app = check_app_dir(args.app)
@@ -279,42 +371,60 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    engine, root = engine_of(args), runs[0].study_dir.parent
     studies = list(dict.fromkeys(r.study for r in runs))
-    print(f"{len(runs)} runs in {', '.join(studies)} -> {runs[0].study_dir.parent}", flush=True)
+    print(f"{len(runs)} runs in {', '.join(studies)} -> {root} (engine: {engine})", flush=True)
     if args.dry_run:
+        for path in backbones_to_make(runs):
+            print(f"first: {make_command(path)} (the pretrained backbone {path} is missing)")
         for i, run in enumerate(runs, 1):
             print(f"[{i}/{len(runs)}] {run.study}/{run.name}: {run.config}")
         return 0
-    runner = SweepRunner(
-        args.app, runs[0].study_dir.parent, args.federation_config, args.run_timeout
-    )
-    failed, t_sweep, ok = 0, time.perf_counter(), True
     try:
-        for i, run in enumerate(runs, 1):
-            run.study_dir.mkdir(parents=True, exist_ok=True)
-            state = prepare(run)
-            t_run = time.perf_counter()
-            if state == "done":
-                status, detail, ok = "skipped (finished earlier)", "", True
-                record(run, "completed", 0.0, "finished before this sweep started", keep=True)
-            else:
-                ok, detail = runner.run(run, resume=state == "resume")
-                status = "FAILED" if not ok else f"{state.replace('fresh', 'run')}, completed"
-                failed += not ok
-                record(run, "completed" if ok else "failed", time.perf_counter() - t_run, detail)
-            seconds = time.perf_counter() - t_run
-            elapsed = time.perf_counter() - t_sweep
-            line = f"[{i}/{len(runs)}] {run.study}/{run.name}: {status} in {seconds:.1f} s"
-            line += f" (elapsed {elapsed:.0f} s){_accuracy(run)}"
-            print(line + (f" | {detail}" if not ok else ""), flush=True)
+        make_backbones(runs)
+    except (ConfigError, PretrainError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    t_sweep = time.perf_counter()
+    runner = SweepRunner(args.app, root, args.federation_config, args.run_timeout, engine)
+    try:
+        failed = run_all(runs, runner, t_sweep)
     finally:
         runner.stop()
     for study in studies:
-        outputs = write_report(runs[0].study_dir.parent / study, study)
+        outputs = write_report(root / study, study)
         print(f"{study}: " + ", ".join(str(p) for p in outputs.values()), flush=True)
+    command = " ".join(["fl-experiments", *(argv if argv is not None else sys.argv[1:])])
+    report = write_sweep_report(root, studies, command, engine, time.perf_counter() - t_sweep)
+    print(f"report: {report}", flush=True)
+    for study in studies:
+        print("\n".join(findings(root / study, study)), flush=True)
     if failed:
         print(f"{failed} of {len(runs)} runs failed; they are not in the tables", flush=True)
     return 1 if failed else 0
+
+
+def run_all(runs: list[PlannedRun], runner: SweepRunner, t_sweep: float) -> int:
+    """Each run in turn (skipped when finished, resumed from a checkpoint); the failures."""
+    failed = 0
+    for i, run in enumerate(runs, 1):
+        run.study_dir.mkdir(parents=True, exist_ok=True)
+        state = prepare(run)
+        t_run = time.perf_counter()
+        if state == "done":
+            status, detail, ok = "skipped (finished earlier)", "", True
+            record(run, "completed", 0.0, "finished before this sweep started", keep=True)
+        else:
+            ok, detail = runner.run(run, resume=state == "resume")
+            status = "FAILED" if not ok else f"{state.replace('fresh', 'run')}, completed"
+            failed += not ok
+            record(run, "completed" if ok else "failed", time.perf_counter() - t_run, detail)
+        seconds = time.perf_counter() - t_run
+        elapsed = time.perf_counter() - t_sweep
+        line = f"[{i}/{len(runs)}] {run.study}/{run.name}: {status} in {seconds:.1f} s"
+        line += f" (elapsed {elapsed:.0f} s){_accuracy(run)}"
+        print(line + (f" | {detail}" if not ok else ""), flush=True)
+    return failed
 
 
 if __name__ == "__main__":

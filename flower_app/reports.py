@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from flower_app.results import atomic_write_bytes, save_figure
-from flower_app.studies import STUDIES
+from flower_app.studies import QUESTIONS, STUDIES
 
 MANIFEST = "sweep.csv"
 MANIFEST_COLUMNS = ["study", "setting", "seed", "run-name", "status", "seconds", "detail"]
@@ -33,7 +33,10 @@ LABELS = {
     "rounds": "rounds",
     "wall-time-s": "wall time (s)",
     "bytes": "MB communicated",
+    "update-cosine": "update cosine",
+    "update-norm-ratio": "update norm ratio",
 }
+INTERFERENCE = ("update-cosine", "update-norm-ratio")  # a run's mean over its training rounds
 
 
 def read_manifest(study_dir: Path) -> pd.DataFrame:
@@ -63,6 +66,15 @@ def calibration_bytes(run_dir: Path) -> float:
     return float(frame[columns].fillna(0.0).to_numpy().sum()) if columns else 0.0
 
 
+def training_means(run_dir: Path, columns: tuple[str, ...]) -> dict[str, float]:
+    """Each column's mean over the run's training rounds (NaN when it has none: a
+    centralized run, or interference metrics turned off)."""
+    path = run_dir / "metrics.csv"
+    frame = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    train = frame[frame["phase"] == "train"] if "phase" in frame else frame
+    return {c: float(train[c].mean()) if c in train else math.nan for c in columns}
+
+
 def load_runs(study_dir: Path) -> pd.DataFrame:
     """One row per run of the manifest: setting, seed, status and its summary's results."""
     rows = []
@@ -74,6 +86,7 @@ def load_runs(study_dir: Path) -> pd.DataFrame:
             # the summary counts every phase's traffic (calibration included)
             summary["bytes"] = summary.get("bytes-down", 0.0) + summary.get("bytes-up", 0.0)
             row |= {col: summary.get(key) for key, col in RESULT_KEYS.items()}
+            row |= training_means(study_dir / entry["run-name"], INTERFERENCE)
         rows.append(row)
     return pd.DataFrame(rows, columns=["setting", "seed", "run-name", "status", *LABELS])
 
@@ -111,7 +124,13 @@ def markdown_table(table: pd.DataFrame) -> str:
     """The table as GitHub Markdown, values as mean ± std."""
     header = ["setting", "runs", "failed", *LABELS.values()]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    formats = {"rounds": (1.0, 0), "wall-time-s": (1.0, 1), "bytes": (1e6, 1)}
+    formats = {
+        "rounds": (1.0, 0),
+        "wall-time-s": (1.0, 1),
+        "bytes": (1e6, 1),
+        "update-cosine": (1.0, 3),
+        "update-norm-ratio": (1.0, 3),
+    }
     for row in table.to_dict("records"):
         cells = [str(row["setting"]), str(row["runs"]), str(row["failed"])]
         for col in LABELS:
@@ -243,6 +262,77 @@ def write_report(study_dir: Path, study: str, out_dir: Path | None = None) -> di
         path = out_dir / "interference.png"
         out["interference.png"] = plot_interference(metrics, path, study, x)
     return out
+
+
+def findings(study_dir: Path, study: str) -> list[str]:
+    """The study's final test accuracy per setting, one line each, for a reader at a glance."""
+    table = summary_table(load_runs(study_dir))
+    seeds = int(table["runs"].max()) if len(table) else 0
+    lines = [f"{study}: final test accuracy, mean ± std over {seeds} seed(s)"]
+    width = max((len(str(s)) for s in table["setting"]), default=0)
+    for row in table.to_dict("records"):
+        cell = _cell(row["test-accuracy-mean"], row["test-accuracy-std"])
+        failed = f" ({row['failed']} failed)" if row["failed"] else ""
+        lines.append(f"  {row['setting']!s:<{width}}  {cell}{failed}")
+    return lines
+
+
+def ordering(table: pd.DataFrame) -> str:
+    """The settings from the best mean final test accuracy to the worst."""
+    done = table.dropna(subset=["test-accuracy-mean"])
+    done = done.sort_values("test-accuracy-mean", ascending=False, kind="stable")
+    return " > ".join(f"{r['setting']} ({r['test-accuracy-mean']:.3f})" for _, r in done.iterrows())
+
+
+FIGURES = {
+    "accuracy.png": "validation accuracy per round (mean ± std over seeds)",
+    "final_accuracy.png": "final test accuracy per setting (mean, std error bars)",
+    "interference.png": "interference of the client updates per round",
+    "accuracy_vs_bytes.png": "validation accuracy against MB communicated",
+}
+
+
+def study_section(root: Path, study: str) -> list[str]:
+    """A study's part of the report: its question, table, ordering, run time and figures."""
+    study_dir = root / study
+    table = summary_table(load_runs(study_dir))
+    seconds = read_manifest(study_dir)["seconds"].astype(float).sum()
+    lines = [f"## {study}", "", QUESTIONS.get(study, ""), "", markdown_table(table)]
+    lines += [f"By final test accuracy: {ordering(table)}.", ""]
+    lines += [f"Run time: {seconds:.0f} s, the sum over its runs (`{study}/{MANIFEST}`).", ""]
+    for name, caption in FIGURES.items():
+        if (study_dir / name).is_file():
+            lines += [f"![{study}: {caption}]({study}/{name})", ""]
+    return lines
+
+
+def write_sweep_report(
+    root: Path, studies: list[str], command: str, engine: str, seconds: float
+) -> Path:
+    """``report.md`` in the sweep's folder: every study's section, and how it was made."""
+    import platform
+
+    import flwr
+    import torch
+
+    machine = (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, torch "
+        f"{torch.__version__}, flwr {flwr.__version__}"
+    )
+    lines = [
+        "# Study results",
+        "",
+        f"Made by `{command}` (engine {engine}) on {machine}; this invocation took "
+        f"{seconds:.0f} s (runs finished earlier were skipped, their times are in each study's "
+        f"`{MANIFEST}`). Tables: mean ± sample std over seeds; update cosine and norm ratio "
+        "are each run's mean over its training rounds.",
+        "",
+    ]
+    for study in studies:
+        lines += study_section(root, study)
+    path = root / "report.md"
+    atomic_write_bytes(path, "\n".join(lines).encode())
+    return path
 
 
 def resolve_launch_path(value: str, launch_dir: str | None = None) -> Path:

@@ -1,8 +1,9 @@
 """The study's experiments as data: which settings each study runs, on which base config.
 
 A study is a list of settings; a setting is a name and the run-config keys it changes
-on top of the base (the canonical experiment, or the quick CPU preset with
-``--quick``). The sweep runner multiplies settings by seeds; nothing here runs anything.
+on top of the base (the canonical experiment, or with ``--quick`` the miniature presets
+``configs/miniature*.toml``). The sweep runner multiplies settings by seeds; nothing here
+runs anything.
 """
 
 from __future__ import annotations
@@ -19,16 +20,19 @@ ALL = "all"
 CLASSES_PER_CLIENT = (1, 5, 10, 50)
 LOCAL_STEPS = (4, 8, 16)
 BASE_LOCAL_STEPS = 4  # the canonical J: rounds at J are base rounds x 4 / J
-
-# --quick: the CPU preset at the paper's K=100, C=0.1, J=4 (K=10 cannot hold Nc=1 or 5
-# shards that cover all 100 classes), 12 rounds, sparse calibration kept short.
-QUICK_FEDERATED = {
-    "num-clients": 100,
-    "fraction-train": 0.1,
-    "local-steps": BASE_LOCAL_STEPS,
-    "num-server-rounds": 12,
+QUESTIONS = {
+    "fedavg": "the reference federated run (K=100, C=0.1, J=4), and the same from random "
+    "initial weights: what the pretrained backbone is worth",
+    "heterogeneity": "how accuracy and update interference change with Nc classes per client",
+    "local-steps": "more local steps, fewer rounds (J x rounds constant)",
+    "mask-strategies": "sparse FedAvg at sparsity 0.9 with each mask strategy, against dense",
+    "centralized": "the upper bound: the same model and data, trained centrally",
 }
-QUICK_SPARSE = {"calibration-rounds": 2, "fisher-samples": 32, "head-warmup-rounds": 8}
+# --quick: the miniature of every study (configs/miniature*.toml, each departure from the
+# paper explained there): synthetic data, the tiny ViT pretrained by fl-pretrain, K=100,
+# C=0.1, J=4
+MINIATURE = "miniature.toml"
+MINIATURE_CENTRALIZED = "miniature_centralized.toml"
 
 
 @dataclass(frozen=True)
@@ -58,11 +62,15 @@ def _gcd(a: int, b: int) -> int:
     return a
 
 
-def study_settings(study: str, base: dict[str, Any], quick: bool) -> list[Setting]:
-    """The settings of ``study``; ``base`` is the federated base config (for the rounds)."""
-    sparse = {"strategy": "sparse-fedavg"} | (QUICK_SPARSE if quick else {})
+def study_settings(study: str, base: dict[str, Any]) -> list[Setting]:
+    """The settings of ``study``; ``base`` is the federated base config (for the rounds).
+
+    The same settings at both scales: what differs with ``--quick`` is the base run-config.
+    """
+    sparse = {"strategy": "sparse-fedavg"}
     if study == "fedavg":
-        return [Setting("iid", {"sharding": "iid"})]
+        scratch = {"sharding": "iid", "weights": "random", "pretrained-path": ""}
+        return [Setting("iid", {"sharding": "iid"}), Setting("iid-random-init", scratch)]
     if study == "heterogeneity":
         non_iid = [
             Setting(f"nc{nc}", {"sharding": "non-iid", "classes-per-client": nc})
@@ -91,8 +99,8 @@ def expand(study: str) -> list[str]:
 def base_config(app_dir: Path, quick: bool, centralized: bool) -> dict[str, Any]:
     """The run-config every setting starts from (pyproject defaults fill in the rest)."""
     if centralized:
-        preset = "centralized_quick.toml" if quick else "centralized.toml"
+        preset = MINIATURE_CENTRALIZED if quick else "centralized.toml"
         return load_preset(app_dir / "configs" / preset)
     if quick:
-        return load_preset(app_dir / "configs" / "quick.toml") | QUICK_FEDERATED
+        return load_preset(app_dir / "configs" / MINIATURE)
     return {}

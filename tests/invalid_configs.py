@@ -53,7 +53,8 @@ INVALID = [
     Invalid("classes-per-client", 5, "cover", {"num-clients": 10, "sharding": "non-iid"}),
     Invalid("dataset", "mnist", "must be one of cifar100, synthetic"),
     Invalid("model", "resnet18", "must be one of"),
-    Invalid("weights", "pretrained", "no published weights"),
+    # the miniature presets name a pretrained-path; these cases need none
+    Invalid("weights", "pretrained", "no published weights", {"pretrained-path": ""}),
     Invalid("sharding", "dirichlet", "must be one of iid, non-iid"),
     Invalid("strategy", "fedprox", "must be one of"),
     Invalid("pretrained-path", "/nonexistent/dino.pth", "must be an existing file"),
@@ -89,5 +90,10 @@ INVALID = [
         "with head=frozen the classifier would stay random for the whole run",
         SPARSE | {"head": "frozen"},
     ),
-    Invalid("pretrained-head", True, "needs weights=pretrained and pretrained-path"),
+    Invalid(
+        "pretrained-head",
+        True,
+        "needs weights=pretrained and pretrained-path",
+        {"pretrained-path": ""},
+    ),
 ]

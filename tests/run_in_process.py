@@ -9,15 +9,9 @@ from __future__ import annotations
 import json
 import sys
 
-from flower_app import client_app, server_app
-from tests.conftest import InProcessGrid, server_context
+from flower_app.in_process import run_in_process as run
 
-
-def run(config: dict) -> None:
-    grid = InProcessGrid(client_app.app, config, num_nodes=int(config["num-clients"]))
-    context = server_context(config)
-    server_app.main(grid, context)
-
+__all__ = ["run"]
 
 if __name__ == "__main__":
     with open(sys.argv[1]) as f:

@@ -36,10 +36,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 # ---- studies ---------------------------------------------------------------------------------
-@pytest.mark.parametrize(("quick", "base_rounds"), [(False, 500), (True, 12)])
+@pytest.mark.parametrize(("quick", "base_rounds"), [(False, 500), (True, 32)])
 def test_local_steps_study_keeps_steps_times_rounds_constant(quick, base_rounds):
     base = base_config(ROOT, quick, centralized=False)
-    settings = study_settings("local-steps", base, quick)
+    settings = study_settings("local-steps", base)
     assert [s.overrides["local-steps"] for s in settings] == list(LOCAL_STEPS)
     products = {s.overrides["local-steps"] * s.overrides["num-server-rounds"] for s in settings}
     assert products == {4 * base_rounds}
@@ -52,10 +52,7 @@ def test_scaled_rounds_refuses_what_does_not_divide():
 
 
 def test_studies_cover_the_questions():
-    names = {
-        study: [s.name for s in study_settings(study, {}, quick=False)]
-        for study in experiments.STUDIES
-    }
+    names = {study: [s.name for s in study_settings(study, {})] for study in experiments.STUDIES}
     assert names["heterogeneity"] == ["nc1", "nc5", "nc10", "nc50", "iid"]
     assert names["mask-strategies"] == [
         "dense",
@@ -65,9 +62,12 @@ def test_studies_cover_the_questions():
         "highest_magnitude",
         "random",
     ]
-    sparse = study_settings("mask-strategies", {}, quick=False)[1:]
+    assert names["fedavg"] == ["iid", "iid-random-init"]
+    sparse = study_settings("mask-strategies", {})[1:]
     assert all(s.overrides["strategy"] == "sparse-fedavg" for s in sparse)
-    assert study_settings("centralized", {}, quick=False)[0].centralized
+    assert study_settings("centralized", {})[0].centralized
+    scratch = study_settings("fedavg", {})[1].overrides
+    assert scratch["weights"] == "random" and scratch["pretrained-path"] == ""
 
 
 @pytest.mark.parametrize("case", INVALID, ids=str)
@@ -115,7 +115,7 @@ def test_plan_is_settings_times_seeds_with_named_run_dirs(tmp_path):
 
 
 def test_prepare_skips_finished_resumes_checkpointed_and_clears_leftovers(tmp_path):
-    done, resumable, leftover, new = _plan(tmp_path, "fedavg", "--seeds", "4")
+    done, resumable, leftover, new = _plan(tmp_path, "fedavg", "--settings", "iid", "--seeds", "4")
     done.run_dir.mkdir(parents=True)
     (done.run_dir / "summary.json").write_text(json.dumps({"status": "completed"}))
     resumable.run_dir.mkdir()
@@ -142,7 +142,17 @@ def test_failed_runs_are_reported_and_kept_out_of_the_table(tmp_path, monkeypatc
 
     monkeypatch.setattr(experiments.SweepRunner, "run", fake_run)
     code = experiments.main(
-        ["fedavg", "--seeds", "3", "--output-dir", str(tmp_path), "--app", str(ROOT)]
+        [
+            "fedavg",
+            "--settings",
+            "iid",
+            "--seeds",
+            "3",
+            "--output-dir",
+            str(tmp_path),
+            "--app",
+            str(ROOT),
+        ]
     )
     out = capsys.readouterr().out
     assert code == 1
@@ -152,6 +162,60 @@ def test_failed_runs_are_reported_and_kept_out_of_the_table(tmp_path, monkeypatc
     assert table.loc[0, "test-accuracy-mean"] == pytest.approx((0.5 + 2.5) / 2)
     manifest = pd.read_csv(tmp_path / "fedavg" / "sweep.csv")
     assert list(manifest["status"]) == ["completed", "failed", "completed"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "engine"),
+    [(["--quick"], "in-process"), ([], "flwr"), (["--quick", "--engine", "flwr"], "flwr")],
+)
+def test_the_miniature_runs_in_process_unless_told_otherwise(tmp_path, capsys, argv, engine):
+    backbone = tmp_path / "vit_tiny_test-synthetic-pretrain-seed0.safetensors"
+    where = ["--output-dir", str(tmp_path / "out"), "--app", str(ROOT)]
+    code = experiments.main(["fedavg", *argv, "--dry-run", f"pretrained-path={backbone}", *where])
+    out = capsys.readouterr().out
+    assert code == 0 and f"(engine: {engine})" in out.splitlines()[0]
+    if argv:  # the miniature names the backbone, which is missing: the runner would make it
+        assert f"first: fl-pretrain --output {backbone} (the pretrained backbone" in out
+    assert not backbone.exists() and not (tmp_path / "out").exists()
+
+
+def test_bad_files_stop_the_sweep_before_the_backbone_is_made(tmp_path, capsys, monkeypatch):
+    def no_pretraining(*args, **kwargs):
+        raise AssertionError("pretrained before every input was checked")
+
+    monkeypatch.setattr(experiments, "ensure_backbone", no_pretraining)
+    backbone = tmp_path / "vit_tiny_test-synthetic-pretrain-seed0.safetensors"
+    argv = ["fedavg", "--quick", f"pretrained-path={backbone}", "dataset=cifar100"]
+    argv += ["download=false", f"data-dir={tmp_path / 'nothing'}"]
+    code = experiments.main([*argv, "--output-dir", str(tmp_path / "out"), "--app", str(ROOT)])
+    err = capsys.readouterr().err
+    assert code == 2 and "run-config key 'data-dir'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_in_process_run_that_raises_is_a_failed_run_and_the_sweep_goes_on(
+    tmp_path, capsys, monkeypatch
+):
+    def fake_run(config):
+        if config["seed"] == 0:
+            print("round 1/2 (train) | the log keeps what the run printed")
+            raise RuntimeError("boom\nsecond line")
+        _write_run(Path(config["output-dir"]) / config["run-name"], 1, 0.5)
+
+    monkeypatch.setattr(experiments, "run_in_process", fake_run)
+    sweep = ["fedavg", "--settings", "iid", "--seeds", "2", "--engine", "in-process"]
+    code = experiments.main([*sweep, "--output-dir", str(tmp_path), "--app", str(ROOT)])
+    out = capsys.readouterr().out
+    assert code == 1
+    log = tmp_path / "fedavg" / "logs" / "iid-seed0.log"
+    assert "[1/2] fedavg/iid-seed0: FAILED in" in out
+    assert f"| RuntimeError: boom second line; log: {log}; last line: " in out
+    assert "[2/2] fedavg/iid-seed1: run, completed" in out
+    text = log.read_text()
+    assert "the log keeps what the run printed" in text and "Traceback" in text
+    manifest = pd.read_csv(tmp_path / "fedavg" / "sweep.csv")
+    assert list(manifest["status"]) == ["failed", "completed"]
+    assert "  iid  0.5000 (1 failed)" in out.splitlines()
 
 
 # ---- tables and plots from made-up runs -----------------------------------------------------
@@ -342,14 +406,21 @@ SWEEP = [
 ]
 
 
-@pytest.fixture(scope="module")
-def quick_sweep(tmp_path_factory) -> tuple[Path, str]:
-    out = tmp_path_factory.mktemp("sweep")
+def _sweep(out: Path, backbone: Path, engine: str) -> tuple[int, str]:
+    argv = [*SWEEP, f"pretrained-path={backbone}", "--engine", engine, "--output-dir", str(out)]
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        code = experiments.main([*SWEEP, "--output-dir", str(out), "--app", str(ROOT)])
-    assert code == 0, buffer.getvalue()
-    return out, buffer.getvalue()
+        code = experiments.main([*argv, "--app", str(ROOT)])
+    return code, buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def quick_sweep(tmp_path_factory, pretrained_backbone) -> tuple[Path, str]:
+    """The sweep through flwr run (a local SuperLink, Ray workers)."""
+    out = tmp_path_factory.mktemp("sweep")
+    code, log = _sweep(out, pretrained_backbone, "flwr")
+    assert code == 0, log
+    return out, log
 
 
 @pytest.mark.e2e
@@ -379,10 +450,31 @@ def test_quick_sweep_writes_tables_and_plots_and_skips_finished_runs(quick_sweep
         assert metrics["update-norm-ratio"].dropna().between(0, 1 + 1e-9).all()
 
     stamps = {p: p.stat().st_mtime_ns for p in study.glob("*/summary.json")}
-    code = experiments.main([*SWEEP, "--output-dir", str(out), "--app", str(ROOT)])
-    again = capsys.readouterr().out
+    config = json.loads((study / "dense-seed0" / "config.json").read_text())
+    code, again = _sweep(out, Path(config["pretrained-path"]), "flwr")
     assert code == 0 and again.count("skipped (finished earlier)") == 4
     assert {p: p.stat().st_mtime_ns for p in study.glob("*/summary.json")} == stamps
+
+
+def _untimed_metrics(run_dir: Path) -> pd.DataFrame:
+    frame = pd.read_csv(run_dir / "metrics.csv")
+    return frame.drop(columns=[c for c in frame.columns if c.startswith("seconds")])
+
+
+@pytest.mark.e2e
+def test_the_in_process_engine_computes_what_flwr_run_computes(
+    quick_sweep, pretrained_backbone, tmp_path
+):
+    """Same run-configs through both engines: the same metrics (timings aside) and the same
+    final weights, bit for bit, dense and sparse."""
+    code, log = _sweep(tmp_path, pretrained_backbone, "in-process")
+    assert code == 0, log
+    for run in sorted((quick_sweep[0] / "mask-strategies").glob("*-seed*/summary.json")):
+        name = run.parent.name
+        here = tmp_path / "mask-strategies" / name
+        pd.testing.assert_frame_equal(_untimed_metrics(here), _untimed_metrics(run.parent))
+        a, b = (load_file(str(d / "final_model.safetensors")) for d in (here, run.parent))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 @pytest.mark.e2e
