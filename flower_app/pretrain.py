@@ -109,10 +109,18 @@ def train_backbone(
         cfg = RunConfig.from_run_config(
             dict(recipe) | {"seed": seed, "output-dir": tmp, "run-name": "pretrain"}
         )
-        summary = train_centralized(cfg, Path(tmp), "pretrain", log)
+        # the trainer's lines, less those naming the temporary folder (gone afterwards)
+        summary = train_centralized(
+            cfg, Path(tmp), "pretrain", lambda line: _unless(tmp, line, log)
+        )
         state = load_file(str(Path(tmp) / "pretrain" / "final_model.safetensors"))
     backbone = {k: v for k, v in state.items() if not k.startswith(protocol.HEAD_PREFIX)}
     return backbone, summary
+
+
+def _unless(tmp: str, line: str, log: Callable[[str], None]) -> None:
+    if tmp not in line:
+        log(line)
 
 
 def backbone_metadata(recipe: Mapping[str, Any], seed: int, summary: Mapping) -> dict[str, str]:
