@@ -2,18 +2,18 @@
 
 ``python -m flower_app.experiments STUDY [--quick] [--seeds N] [--output-dir DIR]
 [--settings a,b] [--engine in-process|flwr] [--federation-config "..."] [key=value ...]``
-(or ``fl-experiments``). With ``--engine flwr`` (the default without ``--quick``)
-federated runs go through ``flwr run`` on one local SuperLink that the runner starts with
-its own FLWR_HOME and stops by PID at the end; each run's status is read back from ``flwr
-ls`` and a run counts as a result only when Flower says it completed and its
-``summary.json`` exists. With ``--engine in-process`` (the default with ``--quick``, the
-miniature study) the same ServerApp and ClientApp run in this process
-(``flower_app.sweep_engines``). The centralized baseline runs as its console script (in
-this process with ``in-process``). A backbone of ``fl-pretrain`` that a run names and that
-is missing is made first. Started again, a sweep skips finished runs and resumes
-interrupted ones from their checkpoint. Results land in ``DIR/STUDY/<setting>-seed<k>/``,
-with ``sweep.csv``, ``table.csv``, ``table.md`` and the plots beside them, and
-``DIR/report.md`` holds every study's table and figures.
+(or ``fl-experiments``). With ``--engine flwr`` (the default without ``--quick``) federated
+runs go through ``flwr run`` on one local SuperLink that the runner starts with its own
+FLWR_HOME and stops by PID at the end; each run's status is read back from ``flwr ls`` and a
+run counts as a result only when Flower says it completed and its ``summary.json`` exists.
+With ``--engine in-process`` (the default with ``--quick``, the miniature study) the same
+ServerApp and ClientApp run in this process (``flower_app.in_process``; the two engines
+compute the same numbers). The centralized baseline runs as its console script (in this
+process with ``in-process``). A backbone of ``fl-pretrain`` that a run names and that is
+missing is made first. Started again, a sweep skips finished runs and resumes interrupted
+ones from their checkpoint. Results land in ``DIR/STUDY/<setting>-seed<k>/``, with
+``sweep.csv``, ``table.csv``, ``table.md`` and the plots beside them, and ``DIR/report.md``
+holds every study's table and figures.
 """
 
 from __future__ import annotations
@@ -90,7 +90,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, default=Path("results/studies"))
     parser.add_argument("--seeds", type=int, default=1, help="independent seeds 0..N-1")
     parser.add_argument(
-        "--quick", action="store_true", help="synthetic data and a tiny ViT (minutes on a CPU)"
+        "--quick",
+        action="store_true",
+        help="the miniature: synthetic data, the tiny ViT of fl-pretrain (a CPU)",
     )
     parser.add_argument("--settings", default="", help="only these settings (comma separated)")
     parser.add_argument(
