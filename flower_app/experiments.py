@@ -79,7 +79,7 @@ class PlannedRun:
 
     @property
     def num_clients(self) -> int:
-        return RunConfig.from_run_config(self.config).num_clients
+        return RunConfig.from_run_config(self.config, check_files=False).num_clients
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -238,7 +238,7 @@ class RunProgress:
 
     def __init__(self, run: PlannedRun, write: Callable[[str], None] = print) -> None:
         self.path = run.run_dir / "metrics.csv"
-        self.total = plan_for(RunConfig.from_run_config(run.config)).total_rounds
+        self.total = plan_for(RunConfig.from_run_config(run.config, check_files=False)).total_rounds
         self.write = write
         self.last: int | None = None
 

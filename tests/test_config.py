@@ -7,6 +7,7 @@ import tomllib
 
 import pytest
 
+from flower_app.backbone_cache import PRETRAINED_DIR, backbone_seed
 from flower_app.config import ConfigError, RunConfig
 from flower_app.model import create_initial_model
 from flower_app.server_app import build_strategy, plan_for
@@ -100,7 +101,12 @@ def test_presets_parse(preset):
     with open(ROOT / "configs" / preset, "rb") as f:
         overrides = tomllib.load(f)
     assert set(overrides) <= set(RunConfig.keys()), set(overrides) - set(RunConfig.keys())
-    RunConfig.from_run_config(_pyproject_config() | overrides)
+    cfg = RunConfig.from_run_config(_pyproject_config() | overrides, check_files=False)
+    if backbone_seed(cfg.pretrained_path) is None:
+        cfg.check_pretrained_path()
+    else:  # the miniature's backbone, made by fl-pretrain (tests/test_pretrain.py)
+        assert cfg.pretrained_path.startswith(PRETRAINED_DIR + "/")
+    cfg.check_data_dir()
 
 
 @pytest.mark.parametrize("case", INVALID, ids=str)
