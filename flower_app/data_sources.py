@@ -201,33 +201,46 @@ def synthetic_cifar100(
             f"test={test_per_class}"
         )
     proto_seed, train_seed, test_seed = np.random.SeedSequence(generator_seed).spawn(3)
+    windows = _class_windows(proto_seed)
+    return (
+        _noisy_samples(windows, train_per_class, train_seed),
+        _noisy_samples(windows, test_per_class, test_seed),
+    )
+
+
+_SPAN = 2 * SYNTHETIC_MAX_SHIFT + 1  # window positions along each axis
+_NOISE_SHIFT = 8 - SYNTHETIC_NOISE_BITS
+
+
+def _class_windows(seed: np.random.SeedSequence) -> np.ndarray:
+    """Every 32x32 window of every class prototype: (classes, span * span, 3, 32, 32) uint8."""
     classes = NUM_CLASSES_BY_DATASET["synthetic"]
-    span = 2 * SYNTHETIC_MAX_SHIFT + 1
-    shift = 8 - SYNTHETIC_NOISE_BITS
-    top = 255 - (255 >> shift)
-    coarse = np.random.default_rng(proto_seed).uniform(0, top, (classes, 3, 4, 4))
+    top = 255 - (255 >> _NOISE_SHIFT)
+    coarse = np.random.default_rng(seed).uniform(0, top, (classes, 3, 4, 4))
     big = F.interpolate(
-        torch.from_numpy(coarse).float(), size=32 + span - 1, mode="bilinear", align_corners=False
+        torch.from_numpy(coarse).float(), size=32 + _SPAN - 1, mode="bilinear", align_corners=False
     )
     big_u8 = big.round().clamp(0, top).to(torch.uint8).numpy()
-    windows = np.stack(
-        [big_u8[:, :, dy : dy + 32, dx : dx + 32] for dy in range(span) for dx in range(span)],
+    return np.stack(
+        [big_u8[:, :, dy : dy + 32, dx : dx + 32] for dy in range(_SPAN) for dx in range(_SPAN)],
         axis=1,
-    ).reshape(classes * span * span, 3, 32, 32)
+    )
 
-    def make(per_class: int, seed: np.random.SeedSequence) -> ImageSplit:
-        rng = np.random.default_rng(seed)
-        labels = np.repeat(np.arange(classes, dtype=np.int64), per_class)
-        which = labels * span * span + rng.integers(0, span * span, len(labels))
-        images = np.take(windows, which, axis=0)
-        for start in range(0, len(images), 8192):  # bounded memory for the noise
-            chunk = images[start : start + 8192]
-            noise = rng.integers(0, 256, chunk.shape, dtype=np.uint8)
-            noise >>= shift
-            chunk += noise
-        return ImageSplit(torch.from_numpy(images), torch.from_numpy(labels))
 
-    return make(train_per_class, train_seed), make(test_per_class, test_seed)
+def _noisy_samples(windows: np.ndarray, per_class: int, seed: np.random.SeedSequence) -> ImageSplit:
+    """``per_class`` samples of each class, ordered by class: a random window plus noise."""
+    classes, positions = windows.shape[:2]
+    flat = windows.reshape(classes * positions, 3, 32, 32)
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes, dtype=np.int64), per_class)
+    which = labels * positions + rng.integers(0, positions, len(labels))
+    images = np.take(flat, which, axis=0)
+    for start in range(0, len(images), 8192):  # bounded memory for the noise
+        chunk = images[start : start + 8192]
+        noise = rng.integers(0, 256, chunk.shape, dtype=np.uint8)
+        noise >>= _NOISE_SHIFT
+        chunk += noise
+    return ImageSplit(torch.from_numpy(images), torch.from_numpy(labels))
 
 
 def load_source(
