@@ -59,7 +59,17 @@ RECIPE: dict[str, Any] = {
     "val-fraction": 0.1,
     "eval-batch-size": 500,
 }
-OWNED = ("seed", "output-dir", "run-name", "resume", "pretrained-path", "pretrained-head")
+# set by fl-pretrain itself; ``dataset`` stays the pretraining set, whose classes are
+# disjoint from the fine-tuning set's (what the file's metadata says)
+OWNED = (
+    "seed",
+    "output-dir",
+    "run-name",
+    "resume",
+    "pretrained-path",
+    "pretrained-head",
+    "dataset",
+)
 
 
 class PretrainError(ValueError):
@@ -136,7 +146,7 @@ def backbone_metadata(recipe: Mapping[str, Any], seed: int, summary: Mapping) ->
         "model": cfg.model,
         "pretrained-on": (
             f"{cfg.dataset}: {cfg.num_classes} synthetic classes of generator seed "
-            f"{SYNTHETIC_SEEDS.get(cfg.dataset, 'n/a')} ({train_images} training images), "
+            f"{SYNTHETIC_SEEDS[cfg.dataset]} ({train_images} training images), "
             f"disjoint from the fine-tuning set 'synthetic' (seed {SYNTHETIC_SEEDS['synthetic']})"
         ),
         "recipe": json.dumps(dict(recipe), sort_keys=True),

@@ -123,6 +123,7 @@ def test_a_missing_backbone_is_one_line_naming_the_command_that_makes_it(tmp_pat
         (["--seed", "-1"], "--seed -1 is not allowed: must be an integer >= 0"),
         (["epochs=0"], "run-config key 'epochs' = 0 is not allowed"),
         (["seed=2"], "override 'seed' is not allowed: fl-pretrain sets it"),
+        (["dataset=synthetic"], "override 'dataset' is not allowed: fl-pretrain sets it"),
         (["num-rounds=2"], "run-config key 'num-rounds' is unknown"),
     ],
 )
