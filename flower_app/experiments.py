@@ -397,7 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         outputs = write_report(root / study, study)
         print(f"{study}: " + ", ".join(str(p) for p in outputs.values()), flush=True)
     command = " ".join(["fl-experiments", *(argv if argv is not None else sys.argv[1:])])
-    report = write_sweep_report(root, studies, command, engine, time.perf_counter() - t_sweep)
+    # every study the folder holds, so a folder filled by several sweeps has one report
+    held = [s for s in STUDIES if (root / s / MANIFEST).is_file()]
+    report = write_sweep_report(root, held, command, engine, time.perf_counter() - t_sweep)
     print(f"report: {report}", flush=True)
     for study in studies:
         print("\n".join(findings(root / study, study)), flush=True)

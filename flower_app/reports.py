@@ -309,7 +309,8 @@ def study_section(root: Path, study: str) -> list[str]:
 def write_sweep_report(
     root: Path, studies: list[str], command: str, engine: str, seconds: float
 ) -> Path:
-    """``report.md`` in the sweep's folder: every study's section, and how it was made."""
+    """``report.md`` in the sweep's folder: a section per study in ``studies``, and how
+    the last sweep into it was made."""
     import platform
 
     import flwr
@@ -322,7 +323,7 @@ def write_sweep_report(
     lines = [
         "# Study results",
         "",
-        f"Made by `{command}` (engine {engine}) on {machine}; this invocation took "
+        f"Last written by `{command}` (engine {engine}) on {machine}; that invocation took "
         f"{seconds:.0f} s (runs finished earlier were skipped, their times are in each study's "
         f"`{MANIFEST}`). Tables: mean ± sample std over seeds; update cosine and norm ratio "
         "are each run's mean over its training rounds.",

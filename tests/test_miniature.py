@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from flower_app import experiments, reports
+from flower_app import experiments
 from tests.conftest import ROOT
 
 SHORT = [
@@ -73,14 +73,15 @@ def test_the_quick_form_writes_tables_figures_and_one_report(short_sweep):
     assert table["update-cosine-mean"].between(-1, 1).all()
     for name in ("accuracy.png", "final_accuracy.png", "interference.png"):
         assert (out / "heterogeneity" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    report = (out / "report.md").read_text()  # the last sweep's: its study
-    assert report.startswith("# Study results") and "## fedavg" in report
-    assert "![fedavg: validation accuracy per round" in report and "(fedavg/accuracy.png)" in report
-    assert (out / "fedavg" / "table.md").read_text() in report
+    report = (out / "report.md").read_text()  # both sweeps' studies, in study order
+    assert report.startswith("# Study results")
+    assert report.index("## fedavg") < report.index("## heterogeneity")
+    assert "![heterogeneity: validation accuracy per round" in report
+    assert "(heterogeneity/accuracy.png)" in report
+    for study in ("fedavg", "heterogeneity"):
+        assert (out / study / "table.md").read_text() in report
     iid = _accuracy(out, "heterogeneity", "iid")
-    assert f"By final test accuracy: iid ({iid:.3f}) > nc1 (" in (
-        "\n".join(reports.study_section(out, "heterogeneity"))
-    )
+    assert f"By final test accuracy: iid ({iid:.3f}) > nc1 (" in report
     # each sweep ends with the findings, a line per setting
     assert "heterogeneity: final test accuracy, mean ± std over 1 seed(s)" in log
     assert f"  iid  {iid:.4f}" in log.splitlines()
