@@ -3,7 +3,7 @@
 Why this exists: a client builds a fresh optimizer for every message, so each step
 allocates momentum buffers and weight-decay temporaries anew; with glibc's defaults
 those pages go back to the kernel after every message and are faulted in and zeroed
-again by the next (``flower_app/allocator.py``). This script shows what that costs.
+again by the next (``flower_app/perf/allocator.py``). This script shows what that costs.
 
 What it does: pairs of fresh child processes (``sys.executable``), one with glibc's
 defaults and one that calls ``keep_freed_memory()`` first, alternating. Each builds the
@@ -35,14 +35,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def child(model_name: str, keep: bool, clients: int, steps: int, batch: int) -> dict:
     """Runs in a fresh process: seconds and minor faults of each client, one thread."""
     sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-    from flower_app.allocator import keep_freed_memory
+    from flower_app.perf.allocator import keep_freed_memory
 
     kept = keep_freed_memory() if keep else False
     import torch
     from round_benchmark import PAYLOAD_FORM, _timed_train
 
     from flower_app.config import RunConfig
-    from flower_app.model import build_model
+    from flower_app.models.factory import build_model
 
     torch.set_num_threads(1)
     overrides = {"device": "cpu", "model": model_name, "local-steps": steps, "batch-size": batch}

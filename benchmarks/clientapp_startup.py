@@ -9,7 +9,7 @@ This script measures that split so the fixed part can be cut and watched.
 What it does:
 
 1. Writes the node data of a run-config (default ``configs/quick.toml`` with
-   ``num-clients=3``, as ``python -m flower_app.node_data`` does) and the initial
+   ``num-clients=3``, as ``python -m flower_app.data.node_data`` does) and the initial
    weights (a safetensors file) into a temp folder.
 2. N times, starts a fresh Python process (``sys.executable``) that does what a
    ``flwr-clientapp`` process does for one train message: imports Flower's ClientApp
@@ -209,8 +209,8 @@ def prepare(config: dict[str, Any], folder: Path, partition_id: int) -> dict[str
     from safetensors.torch import save_file
 
     from flower_app.config import RunConfig
-    from flower_app.node_data import write_node_data
-    from flower_app.runtime import initial_model
+    from flower_app.data.node_data import write_node_data
+    from flower_app.runs.runtime import initial_model
 
     cfg = RunConfig.from_run_config(config)
     write_node_data(cfg, folder / "nodes")

@@ -62,8 +62,8 @@ from flwr.supercore.inflatable.inflatable_object import (
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.task_identity import TaskIdentity
 
-from flower_app.model import build_model
-from strategies.shared_weights import message_bytes, read_state, write_state
+from flower_app.models.factory import build_model
+from strategies.transport.shared_weights import message_bytes, read_state, write_state
 
 MODEL, NUM_CLASSES, IMAGE_SIZE = "vit_small_patch16_224.dino", 100, 32
 MB = 1e6

@@ -168,7 +168,7 @@ def diagonal_fisher(
         per_example = vmap(grad(_example_score(model, fixed, score)), in_dims=(None, 0, 0))
         sums = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in wanted.items()}
         # The fused attention kernels have no vmap batching rule for their backward and
-        # fall back to one example at a time (15x slower for ViT-S on CPU); the math
+        # fall back to one example at a time (far slower); the math
         # kernel is batched.
         with sdpa_kernel([SDPBackend.MATH]):
             for start in range(0, len(images), batch_size):

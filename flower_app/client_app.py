@@ -9,9 +9,9 @@ is kept cheap (no Hugging Face ``datasets``; imports without the cyclic GC).
 
 from __future__ import annotations
 
-from flower_app.fast_import import imports_without_gc
+from flower_app.perf.fast_import import imports_without_gc
 
-# a deployment starts this process for every message: see flower_app.fast_import
+# a deployment starts this process for every message: see flower_app.perf.fast_import
 with imports_without_gc():
     import random
     import time
@@ -30,16 +30,16 @@ with imports_without_gc():
     from clients.fisher import diagonal_fisher
     from clients.sparse_sgdm import SparseSGDM
     from clients.training import copy_weights_into, train_local
-    from flower_app.allocator import keep_freed_memory
     from flower_app.config import RunConfig
-    from flower_app.data_sources import ImageSplit, load_node_data
-    from flower_app.model import build_model
-    from flower_app.partitioning import partition_indices
-    from flower_app.preprocessing import batch_preprocessor, preprocess_batch
-    from flower_app.runtime import resolve_device, run_splits, use_bf16
+    from flower_app.data.partitioners import partition_indices
+    from flower_app.data.preprocessing import batch_preprocessor, preprocess_batch
+    from flower_app.data.sources import ImageSplit, load_node_data
+    from flower_app.models.factory import build_model
+    from flower_app.perf.allocator import keep_freed_memory
+    from flower_app.runs.runtime import resolve_device, run_splits, use_bf16
     from strategies import protocol
     from strategies.seeds import derive_seed
-    from strategies.shared_weights import (
+    from strategies.transport.shared_weights import (
         WeightRef,
         answer_probe,
         read_state,
@@ -47,7 +47,7 @@ with imports_without_gc():
         shared_root,
         take_state,
     )
-    from strategies.sparse_codec import decode_mask, gather_at, mask_positions
+    from strategies.transport.sparse_codec import decode_mask, gather_at, mask_positions
 
 app = ClientApp()
 

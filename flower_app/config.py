@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from clients.fisher import FISHER_LABEL_MODES, FISHER_SCORES
-from flower_app.backbone_cache import make_command
-from flower_app.data_sources import NUM_CLASSES_BY_DATASET, cifar100_files_present
-from flower_app.model import MODEL_SPECS
-from flower_app.partitioning import partition_feasibility_error
+from flower_app.data.partitioning import partition_feasibility_error
+from flower_app.data.sources import NUM_CLASSES_BY_DATASET, cifar100_files_present
+from flower_app.models.backbone_cache import make_command
+from flower_app.models.factory import MODEL_SPECS
 from strategies.masks import CALIBRATION_SCHEDULES, MASK_SCOPES, MASK_STRATEGIES
 
 STRATEGIES = ("fedavg", "sparse-fedavg")
@@ -79,7 +79,7 @@ class RunConfig:
     run_name: str = ""
     device: str = "auto"
     precision: str = "auto"
-    compile: bool = False  # torch.compile the client model (GPU; ~1 min compile per worker)
+    compile: bool = False  # torch.compile the client model (GPU; one compile per worker)
     weights_transport: str = "auto"
     round_timeout: float = 3600.0
     node_wait_timeout: float = 60.0
@@ -104,7 +104,7 @@ class RunConfig:
     fisher_batch_size: int = 32
     head: str = "frozen"
     head_warmup_rounds: int = 20
-    # centralized baseline (flower_app/centralized.py); the federated app ignores them
+    # centralized baseline (flower_app/centralized/baseline.py); the federated app ignores them
     epochs: int = 50
     warmup_epochs: int = 0
 

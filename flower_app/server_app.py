@@ -11,7 +11,8 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +21,15 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
-from flower_app.allocator import keep_freed_memory
-from flower_app.checkpoint import (
+from flower_app.config import (
+    ConfigError,
+    RunConfig,
+    explain_insufficient_replies,
+    overrides_text,
+)
+from flower_app.data.sources import ImageSplit
+from flower_app.perf.allocator import keep_freed_memory
+from flower_app.runs.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
     Checkpointer,
@@ -30,14 +38,7 @@ from flower_app.checkpoint import (
     load_checkpoint,
     restore,
 )
-from flower_app.config import (
-    ConfigError,
-    RunConfig,
-    explain_insufficient_replies,
-    overrides_text,
-)
-from flower_app.data_sources import ImageSplit
-from flower_app.hooks import (
+from flower_app.runs.hooks import (
     BestModel,
     CentralEvaluation,
     MetricsTable,
@@ -45,24 +46,24 @@ from flower_app.hooks import (
     Stopwatch,
     calibration_table,
 )
-from flower_app.prerequisites import check_prerequisites
-from flower_app.results import RunDirectory, finish_run, partitions_frame
-from flower_app.runtime import (
+from flower_app.runs.prerequisites import check_prerequisites
+from flower_app.runs.results import RunDirectory, finish_run, partitions_frame
+from flower_app.runs.runtime import (
     ModelEvaluator,
     initial_model,
     resolve_device,
     run_splits,
     to_device,
 )
-from flower_app.schedule import lr_at_round
-from flower_app.weights_transport import accept_probes, open_carrier
+from flower_app.runs.schedule import lr_at_round
 from strategies import protocol
-from strategies.carrier import WeightCarrier
 from strategies.fedavg import OrderedFedAvg
 from strategies.masks import eligible_names, mask_density, needs_fisher
 from strategies.plan import CALIBRATION, HEAD_WARMUP, TRAIN, Phase, RoundClock
 from strategies.rounds import InsufficientRepliesError, RetryPolicy, RoundHook
 from strategies.sparse_fedavg import SparseFedAvg
+from strategies.transport.carrier import WeightCarrier
+from strategies.transport.selection import TransportUnavailable, accept_probes, open_carrier
 
 app = ServerApp()
 
@@ -348,7 +349,8 @@ def prepare(
         initial_state = checkpoint.initial
     print(f"asking the {len(node_ids)} nodes for their shards ...", flush=True)
     partitions, replies = query_partitions(grid, node_ids, cfg.round_timeout, carrier.probe_content)
-    accept_probes(carrier, replies, cfg)
+    with transport_errors_as_config_errors():
+        accept_probes(carrier, replies, cfg.weights_transport)
     run_dir = open_run_dir(cfg, run_path, checkpoint is not None)
     run_dir.write_csv("partitions.csv", partitions_frame(partitions))
     print(f"run directory: {run_dir.path}; plan: {clock.describe()} rounds", flush=True)
@@ -409,11 +411,20 @@ SIMULATION_POLL_S = 0.01  # Flower's InMemoryGrid looks for replies every 0.1 s
 
 
 def poll_quickly(grid: Grid) -> None:
-    """In a simulation, look for replies every 10 ms: Flower's default 0.1 s pause between
-    looks left the ServerApp idle for 0.05 s of every round on average, once all replies
-    were in (the look is a dictionary scan under a lock; deployment is not changed)."""
+    """In a simulation, look for replies every ``SIMULATION_POLL_S``: with Flower's longer
+    default pause between looks the ServerApp sat idle after the last reply of every
+    round (a look is a dictionary scan under a lock; deployment is not changed)."""
     if isinstance(grid, InMemoryGrid):
         grid.pull_interval = min(grid.pull_interval, SIMULATION_POLL_S)
+
+
+@contextmanager
+def transport_errors_as_config_errors() -> Iterator[None]:
+    """The transport's refusal of ``shared-memory`` is a run-config error (one line)."""
+    try:
+        yield
+    except TransportUnavailable as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 @app.main()
@@ -425,7 +436,8 @@ def main(grid: Grid, context: Context) -> None:
     check_prerequisites(cfg)  # output folder, data, weights: every missing piece at once
     output_dir = writable_output_dir(cfg.output_dir)
     run_path = output_dir / cfg.resolved_run_name(time.strftime("%Y%m%d-%H%M%S"))
-    carrier = open_carrier(cfg, context.run_id)
+    with transport_errors_as_config_errors():
+        carrier = open_carrier(cfg.weights_transport, context.run_id)
     try:
         run = prepare(grid, cfg, run_path, carrier)
         if run is None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's Deployment Engine recipe on one machine (loopback): node data, a SuperLink,
 # three SuperNodes with their own data and ports, a connection, and the quick preset run
-# through it. tests/test_deployment.py runs this file, so the recipe cannot drift.
+# through it. tests/e2e/test_deployment.py runs this file, so the recipe cannot drift.
 # Usage: bash scripts/deployment_loopback.sh [WORKDIR]   (PORT=9091 BIN=.venv/bin by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ PIDS=()
 trap 'for pid in "${PIDS[@]}"; do kill -- "-$pid" 2>/dev/null || true; done' EXIT
 
 # 1. Each node's own data (here: the quick preset's synthetic set in 3 shards).
-"$BIN/python" -m flower_app.node_data --out "$WORK/node-data" --run-config configs/quick.toml num-clients=3
+"$BIN/python" -m flower_app.data.node_data --out "$WORK/node-data" --run-config configs/quick.toml num-clients=3
 
 # 2. The SuperLink (coordinator); a database file, not :memory:.
 setsid "$BIN/flower-superlink" --insecure --database "$WORK/state.db" --host 127.0.0.1 --port "$PORT" > "$WORK/superlink.log" 2>&1 &

@@ -2,8 +2,11 @@
 
 Flower's FedAvg samples with the global ``random`` and sums replies in arrival order,
 so two runs with one seed differ. Here clients are sampled by partition id with a seed
-derived from (seed, round, attempt), replies are summed in partition order in float64,
-and the round number comes from the run's ``RoundClock``.
+derived from (seed, round, attempt), and the round number comes from the run's
+``RoundClock``. Every aggregation of weights goes through ``OrderedFedAvg.mean_update``:
+the sent values plus the example-weighted mean of the clients' updates, in partition
+order, float32. ``weighted_average`` (float64) is the mean of calibration statistics
+(the Fisher), which are not weights.
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from strategies import protocol
-from strategies.carrier import WeightCarrier
 from strategies.interference import SplitGram
 from strategies.plan import RoundClock, RoundPosition
 from strategies.record import RoundRecord
 from strategies.reply_checks import Layout, dense_layout, train_metrics_problem
 from strategies.rounds import RetryPolicy, RoundHook, run_plan, send_with_retries
 from strategies.seeds import sample_partitions
+from strategies.transport.carrier import WeightCarrier
 
 RoundRow = dict[str, float]
 NO_RETRIES = RetryPolicy()
@@ -218,19 +221,16 @@ class OrderedFedAvg(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The example-weighted mean of the replies' arrays and losses, in partition order."""
+        """Flower's signature over the rounds' arithmetic: the example-weighted mean of whole
+        replies (``mean_update`` from zeros: no sent weights are needed) and of the
+        losses, in partition order. Rounds use ``aggregate_round``."""
         replies = in_partition_order(replies)
         if not replies:
             return None, None
-        mean, metrics = self.average(replies, [decoded(r) for r in replies])
-        return ArrayRecord(mean), metrics
-
-    def average(
-        self, replies: Sequence[Message], states: Sequence[Mapping[str, torch.Tensor]]
-    ) -> tuple[dict[str, torch.Tensor], MetricRecord]:
-        """The weighted mean of the decoded ``states`` (float64 accumulation) and of the
-        replies' losses: Flower's ``aggregate_train``; rounds use ``aggregate_round``."""
-        return weighted_average(states, example_weights(replies)), mean_loss(replies)
+        states = [decoded(r) for r in replies]
+        zeros = {name: torch.zeros_like(tensor) for name, tensor in states[0].items()}
+        mean = self.mean_update(zeros, states, example_weights(replies), None)
+        return ArrayRecord(mean), mean_loss(replies)
 
     def aggregate_round(
         self, base: ArrayRecord, replies: Sequence[Message], record: RoundRecord
@@ -267,7 +267,7 @@ class OrderedFedAvg(Strategy):
         mean is one matrix-vector product over it and ``gram`` (the interference metrics)
         one matrix product, so no client's whole update is built and each reply is read
         once. float32 throughout: the sum of n float64 products gave the same float32
-        weights within one unit in the last place (``tests/test_aggregation.py``).
+        weights within one unit in the last place (``tests/unit/test_aggregation.py``).
         Non-floating tensors (integer buffers) are taken from the first reply.
         """
         n = len(states)

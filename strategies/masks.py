@@ -163,7 +163,7 @@ def select_mask(
     stays frozen); the count is still of the full N. Ties are broken by position (earlier
     tensor in ``scores`` order, then earlier entry first), so the count is exact even when
     all scores are equal. The threshold is one ``kthvalue`` on the concatenated scores,
-    O(N) (torch.quantile refuses more than 16M elements; a full sort is 6x slower).
+    O(N) (torch.quantile refuses more than 16M elements; a full sort is O(N log N)).
     Returns bool tensors on the CPU, each with its own storage.
     """
     if not 0.0 <= density <= 1.0:

@@ -47,7 +47,7 @@ FISHER_SCORE = "fisher-score"
 # Reliability
 ATTEMPT = "attempt"  # ConfigRecord: 0 for a round's first sample, k for its k-th retry
 
-# Weights by reference (strategies/shared_weights.py)
+# Weights by reference (strategies/transport/shared_weights.py)
 REF_SUFFIX = "-ref"  # ConfigRecord "<key>-ref": a file reference in place of ArrayRecord "<key>"
 SHARED_PROBE = "shared-probe"  # ConfigRecord: a probe file's reference, or the reason for none
 CLIENT_LOAD_SECONDS = "client-load-seconds"  # MetricRecord: decode + load the received weights

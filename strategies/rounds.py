@@ -18,10 +18,10 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from strategies import protocol
-from strategies.carrier import WeightCarrier
 from strategies.plan import RoundClock, RoundPosition
 from strategies.record import RoundRecord
-from strategies.shared_weights import WeightRef
+from strategies.transport.carrier import WeightCarrier
+from strategies.transport.shared_weights import WeightRef
 
 
 class InsufficientRepliesError(RuntimeError):
@@ -77,8 +77,8 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, check: ReplyCh
     """Push ``messages``, pull replies until all came or ``timeout``, and check each reply
     as soon as it arrives.
 
-    Checking a reply reads all of its bytes (hash, shape, finiteness): for 10 ViT-S/16
-    replies about 0.2 s on one core. Done after the last reply (as with
+    Checking a reply reads all of its bytes (hash, shape, finiteness). Done after the last
+    reply (as with
     ``send_and_receive``), that time was added to every round; here the checks run in a
     few threads while later replies are still being computed, and only the last ones are
     left when the last reply lands. A check must not depend on another reply's (the

@@ -38,7 +38,7 @@ from strategies.record import RoundRecord
 from strategies.reply_checks import Layout, fisher_metrics_problem, head_layout, masked_layout
 from strategies.rounds import send_with_retries
 from strategies.seeds import derive_seed
-from strategies.sparse_codec import encode_mask, mask_positions, scatter_at
+from strategies.transport.sparse_codec import encode_mask, mask_positions, scatter_at
 
 FISHER_DTYPE = torch.float32  # what clients/fisher.py returns
 

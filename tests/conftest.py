@@ -1,5 +1,6 @@
-"""Shared test helpers: the quick preset as a dict, and the in-process engine's Grid keeping
-what it sent (``flower_app.in_process`` runs the ClientApp in process)."""
+"""Shared test helpers: the tier markers by folder, the quick preset as a dict, and the
+in-process engine's Grid keeping what it sent (``flower_app.studies.in_process`` runs the
+ClientApp in process)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,23 @@ import pytest
 from flwr.app import Message
 from flwr.clientapp import ClientApp
 
-from flower_app.in_process import InProcessGrid as EngineGrid
-from flower_app.in_process import PushPull, server_context, set_task_identity
+from flower_app.studies.in_process import InProcessGrid as EngineGrid
+from flower_app.studies.in_process import PushPull, server_context, set_task_identity
 
 ROOT = Path(__file__).resolve().parents[1]
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each test carries its folder's tier as a marker; ``perf`` tests are skipped unless the
+    ``-m`` expression names ``perf`` (so ``-m "not e2e"`` skips them too)."""
+    run_perf = "perf" in (config.getoption("markexpr") or "")
+    for item in items:
+        tier = item.path.parent.name
+        if tier in TIERS:
+            item.add_marker(tier)
+        if item.get_closest_marker("perf") and not run_perf:
+            item.add_marker(pytest.mark.skip(reason="perf: a machine-state count; -m perf runs it"))
 
 
 def quick_run_config(**overrides) -> dict:
@@ -52,8 +66,8 @@ def identity() -> None:
 def pretrained_backbone(tmp_path_factory) -> Path:
     """The miniature's backbone (``fl-pretrain``'s recipe, seed 0), made once per session in
     a temporary folder: tests never write into the user's cache."""
-    from flower_app.backbone_cache import default_backbone_path
-    from flower_app.pretrain import ensure_backbone
+    from flower_app.centralized.pretrain import ensure_backbone
+    from flower_app.models.backbone_cache import default_backbone_path
 
     path = tmp_path_factory.mktemp("backbone") / default_backbone_path(0).name
     return ensure_backbone(path, 0, log=lambda line: None)

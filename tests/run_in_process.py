@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-from flower_app.in_process import run_in_process as run
+from flower_app.studies.in_process import run_in_process as run
 
 __all__ = ["run"]
 

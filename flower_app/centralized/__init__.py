@@ -1,0 +1,1 @@
+"""Centralized training: the baseline (`fl-centralized`) and pretraining (`fl-pretrain`)."""

@@ -1,0 +1,1 @@
+"""The command line: `fl-run` and a local SuperLink the caller owns."""

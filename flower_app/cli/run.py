@@ -1,0 +1,322 @@
+"""``fl-run``: one front door for a federated run (``python -m flower_app.cli.run``).
+
+``fl-run [PRESET] [key=value ...] [--federation-config "..." | --connection NAME] [--app DIR]``
+merges the
+app's defaults, a preset and overrides, validates them with ``RunConfig`` before anything
+starts, derives ``num-supernodes`` (and client resources) from them, streams ``flwr run``
+and exits with the run's real outcome: ``flwr run`` itself exits 0 even when the run
+failed, so the status is read back with ``flwr ls``.
+
+Exit codes: 0 the run completed, 1 it failed (one line ``run ID STATUS: last error``
+on stderr), 2 the command or its run-config is not allowed (nothing was started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from flower_app.cli.local_superlink import flower_executable
+from flower_app.config import (
+    ConfigError,
+    RunConfig,
+    app_defaults,
+    load_preset,
+    parse_overrides,
+    write_run_config,
+)
+from flower_app.runs.prerequisites import check_prerequisites
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+INTERRUPTED = "fl-run: interrupted; the run may still be going (see flwr ls; flwr stop ID)"
+COMPLETED = "finished:completed"
+STATUS_WAIT_S = 60.0  # the status may trail the end of the log stream by a moment
+GPU_SHARE = "0.25"  # at most 4 clients per GPU: the README's canonical setting
+RESOURCE_KEYS = ("client-resources-num-cpus", "client-resources-num-gpus")
+# flwr's own key=value pattern (flwr.common.config.parse_config_args), quoted values kept
+_PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
+_STARTED = re.compile(r"Successfully started run (\d+)")  # flwr 1.42, cli/run/run.py
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line, like every other fl-run error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see fl-run --help)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = _Parser(
+        prog="fl-run",
+        usage="fl-run [PRESET] [key=value ...] [--federation-config ...] [--app DIR]",
+        description="Validate a run-config (app defaults <- PRESET <- key=value), run it "
+        "with flwr run --stream, exit 0 only if the run completed.",
+    )
+    parser.add_argument(
+        "items",
+        nargs="*",
+        metavar="PRESET key=value",
+        help="a run-config preset (e.g. configs/quick.toml) first, if any, then overrides",
+    )
+    parser.add_argument(
+        "--federation-config",
+        action="append",
+        default=[],
+        help='e.g. "client-resources-num-gpus=0.5"; num-supernodes comes from num-clients',
+    )
+    parser.add_argument(
+        "--connection",
+        default="",
+        metavar="NAME",
+        help="a SuperLink connection in FLWR_HOME/config.toml (Deployment Engine); "
+        "without it the run goes to the local simulation",
+    )
+    parser.add_argument(
+        "--app", type=Path, default=Path.cwd(), metavar="DIR", help="the Flower app folder"
+    )
+    return parser.parse_intermixed_args(argv)
+
+
+# ---- the run-config -------------------------------------------------------------------------
+def split_items(items: list[str]) -> tuple[Path | None, list[str]]:
+    """An optional leading preset file, then key=value overrides."""
+    if items and "=" not in items[0]:
+        return Path(items[0]), items[1:]
+    return None, items
+
+
+def merged_run_config(app: Path, items: list[str], local: bool = True) -> dict[str, Any]:
+    """Defaults <- preset <- overrides, validated; values typed as the schema reads them.
+
+    Typed values (not the overrides' strings) go into the file, so the ServerApp and the
+    ClientApps see exactly what was validated here. Relative ``output-dir`` and
+    ``data-dir`` become absolute from this shell's directory: a run resolves them from
+    the directory its SuperLink was started in, which need not be this one. The
+    prerequisites (data, weights, output folder) are checked here only for a ``local``
+    simulation; in a deployment the ServerApp checks them on the coordinator.
+    """
+    preset, overrides = split_items(items)
+    merged = app_defaults(app)
+    if preset is not None:
+        merged |= load_preset(preset)
+    merged |= parse_overrides(overrides)
+    for key in ("output-dir", "data-dir"):
+        value = merged.get(key)
+        if isinstance(value, str) and value and not value.startswith("~"):
+            merged[key] = str(Path(value).absolute())
+    cfg = RunConfig.from_run_config(merged, check_files=local)  # unknown keys: closest named
+    if local:
+        check_prerequisites(cfg)
+    resolved = cfg.to_dict()
+    return {key: resolved[key] for key in merged}
+
+
+# ---- the federation -------------------------------------------------------------------------
+def parse_pairs(items: list[str]) -> dict[str, str]:
+    """``--federation-config`` key=value pairs, as flwr reads them (values kept verbatim)."""
+    pairs: dict[str, str] = {}
+    for item in items:
+        found = _PAIR.findall(item)
+        if item.strip() and not found:
+            raise ConfigError(f'--federation-config {item!r} is not allowed: write "key=value"')
+        pairs.update(found)
+    return pairs
+
+
+def machine_resources() -> dict[str, str]:
+    """Client resources for this machine: a quarter GPU per client with CUDA, else CPU only."""
+    import torch
+
+    gpus = GPU_SHARE if torch.cuda.is_available() else "0"
+    return {"client-resources-num-cpus": "1", "client-resources-num-gpus": gpus}
+
+
+def federation_config(items: list[str], num_clients: int) -> str:
+    """``num-supernodes=K`` from num-clients (the app refuses a mismatch), plus resources.
+
+    Resources the user gave are kept; missing ones are chosen for this machine.
+    """
+    pairs = parse_pairs(items)
+    given = pairs.pop("num-supernodes", None)
+    if given is not None and not _same_int(given, num_clients):
+        raise ConfigError(
+            f"--federation-config num-supernodes={given} is not allowed: it must equal "
+            f"num-clients={num_clients} (or leave it out: fl-run sets it)"
+        )
+    if any(key not in pairs for key in RESOURCE_KEYS):
+        pairs = machine_resources() | pairs
+    pairs = {"num-supernodes": str(num_clients)} | pairs
+    return " ".join(f"{key}={value}" for key, value in pairs.items())
+
+
+def _same_int(raw: str, value: int) -> bool:
+    try:
+        return int(raw.strip("'\"")) == value
+    except ValueError:
+        return False
+
+
+# ---- Flower ---------------------------------------------------------------------------------
+def child_env() -> dict[str, str]:
+    """The environment of ``flwr``: no per-run dependency install, this venv's bin first.
+
+    ``flwr run`` starts ``flower-superlink`` by name, so the venv's bin goes first on PATH
+    (the venv need not be activated); unbuffered, so the log streams as it comes.
+    """
+    env = os.environ.copy()
+    env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    path = (str(Path(sys.executable).parent), env.get("PATH", ""))
+    env["PATH"] = os.pathsep.join(p for p in path if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def flwr_run_command(app: Path, run_config: Path, federation: str, connection: str) -> list[str]:
+    """``flwr run APP [CONNECTION] --stream --run-config FILE [--federation-config ...]``."""
+    return [
+        flower_executable("flwr"),
+        "run",
+        str(app),
+        *([connection] if connection else []),
+        "--stream",
+        "--run-config",
+        str(run_config),
+        *(["--federation-config", federation] if federation else []),
+    ]
+
+
+def flwr_run(command: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
+    """Run ``flwr run --stream``, echo its output line by line; (exit code, lines)."""
+    lines: list[str] = []
+    with subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            lines.append(_ANSI.sub("", line).rstrip("\n"))
+    return proc.returncode, lines
+
+
+def run_status(run_id: int, env: dict[str, str], connection: str = "") -> dict[str, Any]:
+    """The run's ``flwr ls`` entry, waiting (up to STATUS_WAIT_S) until it is finished."""
+    deadline = time.monotonic() + STATUS_WAIT_S
+    target = [connection] if connection else []
+    while True:
+        out = subprocess.run(
+            [flower_executable("flwr"), "ls", *target, "--run-id", str(run_id), "--format", "json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        try:
+            run = json.loads(out.stdout)["runs"][0]
+        except (ValueError, KeyError, IndexError):
+            text = (out.stdout + out.stderr).strip().replace("\n", " ")
+            return {"status": "unknown", "status-details": f"flwr ls: {text[-300:]}"}
+        if run["status"].startswith("finished") or time.monotonic() > deadline:
+            return run
+        time.sleep(1.0)
+
+
+# ---- the outcome ----------------------------------------------------------------------------
+def started_run_id(lines: Iterable[str]) -> int | None:
+    """The id in flwr's ``Successfully started run <id>`` line, if it started one."""
+    for line in lines:
+        match = _STARTED.search(line)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def last_error_line(lines: Iterable[str]) -> str:
+    """The last log line that reports an error: a traceback's ``...Error: message`` line.
+
+    Case-sensitive on purpose: Flower ends a failed run with ``ERROR : Exit Code: 700``,
+    which says nothing; the exception line just before it says what went wrong.
+    """
+    found = ""
+    for line in lines:
+        if "is not allowed" in line or "Error" in line or "error" in line:
+            found = line.strip()
+    return found
+
+
+def outcome(run_id: int, status: dict[str, Any], lines: list[str]) -> int:
+    """0 for a completed run; else one line ``run ID STATUS: error`` on stderr and 1."""
+    if status["status"] == COMPLETED:
+        return 0
+    reason = last_error_line(lines) or status.get("status-details") or "(no error in the log)"
+    print(f"run {run_id} {status['status']}: {reason}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def fail(message: str, code: int) -> int:
+    print(message.replace("\n", " "), file=sys.stderr)
+    return code
+
+
+def prepare(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """The validated run-config and the federation config ("" for a deployment, whose
+    federation is the SuperNodes that joined); raises ConfigError, starts nothing."""
+    if args.connection and args.federation_config:
+        raise ConfigError(
+            "--federation-config is not allowed with --connection: a deployed federation "
+            "is the SuperNodes that joined its SuperLink"
+        )
+    config = merged_run_config(args.app, args.items, local=not args.connection)
+    if args.connection:
+        return config, ""
+    return config, federation_config(args.federation_config, config["num-clients"])
+
+
+def submit(
+    app: Path, config: dict[str, Any], federation: str, connection: str
+) -> tuple[int, list[str]]:
+    """Write the run-config to a temp TOML (flwr reads it at once) and stream the run."""
+    with tempfile.TemporaryDirectory(prefix="fl-run-") as tmp:
+        toml = write_run_config(Path(tmp) / "run-config.toml", config)
+        return flwr_run(flwr_run_command(app, toml, federation, connection), child_env())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Validate, run, and exit with the run's real outcome (flwr run exits 0 either way)."""
+    try:
+        args = parse_args(argv)
+        args.app = args.app.expanduser().resolve()
+        config, federation = prepare(args)
+    except ConfigError as exc:
+        return fail(f"error: {exc}", EXIT_USAGE)
+    try:
+        code, lines = submit(args.app, config, federation, args.connection)
+    except KeyboardInterrupt:
+        return fail(INTERRUPTED, EXIT_INTERRUPTED)
+    run_id = started_run_id(lines)
+    if run_id is None:
+        reason = last_error_line(lines) or (lines[-1] if lines else "(no output)")
+        return fail(f"flwr run started no run (exit {code}): {reason}", EXIT_FAILED)
+    return outcome(run_id, run_status(run_id, child_env(), args.connection), lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

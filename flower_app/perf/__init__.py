@@ -1,0 +1,1 @@
+"""Process settings for speed: the allocator's thresholds, imports without the cyclic GC."""

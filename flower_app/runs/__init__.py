@@ -1,0 +1,1 @@
+"""What a run needs and leaves: device and splits, the schedule, hooks, checkpoints, results."""

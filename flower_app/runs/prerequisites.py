@@ -1,0 +1,79 @@
+"""Everything a run needs from outside, checked together before Flower starts the work.
+
+A run needs its data, its initial weights and a writable output folder. Finding out one
+at a time (the data after the SuperNodes came up, the weights after the data, each after
+a minute of download retries) costs a new user several attempts; here every missing
+piece is found in one pass, in seconds, and reported in one line. Reachability is one
+TCP connection with a short timeout (``flower_app/models/network.py``), not a download.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+from flower_app.config import ConfigError, RunConfig
+from flower_app.data.sources import CIFAR100_TARBALL, CIFAR100_URL, cifar100_files_present
+from flower_app.models.factory import hub_weights_problem
+from flower_app.models.network import reachable
+
+
+class PrerequisiteError(ConfigError):
+    """Something a run needs is missing; the message lists every missing piece, one line."""
+
+
+def data_problem(cfg: RunConfig, online: Callable[[str], bool] | None = None) -> str:
+    """Why the run's data cannot be had, or "" (synthetic data is always there; a missing
+    local copy with download=false is a run-config error, reported by ``RunConfig``)."""
+    if cfg.dataset != "cifar100" or not cfg.download or cifar100_files_present(cfg.data_path):
+        return ""
+    if (online or reachable)(CIFAR100_URL):
+        return ""
+    host = urlparse(CIFAR100_URL).hostname
+    return (
+        f"no CIFAR-100 in {cfg.data_path} and {host} is unreachable: put cifar-100-python/ "
+        f"or {CIFAR100_TARBALL} ({CIFAR100_URL}) there"
+    )
+
+
+def weights_problem(
+    cfg: RunConfig,
+    cached: Callable[[str], bool] | None = None,
+    offline: Callable[[], bool] | None = None,
+) -> str:
+    """Why the initial weights cannot be had, or "" (a pretrained-path is checked by
+    ``RunConfig``)."""
+    if cfg.weights != "pretrained" or cfg.pretrained_path:
+        return ""
+    return hub_weights_problem(cfg.model, cached, offline)
+
+
+def output_problem(output_dir: str) -> str:
+    """Why run folders cannot be made under ``output_dir``, or "" (creates nothing: the
+    nearest existing folder on the path must take a new file)."""
+    folder = Path(os.path.expanduser(output_dir)).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    reason = f"{existing} is not a folder" if not existing.is_dir() else ""
+    if not reason:
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+    if not reason:
+        return ""
+    return (
+        f"run-config key 'output-dir' = {output_dir!r} is not allowed: cannot write to "
+        f"{folder} ({reason})"
+    )
+
+
+def check_prerequisites(cfg: RunConfig) -> None:
+    """Raise one ``PrerequisiteError`` naming every missing prerequisite, or return."""
+    checks = (output_problem(cfg.output_dir), data_problem(cfg), weights_problem(cfg))
+    problems = [p for p in checks if p]
+    if problems:
+        raise PrerequisiteError("; ".join(problems))

@@ -1,0 +1,443 @@
+"""Sweep runner: every setting of a study x seeds, then tables, plots and one report.
+
+``python -m flower_app.studies.experiments STUDY [--quick] [--seeds N] [--output-dir DIR]
+[--settings a,b] [--engine in-process|flwr] [--federation-config "..."] [key=value ...]``
+(or ``fl-experiments``). With ``--engine flwr`` (the default without ``--quick``) federated
+runs go through ``flwr run`` on one local SuperLink that the runner starts with its own
+FLWR_HOME and stops by PID at the end; each run's status is read back from ``flwr ls`` and a
+run counts as a result only when Flower says it completed and its ``summary.json`` exists.
+With ``--engine in-process`` (the default with ``--quick``, the miniature study) the same
+ServerApp and ClientApp run in this process (``flower_app.studies.in_process``; the two engines
+compute the same numbers). The centralized baseline runs as its console script (in this
+process with ``in-process``). A backbone of ``fl-pretrain`` that a run names and that is
+missing is made first. Started again, a sweep skips finished runs and resumes interrupted
+ones from their checkpoint. Results land in ``DIR/STUDY/<setting>-seed<k>/``, with
+``sweep.csv``, ``table.csv``, ``table.md`` and the plots beside them, and ``DIR/report.md``
+holds every study's table and figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from flower_app.centralized.pretrain import PretrainError, ensure_backbone
+from flower_app.cli.local_superlink import LocalSuperLink
+from flower_app.config import (
+    ConfigError,
+    RunConfig,
+    app_defaults,
+    parse_overrides,
+    write_run_config,
+)
+from flower_app.models.backbone_cache import backbone_seed, make_command
+from flower_app.runs.checkpoint import CHECKPOINT_NAME
+from flower_app.runs.results import atomic_write_bytes
+from flower_app.server_app import plan_for
+from flower_app.studies.catalog import ALL, STUDIES, Setting, base_config, expand, study_settings
+from flower_app.studies.engines import ENGINES, console_writer, run_here
+from flower_app.studies.in_process import run_in_process
+from flower_app.studies.reports import (
+    MANIFEST,
+    MANIFEST_COLUMNS,
+    findings,
+    read_summary,
+    write_report,
+    write_sweep_report,
+)
+
+DEFAULT_RUN_TIMEOUT_S = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of the sweep: its study, setting, seed and full run-config."""
+
+    study: str
+    setting: Setting
+    seed: int
+    config: dict[str, Any]
+    study_dir: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.setting.name}-seed{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.study_dir / self.name
+
+    @property
+    def num_clients(self) -> int:
+        return RunConfig.from_run_config(self.config, check_files=False).num_clients
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="fl-experiments", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    parser.add_argument("study", choices=[*STUDIES, ALL], help="which study to run")
+    parser.add_argument("--output-dir", type=Path, default=Path("results/studies"))
+    parser.add_argument("--seeds", type=int, default=1, help="independent seeds 0..N-1")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the miniature: synthetic data, the tiny ViT of fl-pretrain (a CPU)",
+    )
+    parser.add_argument("--settings", default="", help="only these settings (comma separated)")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=None,
+        help="in-process (default with --quick): the ServerApp and ClientApps in this process, "
+        "no Ray; flwr (default otherwise): each run through flwr run (Flower's simulation)",
+    )
+    parser.add_argument(
+        "--federation-config",
+        default="",
+        help='added to "num-supernodes=K", e.g. "client-resources-num-gpus=0.25"',
+    )
+    parser.add_argument("--app", type=Path, default=Path.cwd(), help="the Flower app folder")
+    parser.add_argument("--run-timeout", type=float, default=DEFAULT_RUN_TIMEOUT_S)
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    parser.add_argument("overrides", nargs="*", help="run-config key=value for every run")
+    return parser.parse_intermixed_args(argv)
+
+
+def check_app_dir(app: Path) -> Path:
+    """The app folder, resolved: it must hold a pyproject.toml with the app's run-config."""
+    app = app.expanduser().resolve()
+    app_defaults(app)  # raises the one-line --app error
+    return app
+
+
+def plan(args: argparse.Namespace) -> list[PlannedRun]:
+    """Every run of the sweep with its validated run-config (no work starts on a bad one)."""
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds} is not allowed: must be an integer >= 1")
+    overrides = parse_overrides(args.overrides)
+    for key in ("seed", "output-dir", "run-name", "resume"):
+        if key in overrides:
+            raise ConfigError(f"override {key!r} is not allowed: the sweep runner sets it per run")
+    wanted = [s for s in args.settings.split(",") if s]
+    output_dir = args.output_dir.expanduser().resolve()
+    runs: list[PlannedRun] = []
+    for study in expand(args.study):
+        federated_base = base_config(args.app, args.quick, centralized=False)
+        settings = study_settings(study, federated_base | overrides)
+        if wanted:
+            names = [s.name for s in settings]
+            unknown = [w for w in wanted if w not in names]
+            if unknown and args.study != ALL:
+                raise ConfigError(
+                    f"--settings {','.join(unknown)} is not allowed for study {study!r}: "
+                    f"choose from {', '.join(names)}"
+                )
+            settings = [s for s in settings if s.name in wanted]
+        study_dir = output_dir / study
+        for setting in settings:
+            base = base_config(args.app, args.quick, setting.centralized)
+            for seed in range(args.seeds):
+                config = base | setting.overrides | overrides | {"seed": seed}
+                run = PlannedRun(study, setting, seed, config, study_dir)
+                config |= {"output-dir": str(study_dir), "run-name": run.name}
+                check_run_config(config)  # raises the one-line error
+                runs.append(run)
+    if not runs:
+        raise ConfigError(f"--settings {args.settings!r} selects no run of study {args.study!r}")
+    return runs
+
+
+def engine_of(args: argparse.Namespace) -> str:
+    """``--engine``, or its default: in-process for the miniature (``--quick``), else flwr."""
+    return args.engine or ("in-process" if args.quick else "flwr")
+
+
+def backbone_to_make(cfg: RunConfig) -> tuple[Path, int] | None:
+    """The ``fl-pretrain`` backbone the run names, with its seed, if it is missing (also
+    with weights=random: the run-config check wants every named file to exist)."""
+    seed = backbone_seed(cfg.pretrained_path)
+    path = Path(os.path.expanduser(cfg.pretrained_path)).absolute()
+    return (path, seed) if seed is not None and not path.is_file() else None
+
+
+def check_run_config(config: dict[str, Any]) -> None:
+    """Every key and file of a run, except a backbone the runner will make first."""
+    cfg = RunConfig.from_run_config(config, check_files=False)
+    cfg.check_data_dir()
+    if backbone_to_make(cfg) is None:
+        cfg.check_pretrained_path()
+
+
+def backbones_to_make(runs: list[PlannedRun]) -> dict[Path, int]:
+    """The missing backbones the runs start from (-> their pretraining seed)."""
+    configs = (RunConfig.from_run_config(r.config, check_files=False) for r in runs)
+    return dict(filter(None, (backbone_to_make(cfg) for cfg in configs)))
+
+
+def make_backbones(runs: list[PlannedRun]) -> None:
+    """Make the missing backbones (``fl-pretrain``'s training, a minute on a CPU)."""
+    for path, seed in backbones_to_make(runs).items():
+        ensure_backbone(path, seed, log=lambda line: print(line, flush=True))
+
+
+def record(
+    run: PlannedRun, status: str, seconds: float, detail: str = "", keep: bool = False
+) -> None:
+    """Add or replace the run's line in its study's manifest (sweep.csv).
+
+    ``keep`` leaves an existing line as it is (a skipped run keeps its first record).
+    """
+    path = run.study_dir / MANIFEST
+    frame = pd.read_csv(path, keep_default_na=False) if path.is_file() else None
+    if keep and frame is not None and run.name in set(frame["run-name"]):
+        return
+    row = {
+        "study": run.study,
+        "setting": run.setting.name,
+        "seed": run.seed,
+        "run-name": run.name,
+        "status": status,
+        "seconds": round(seconds, 1),
+        "detail": detail.replace("\n", " ")[:300],
+    }
+    rows = [] if frame is None else frame.to_dict("records")
+    rows = [r for r in rows if r["run-name"] != run.name] + [row]
+    data = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(index=False)
+    atomic_write_bytes(path, data.encode())
+
+
+def prepare(run: PlannedRun) -> str:
+    """``done`` (skip), ``resume`` (checkpoint of an interrupted run) or ``fresh``.
+
+    A run directory without summary and without checkpoint is what an interrupted or
+    failed run left behind; it is removed so the run can start again.
+    """
+    if read_summary(run.run_dir) is not None:
+        return "done"
+    if (run.run_dir / CHECKPOINT_NAME).is_file():
+        return "resume"
+    if run.run_dir.exists():
+        shutil.rmtree(run.run_dir)
+    return "fresh"
+
+
+class RunProgress:
+    """Prints a running run's latest round from its ``metrics.csv`` (written every round),
+    so a sweep shows where a run is, not only when it ends."""
+
+    def __init__(self, run: PlannedRun, write: Callable[[str], None] = print) -> None:
+        self.path = run.run_dir / "metrics.csv"
+        self.total = plan_for(RunConfig.from_run_config(run.config, check_files=False)).total_rounds
+        self.write = write
+        self.last: int | None = None
+
+    def __call__(self) -> None:
+        try:
+            row = pd.read_csv(self.path).iloc[-1]
+        except (OSError, pd.errors.EmptyDataError, IndexError):
+            return  # not written yet
+        if int(row["round"]) == self.last:
+            return
+        self.last = int(row["round"])
+        accuracy = row.get("val-accuracy")
+        shown = f" | val-accuracy {accuracy:.4f}" if pd.notna(accuracy) else ""
+        self.write(f"    round {self.last}/{self.total} ({row['phase']}){shown}")
+
+
+class SweepRunner:
+    """Runs planned runs one after another on ``engine``; with ``flwr`` it starts the
+    SuperLink on first need."""
+
+    def __init__(
+        self,
+        app_dir: Path,
+        output_dir: Path,
+        federation: str,
+        timeout: float,
+        engine: str = "flwr",
+    ) -> None:
+        self.app_dir = app_dir
+        self.output_dir = output_dir
+        self.federation = federation
+        self.timeout = timeout
+        self.engine = engine
+        self.link: LocalSuperLink | None = None
+
+    def stop(self) -> None:
+        if self.link is not None:
+            self.link.stop()
+            self.link = None
+
+    def log_path(self, run: PlannedRun) -> Path:
+        path = run.study_dir / "logs" / f"{run.name}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def run(self, run: PlannedRun, resume: bool) -> tuple[bool, str]:
+        """Run it; (completed, detail). Failure details name the log to read."""
+        config = run.config | ({"resume": True} if resume else {})
+        configs = run.study_dir / "run-configs"
+        configs.mkdir(parents=True, exist_ok=True)
+        toml = write_run_config(configs / f"{run.name}.toml", config)
+        if run.setting.centralized:
+            return self._centralized(run, toml)
+        if self.engine == "in-process":
+            return self._in_process(run, config)
+        return self._federated(run, toml)
+
+    def _in_process(self, run: PlannedRun, config: dict[str, Any]) -> tuple[bool, str]:
+        """The run as ``flwr run`` would merge it (app defaults + its run-config), here."""
+        log = self.log_path(run)
+        merged = RunConfig.from_run_config(app_defaults(self.app_dir) | config).to_dict()
+        progress = RunProgress(run, console_writer())
+        ok, error = run_here(lambda: run_in_process(merged), log, progress)
+        if ok and read_summary(run.run_dir) is not None:
+            return True, "in-process"
+        return False, f"{error or 'no summary written'}; log: {log}; last line: {_last_line(log)}"
+
+    def _federated(self, run: PlannedRun, toml: Path) -> tuple[bool, str]:
+        if self.link is None:
+            self.link = LocalSuperLink.start(self.output_dir / ".flwr-home")
+        federation = f"num-supernodes={run.num_clients} {self.federation}".strip()
+        progress = RunProgress(run, lambda line: print(line, flush=True))
+        outcome = self.link.run_to_end(
+            self.app_dir, toml, federation, timeout=self.timeout, on_poll=progress
+        )
+        log = self.log_path(run)
+        log.write_text(outcome.log)
+        name = f"flwr run {outcome.run_id}"
+        if outcome.completed and read_summary(run.run_dir) is not None:
+            return True, name
+        status = f"timed out after {self.timeout:.0f} s" if outcome.timed_out else outcome.status
+        return False, f"{name} {status}; log: {log}; last line: {_last_line(log)}"
+
+    def _centralized(self, run: PlannedRun, toml: Path) -> tuple[bool, str]:
+        log = self.log_path(run)
+        if self.engine == "in-process":
+            return self._centralized_here(run, toml, log)
+        with open(log, "w") as out:
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "flower_app.centralized.baseline",
+                    "--run-config",
+                    str(toml),
+                ],
+                cwd=self.app_dir,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=self.timeout,
+                check=False,
+            )
+        if proc.returncode == 0 and read_summary(run.run_dir) is not None:
+            return True, "centralized"
+        return False, f"exit {proc.returncode}; log: {log}; last line: {_last_line(log)}"
+
+    def _centralized_here(self, run: PlannedRun, toml: Path, log: Path) -> tuple[bool, str]:
+        from flower_app.centralized import (
+            baseline as centralized,  # the trainer: imported when a run needs it
+        )
+
+        codes: list[int] = []
+        work = lambda: codes.append(centralized.main(["--run-config", str(toml)]))  # noqa: E731
+        ok, error = run_here(work, log, poll=lambda: None)
+        if ok and codes == [0] and read_summary(run.run_dir) is not None:
+            return True, "centralized"
+        reason = error or f"exit {codes[0] if codes else '?'}"
+        return False, f"{reason}; log: {log}; last line: {_last_line(log)}"
+
+
+def _last_line(path: Path) -> str:
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1][-200:] if lines else "(empty log)"
+
+
+def _accuracy(run: PlannedRun) -> str:
+    summary = read_summary(run.run_dir)
+    if summary is None or summary.get("final-test-accuracy") is None:
+        return ""
+    return f" | test acc {summary['final-test-accuracy']:.4f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Plan, make missing backbones, run what is not finished, write tables, plots and the
+    report; exit 1 if any run failed, 2 on bad input (before any run)."""
+    args = parse_args(argv)
+    try:
+        args.app = check_app_dir(args.app)
+        runs = plan(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    engine, root = engine_of(args), runs[0].study_dir.parent
+    studies = list(dict.fromkeys(r.study for r in runs))
+    print(f"{len(runs)} runs in {', '.join(studies)} -> {root} (engine: {engine})", flush=True)
+    if args.dry_run:
+        for path in backbones_to_make(runs):
+            print(f"first: {make_command(path)} (the pretrained backbone {path} is missing)")
+        for i, run in enumerate(runs, 1):
+            print(f"[{i}/{len(runs)}] {run.study}/{run.name}: {run.config}")
+        return 0
+    try:
+        make_backbones(runs)
+    except (ConfigError, PretrainError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    t_sweep = time.perf_counter()
+    runner = SweepRunner(args.app, root, args.federation_config, args.run_timeout, engine)
+    try:
+        failed = run_all(runs, runner, t_sweep)
+    finally:
+        runner.stop()
+    for study in studies:
+        outputs = write_report(root / study, study)
+        print(f"{study}: " + ", ".join(str(p) for p in outputs.values()), flush=True)
+    command = " ".join(["fl-experiments", *(argv if argv is not None else sys.argv[1:])])
+    # every study the folder holds, so a folder filled by several sweeps has one report
+    held = [s for s in STUDIES if (root / s / MANIFEST).is_file()]
+    report = write_sweep_report(root, held, command, engine, time.perf_counter() - t_sweep)
+    print(f"report: {report}", flush=True)
+    for study in studies:
+        print("\n".join(findings(root / study, study)), flush=True)
+    if failed:
+        print(f"{failed} of {len(runs)} runs failed; they are not in the tables", flush=True)
+    return 1 if failed else 0
+
+
+def run_all(runs: list[PlannedRun], runner: SweepRunner, t_sweep: float) -> int:
+    """Each run in turn (skipped when finished, resumed from a checkpoint); the failures."""
+    failed = 0
+    for i, run in enumerate(runs, 1):
+        run.study_dir.mkdir(parents=True, exist_ok=True)
+        state = prepare(run)
+        t_run = time.perf_counter()
+        if state == "done":
+            status, detail, ok = "skipped (finished earlier)", "", True
+            record(run, "completed", 0.0, "finished before this sweep started", keep=True)
+        else:
+            ok, detail = runner.run(run, resume=state == "resume")
+            status = "FAILED" if not ok else f"{state.replace('fresh', 'run')}, completed"
+            failed += not ok
+            record(run, "completed" if ok else "failed", time.perf_counter() - t_run, detail)
+        seconds = time.perf_counter() - t_run
+        elapsed = time.perf_counter() - t_sweep
+        line = f"[{i}/{len(runs)}] {run.study}/{run.name}: {status} in {seconds:.1f} s"
+        line += f" (elapsed {elapsed:.0f} s){_accuracy(run)}"
+        print(line + (f" | {detail}" if not ok else ""), flush=True)
+    return failed
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""Tables and plots across the runs of a study (what the sweep runner and the notebook show).
+
+A study folder holds one run directory per (setting, seed) and ``sweep.csv``, the
+runner's manifest: which run belongs to which setting and seed, and how it ended.
+Only runs whose ``summary.json`` says completed count as results; failed runs are
+counted in the table's ``failed`` column and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from flower_app.runs.results import atomic_write_bytes, save_figure
+from flower_app.studies.catalog import QUESTIONS, STUDIES
+
+MANIFEST = "sweep.csv"
+MANIFEST_COLUMNS = ["study", "setting", "seed", "run-name", "status", "seconds", "detail"]
+RESULT_KEYS = {  # summary.json key -> table column
+    "final-test-accuracy": "test-accuracy",
+    "best-val-accuracy": "best-val-accuracy",
+    "rounds": "rounds",
+    "wall-time-s": "wall-time-s",
+    "bytes": "bytes",
+}
+LABELS = {
+    "test-accuracy": "final test acc.",
+    "best-val-accuracy": "best val. acc.",
+    "rounds": "rounds",
+    "wall-time-s": "wall time (s)",
+    "bytes": "MB communicated",
+    "update-cosine": "update cosine",
+    "update-norm-ratio": "update norm ratio",
+}
+INTERFERENCE = ("update-cosine", "update-norm-ratio")  # a run's mean over its training rounds
+
+
+def read_manifest(study_dir: Path) -> pd.DataFrame:
+    """The runner's record of the study's runs (empty if it never ran)."""
+    path = study_dir / MANIFEST
+    if not path.is_file():
+        return pd.DataFrame(columns=MANIFEST_COLUMNS)
+    return pd.read_csv(path, keep_default_na=False).astype({"seed": int})
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    """A finished run's summary, or None when the run did not complete."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("status") == "completed" else None
+
+
+def calibration_bytes(run_dir: Path) -> float:
+    """Bytes moved by a sparse run's calibration rounds (``calibration.csv``), else 0."""
+    path = run_dir / "calibration.csv"
+    if not path.is_file() or path.stat().st_size == 0:
+        return 0.0
+    frame = pd.read_csv(path)
+    columns = [c for c in ("bytes-down", "bytes-up") if c in frame]
+    return float(frame[columns].fillna(0.0).to_numpy().sum()) if columns else 0.0
+
+
+def training_means(run_dir: Path, columns: tuple[str, ...]) -> dict[str, float]:
+    """Each column's mean over the run's training rounds (NaN when it has none: a
+    centralized run, or interference metrics turned off)."""
+    path = run_dir / "metrics.csv"
+    frame = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    train = frame[frame["phase"] == "train"] if "phase" in frame else frame
+    return {c: float(train[c].mean()) if c in train else math.nan for c in columns}
+
+
+def load_runs(study_dir: Path) -> pd.DataFrame:
+    """One row per run of the manifest: setting, seed, status and its summary's results."""
+    rows = []
+    for entry in read_manifest(study_dir).to_dict("records"):
+        summary = read_summary(study_dir / entry["run-name"])
+        row = {k: entry[k] for k in ("setting", "seed", "run-name")}
+        row["status"] = "completed" if summary is not None else "failed"
+        if summary is not None:
+            # the summary counts every phase's traffic (calibration included)
+            summary["bytes"] = summary.get("bytes-down", 0.0) + summary.get("bytes-up", 0.0)
+            row |= {col: summary.get(key) for key, col in RESULT_KEYS.items()}
+            row |= training_means(study_dir / entry["run-name"], INTERFERENCE)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["setting", "seed", "run-name", "status", *LABELS])
+
+
+def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per setting (in study order): completed and failed runs, mean and std over seeds.
+
+    The std is the sample standard deviation (ddof=1), so it is NaN with one seed.
+    """
+    out = []
+    for setting in dict.fromkeys(runs["setting"]):
+        group = runs[runs["setting"] == setting]
+        done = group[group["status"] == "completed"]
+        row: dict[str, float | str | int] = {
+            "setting": setting,
+            "runs": len(done),
+            "failed": len(group) - len(done),
+        }
+        for col in LABELS:
+            values = done[col].astype(float)
+            row[f"{col}-mean"] = values.mean() if len(values) else math.nan
+            row[f"{col}-std"] = values.std(ddof=1) if len(values) > 1 else math.nan
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _cell(mean: float, std: float, scale: float = 1.0, digits: int = 4) -> str:
+    if math.isnan(mean):
+        return "-"
+    text = f"{mean / scale:.{digits}f}"
+    return text if math.isnan(std) else f"{text} ± {std / scale:.{digits}f}"
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """The table as GitHub Markdown, values as mean ± std."""
+    header = ["setting", "runs", "failed", *LABELS.values()]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    formats = {
+        "rounds": (1.0, 0),
+        "wall-time-s": (1.0, 1),
+        "bytes": (1e6, 1),
+        "update-cosine": (1.0, 3),
+        "update-norm-ratio": (1.0, 3),
+    }
+    for row in table.to_dict("records"):
+        cells = [str(row["setting"]), str(row["runs"]), str(row["failed"])]
+        for col in LABELS:
+            scale, digits = formats.get(col, (1.0, 4))
+            cells.append(_cell(row[f"{col}-mean"], row[f"{col}-std"], scale, digits))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def load_metrics(study_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
+    """Every completed run's metrics.csv, with setting, seed, local steps and bytes so far.
+
+    Bytes so far start with the calibration traffic of sparse runs, so accuracy against
+    bytes compares dense and sparse runs at their full cost.
+    """
+    frames = []
+    for run in runs[runs["status"] == "completed"].to_dict("records"):
+        run_dir = study_dir / run["run-name"]
+        frame = pd.read_csv(run_dir / "metrics.csv")
+        config = json.loads((run_dir / "config.json").read_text())
+        frame["setting"], frame["seed"] = run["setting"], run["seed"]
+        frame["strategy"] = config.get("strategy", "fedavg")
+        frame["client-steps"] = frame["round"] * int(config.get("local-steps", 1))
+        sent = frame[["bytes-down", "bytes-up"]].fillna(0.0).sum(axis=1)
+        frame["bytes-cumulative"] = calibration_bytes(run_dir) + sent.cumsum()
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _figure(ncols: int = 1):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=(6 * ncols, 4), squeeze=False)
+
+
+def _lines(ax, metrics: pd.DataFrame, x: str, y: str) -> None:
+    """One line per setting: the mean over seeds, and a band of ± one std where seeds > 1."""
+    for setting in dict.fromkeys(metrics["setting"]):
+        rows = metrics[(metrics["setting"] == setting)].dropna(subset=[y])
+        if rows.empty:
+            continue
+        stats = rows.groupby(x)[y].agg(["mean", "std", "count"]).reset_index()
+        (line,) = ax.plot(stats[x], stats["mean"], marker="o", ms=2, label=str(setting))
+        band = stats[stats["count"] > 1]
+        if len(band):
+            ax.fill_between(
+                band[x],
+                band["mean"] - band["std"],
+                band["mean"] + band["std"],
+                color=line.get_color(),
+                alpha=0.2,
+            )
+
+
+def plot_accuracy(metrics: pd.DataFrame, path: Path, title: str, x: str = "round") -> Path:
+    """Validation accuracy against rounds (or client steps), one line per setting."""
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    _lines(ax, metrics, x, "val-accuracy")
+    xlabel = "round x local steps" if x == "client-steps" else x
+    ax.set(xlabel=xlabel, ylabel="validation accuracy", title=title)
+    ax.legend(fontsize="small")
+    return save_figure(fig, path)
+
+
+def plot_final_accuracy(table: pd.DataFrame, path: Path, title: str) -> Path:
+    """Final test accuracy per setting: bars at the mean, error bars of one std."""
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    std = table["test-accuracy-std"].fillna(0.0)
+    ax.bar(table["setting"].astype(str), table["test-accuracy-mean"], yerr=std, capsize=4)
+    ax.set(xlabel="setting", ylabel="final test accuracy", title=title)
+    return save_figure(fig, path)
+
+
+def plot_accuracy_vs_bytes(metrics: pd.DataFrame, path: Path, title: str) -> Path:
+    """Validation accuracy against megabytes communicated so far (down + up)."""
+    frame = metrics.assign(mb=metrics["bytes-cumulative"] / 1e6)
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    for setting in dict.fromkeys(frame["setting"]):
+        rows = frame[frame["setting"] == setting].dropna(subset=["val-accuracy"])
+        stats = rows.groupby("round")[["mb", "val-accuracy"]].mean()
+        ax.plot(stats["mb"], stats["val-accuracy"], marker="o", ms=2, label=str(setting))
+    ax.set(xlabel="MB communicated (down + up)", ylabel="validation accuracy", title=title)
+    ax.legend(fontsize="small")
+    return save_figure(fig, path)
+
+
+def plot_interference(metrics: pd.DataFrame, path: Path, title: str, x: str = "round") -> Path:
+    """Mean pairwise cosine of client updates and aggregated/mean update norm per round."""
+    fig, axes = _figure(2)
+    for ax, column, label in (
+        (axes[0, 0], "update-cosine", "mean pairwise cosine of client updates"),
+        (axes[0, 1], "update-norm-ratio", "||aggregated update|| / mean ||client update||"),
+    ):
+        if column in metrics:
+            _lines(ax, metrics, x, column)
+        ax.set(xlabel=x, ylabel=label, title=title)
+        ax.legend(fontsize="small")
+    return save_figure(fig, path)
+
+
+def write_report(study_dir: Path, study: str, out_dir: Path | None = None) -> dict[str, Path]:
+    """table.csv, table.md and the study's plots, from what the study folder holds now.
+
+    They go to the study folder (the sweep runner's record) unless ``out_dir`` is given:
+    a reader such as the notebook passes its own folder, so reading never rewrites results.
+    """
+    out_dir = study_dir if out_dir is None else out_dir
+    runs = load_runs(study_dir)
+    table = summary_table(runs)
+    out = {"table.csv": out_dir / "table.csv", "table.md": out_dir / "table.md"}
+    atomic_write_bytes(out["table.csv"], table.to_csv(index=False).encode())
+    atomic_write_bytes(out["table.md"], markdown_table(table).encode())
+    metrics = load_metrics(study_dir, runs)
+    if metrics.empty:
+        return out
+    x = "client-steps" if study == "local-steps" else "round"
+    out["accuracy.png"] = plot_accuracy(metrics, out_dir / "accuracy.png", study, x)
+    out["final_accuracy.png"] = plot_final_accuracy(table, out_dir / "final_accuracy.png", study)
+    if (metrics["strategy"] == "sparse-fedavg").any():
+        path = out_dir / "accuracy_vs_bytes.png"
+        out["accuracy_vs_bytes.png"] = plot_accuracy_vs_bytes(metrics, path, study)
+    if "update-cosine" in metrics and metrics["update-cosine"].notna().any():
+        path = out_dir / "interference.png"
+        out["interference.png"] = plot_interference(metrics, path, study, x)
+    return out
+
+
+def findings(study_dir: Path, study: str) -> list[str]:
+    """The study's final test accuracy per setting, one line each, for a reader at a glance."""
+    table = summary_table(load_runs(study_dir))
+    seeds = int(table["runs"].max()) if len(table) else 0
+    lines = [f"{study}: final test accuracy, mean ± std over {seeds} seed(s)"]
+    width = max((len(str(s)) for s in table["setting"]), default=0)
+    for row in table.to_dict("records"):
+        cell = _cell(row["test-accuracy-mean"], row["test-accuracy-std"])
+        failed = f" ({row['failed']} failed)" if row["failed"] else ""
+        lines.append(f"  {row['setting']!s:<{width}}  {cell}{failed}")
+    return lines
+
+
+def ordering(table: pd.DataFrame) -> str:
+    """The settings from the best mean final test accuracy to the worst."""
+    done = table.dropna(subset=["test-accuracy-mean"])
+    done = done.sort_values("test-accuracy-mean", ascending=False, kind="stable")
+    return " > ".join(f"{r['setting']} ({r['test-accuracy-mean']:.3f})" for _, r in done.iterrows())
+
+
+FIGURES = {
+    "accuracy.png": "validation accuracy per round (mean ± std over seeds)",
+    "final_accuracy.png": "final test accuracy per setting (mean, std error bars)",
+    "interference.png": "interference of the client updates per round",
+    "accuracy_vs_bytes.png": "validation accuracy against MB communicated",
+}
+
+
+def study_section(root: Path, study: str) -> list[str]:
+    """A study's part of the report: its question, table, ordering, run time and figures."""
+    study_dir = root / study
+    table = summary_table(load_runs(study_dir))
+    seconds = read_manifest(study_dir)["seconds"].astype(float).sum()
+    lines = [f"## {study}", "", QUESTIONS.get(study, ""), "", markdown_table(table)]
+    lines += [f"By final test accuracy: {ordering(table)}.", ""]
+    lines += [f"Run time: {seconds:.0f} s, the sum over its runs (`{study}/{MANIFEST}`).", ""]
+    for name, caption in FIGURES.items():
+        if (study_dir / name).is_file():
+            lines += [f"![{study}: {caption}]({study}/{name})", ""]
+    return lines
+
+
+def write_sweep_report(
+    root: Path, studies: list[str], command: str, engine: str, seconds: float
+) -> Path:
+    """``report.md`` in the sweep's folder: a section per study in ``studies``, and how
+    the last sweep into it was made."""
+    import platform
+
+    import flwr
+    import torch
+
+    machine = (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, torch "
+        f"{torch.__version__}, flwr {flwr.__version__}"
+    )
+    lines = [
+        "# Study results",
+        "",
+        f"Last written by `{command}` (engine {engine}) on {machine}; that invocation took "
+        f"{seconds:.0f} s (runs finished earlier were skipped, their times are in each study's "
+        f"`{MANIFEST}`). Tables: mean ± sample std over seeds; update cosine and norm ratio "
+        "are each run's mean over its training rounds.",
+        "",
+    ]
+    for study in studies:
+        lines += study_section(root, study)
+    path = root / "report.md"
+    atomic_write_bytes(path, "\n".join(lines).encode())
+    return path
+
+
+def resolve_launch_path(value: str, launch_dir: str | None = None) -> Path:
+    """A path typed in the shell: absolute as is, else relative to ``launch_dir``.
+
+    A Jupyter kernel runs in the notebook's folder, not in the folder Jupyter was started
+    from; the notebook passes that folder (the shell's ``PWD``), so ``RESULTS_DIR=results/x``
+    means what it means on the command line. Without ``launch_dir``: the working directory.
+    """
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = Path(launch_dir or os.getcwd()) / path
+    return path.resolve()
+
+
+def studies_with_results(results_dir: Path) -> list[str]:
+    """The studies (in study order) that ``results_dir`` holds; no completed run is an error.
+
+    A wrong or empty folder must stop the notebook with a reason, not show nothing.
+    """
+    hint = (
+        "run python -m flower_app.studies.experiments STUDY --output-dir DIR first, or set "
+        "RESULTS_DIR to the runner's --output-dir"
+    )
+    if not results_dir.is_dir():
+        raise FileNotFoundError(f"no results in {results_dir}: the folder does not exist; {hint}")
+    studies = [s for s in STUDIES if (results_dir / s / MANIFEST).is_file()]
+    if not any((load_runs(results_dir / s)["status"] == "completed").any() for s in studies):
+        raise FileNotFoundError(
+            f"no results in {results_dir}: no study folder ({', '.join(STUDIES)}) with a "
+            f"completed run; {hint}"
+        )
+    return studies

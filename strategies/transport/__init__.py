@@ -1,0 +1,1 @@
+"""How weights travel: in the message, or by reference through a shared-memory run folder."""

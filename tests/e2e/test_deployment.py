@@ -1,0 +1,209 @@
+"""Deployment Engine on loopback: one SuperLink, three SuperNodes with their own data.
+
+Each SuperNode is a separate process with a node-local ``data-dir`` (its private
+shard, written by ``python -m flower_app.data.node_data``), like separate machines. One
+SuperNode is killed after the first round; the run must go on with the other two,
+record the failures and finish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from flower_app.cli.local_superlink import LocalSuperLink, free_port, pids_with_env
+from flower_app.models.factory import build_model
+from tests.conftest import ROOT
+
+RECIPE = ROOT / "scripts" / "deployment_loopback.sh"
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    link = LocalSuperLink.start(tmp_path / "flwr-home", simulation=False)
+    try:
+        yield link
+    finally:
+        link.stop()
+
+
+def _write_node_data(deployment: LocalSuperLink, nodes: Path) -> None:
+    quick = str(ROOT / "configs" / "quick.toml")
+    command = [sys.executable, "-m", "flower_app.data.node_data", "--out", str(nodes)]
+    command += ["--run-config", quick, "num-clients=3"]
+    subprocess.run(command, check=True, cwd=ROOT, env=deployment.env, timeout=300)
+
+
+def _coordinator_only_weights(deployment: LocalSuperLink) -> str:
+    """Initial weights in the SuperLink's working directory, named by a relative path: the
+    ServerApp (started from there) finds them, the SuperNodes (started elsewhere) cannot."""
+    torch.manual_seed(11)
+    weights = build_model("vit_tiny_test", num_classes=100, image_size=32).state_dict()
+    save_file({k: v.contiguous() for k, v in weights.items()}, deployment.home / "init.safetensors")
+    return "init.safetensors"
+
+
+def _write_run_config(tmp_path: Path, weights: str, results: Path) -> Path:
+    """The quick preset (2 local steps) for the 3 SuperNodes, 4 rounds, from ``weights``."""
+    with open(ROOT / "configs" / "quick.toml", "rb") as f:
+        config = tomllib.load(f) | {
+            "weights": "pretrained",
+            "pretrained-path": weights,
+            "num-clients": 3,
+            "fraction-train": 1.0,
+            "num-server-rounds": 4,
+            "local-steps": 2,  # what is tested is who trains, not how much
+            "eval-every": 1,
+            "round-timeout": 180.0,
+            "output-dir": str(results),
+            "run-name": "deployed",
+        }
+    path = tmp_path / "run-config.toml"
+    path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in config.items()))
+    return path
+
+
+def _wait_for_round(metrics_csv: Path, round_: int, deployment: LocalSuperLink) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if metrics_csv.exists() and (pd.read_csv(metrics_csv)["round"] >= round_).any():
+            return
+        time.sleep(1)
+    pytest.fail(f"round {round_} did not finish: {deployment.log()[-3000:]}")
+
+
+def test_supernodes_with_private_data_survive_a_killed_node_that_comes_back(deployment, tmp_path):
+    nodes, node_machine = tmp_path / "node-data", tmp_path / "node-machine"
+    node_machine.mkdir()
+    _write_node_data(deployment, nodes)
+    configs = [
+        f'partition-id={i} num-partitions=3 data-dir="{nodes / f"partition-{i}"}"' for i in range(3)
+    ]
+    for node_config in configs:
+        deployment.start_supernode(node_config, cwd=node_machine)
+    deployment.add_connection("loopback")
+    results = tmp_path / "results"
+    run_config = _write_run_config(tmp_path, _coordinator_only_weights(deployment), results)
+    metrics_csv = results / "deployed" / "metrics.csv"
+
+    def kill_node_2_then_restart_it(run_id: int) -> None:
+        _wait_for_round(metrics_csv, 1, deployment)
+        os.killpg(deployment.supernodes[2].pid, signal.SIGKILL)
+        _wait_for_round(metrics_csv, 2, deployment)
+        deployment.start_supernode(configs[2], cwd=node_machine)  # same partition, new id
+
+    run = deployment.run_to_end(
+        ROOT,
+        run_config,
+        connection="loopback",
+        timeout=900,
+        on_submitted=kill_node_2_then_restart_it,
+    )
+    assert run.completed, (run.run_id, run.status, run.log[-3000:])
+    partitions = pd.read_csv(results / "deployed" / "partitions.csv")
+    assert list(partitions["partition-id"]) == [0, 1, 2]
+    assert partitions["num-examples"].tolist() == [3000, 3000, 3000]  # each node's own data
+    metrics = pd.read_csv(metrics_csv).set_index("round")
+    assert metrics.loc[1, "failures"] == 0 and metrics.loc[1, "num-examples"] == 9000
+    assert metrics.loc[2, "failures"] == 1 and metrics.loc[2, "num-examples"] == 6000
+    assert metrics.loc[4, "failures"] == 0 and metrics.loc[4, "num-examples"] == 9000  # back
+    assert "partition 2 is now on node" in run.log
+    summary = json.loads((results / "deployed" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds"] == 4
+
+
+def test_a_restarted_serverapp_resumes_against_the_running_supernodes(deployment, tmp_path):
+    nodes = tmp_path / "node-data"
+    _write_node_data(deployment, nodes)
+    for i in range(3):
+        deployment.start_supernode(
+            f'partition-id={i} num-partitions=3 data-dir="{nodes / f"partition-{i}"}"'
+        )
+    deployment.add_connection("loopback")
+    results = tmp_path / "results"
+    with open(ROOT / "configs" / "quick.toml", "rb") as f:
+        base = tomllib.load(f) | {
+            "num-clients": 3,
+            "fraction-train": 1.0,
+            "num-server-rounds": 2,
+            "local-steps": 2,
+            "eval-every": 1,
+            "checkpoint-every": 1,
+            "round-timeout": 180.0,
+            "output-dir": str(results),
+            "run-name": "resumed",
+        }
+    run_dir = results / "resumed"
+
+    def stop_after_round_1(run_id: int) -> None:
+        _wait_for_round(run_dir / "metrics.csv", 1, deployment)
+        while not (run_dir / "checkpoint.pt").exists():
+            time.sleep(0.5)
+        deployment.stop_run(run_id, ROOT, "loopback")  # the ServerApp ends; nodes keep running
+
+    first = deployment.run_to_end(
+        ROOT,
+        _toml(tmp_path / "first.toml", base),
+        connection="loopback",
+        timeout=600,
+        on_submitted=stop_after_round_1,
+    )
+    assert not first.completed and not (run_dir / "summary.json").exists(), first.status
+    second = deployment.run_to_end(
+        ROOT,
+        _toml(tmp_path / "second.toml", base | {"resume": True}),
+        connection="loopback",
+        timeout=600,
+    )
+    assert second.completed, (second.status, second.log[-3000:])
+    assert "resuming after round" in second.log
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert metrics["round"].tolist() == [0, 1, 2]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["segments"] == 2
+
+
+def _toml(path: Path, config: dict) -> Path:
+    path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in config.items()))
+    return path
+
+
+@pytest.fixture
+def recipe_home(tmp_path):
+    """The recipe's FLWR_HOME; whatever still carries it at the end is killed by PID."""
+    home = tmp_path / "flwr-home"
+    try:
+        yield home
+    finally:
+        for pid in pids_with_env(f"FLWR_HOME={home}".encode()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_the_deployment_recipe_runs(recipe_home, tmp_path):
+    env = os.environ | {"PORT": str(free_port()), "BIN": str(Path(sys.executable).parent)}
+    done = subprocess.run(
+        ["bash", str(RECIPE), str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    summary = json.loads((tmp_path / "results" / "deployed" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds"] == 2
+    partitions = pd.read_csv(tmp_path / "results" / "deployed" / "partitions.csv")
+    assert partitions["num-examples"].tolist() == [3000, 3000, 3000]  # each node's own data

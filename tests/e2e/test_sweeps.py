@@ -1,0 +1,134 @@
+"""A real quick sweep through ``flwr run`` (a local SuperLink, Ray workers): its tables and
+plots, skipping finished runs, the in-process engine's equality with it, masks kept in Ray's
+workers, and the analysis notebook on its results."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flower_app.config import RunConfig
+from flower_app.runs.runtime import initial_model
+from flower_app.studies import experiments
+from tests.conftest import ROOT
+from tests.notebook_runs import execute_notebook, notebook_texts
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ---- a real quick sweep through flwr run, then the notebook on its results ------------------
+SETTINGS = ("dense", "lowest_magnitude")  # dense and sparse; the magnitude mask needs no Fisher
+SWEEP = [
+    "mask-strategies",
+    "--quick",
+    "--seeds",
+    "2",
+    "--settings",
+    ",".join(SETTINGS),
+    "num-server-rounds=2",
+    "synthetic-train-per-class=20",
+    "eval-every=1",
+    "num-clients=10",  # fewer nodes to start and query than the quick study's 100
+    "fraction-train=0.5",
+    "head-warmup-rounds=1",  # sparse: one warm-up round, so its bytes stay below dense
+]
+
+
+def _sweep(out: Path, backbone: Path, engine: str) -> tuple[int, str]:
+    argv = [*SWEEP, f"pretrained-path={backbone}", "--engine", engine, "--output-dir", str(out)]
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = experiments.main([*argv, "--app", str(ROOT)])
+    return code, buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def quick_sweep(tmp_path_factory, pretrained_backbone) -> tuple[Path, str]:
+    """The sweep through flwr run (a local SuperLink, Ray workers)."""
+    out = tmp_path_factory.mktemp("sweep")
+    code, log = _sweep(out, pretrained_backbone, "flwr")
+    assert code == 0, log
+    return out, log
+
+
+def test_quick_sweep_writes_tables_and_plots_and_skips_finished_runs(quick_sweep, capsys):
+    out, log = quick_sweep
+    study = out / "mask-strategies"
+    assert "[4/4] mask-strategies/lowest_magnitude-seed1: run, completed" in log
+    summaries = {
+        (s, k): json.loads((study / f"{s}-seed{k}" / "summary.json").read_text())
+        for s in SETTINGS
+        for k in (0, 1)
+    }
+    table = pd.read_csv(study / "table.csv").set_index("setting")
+    for setting in SETTINGS:
+        accs = pd.Series([summaries[(setting, k)]["final-test-accuracy"] for k in (0, 1)])
+        assert table.loc[setting, "test-accuracy-mean"] == pytest.approx(accs.mean())
+        assert table.loc[setting, "test-accuracy-std"] == pytest.approx(accs.std(ddof=1))
+        assert table.loc[setting, "runs"] == 2
+    assert "± " in (study / "table.md").read_text()
+    assert table.loc["lowest_magnitude", "bytes-mean"] < table.loc["dense", "bytes-mean"]
+    for name in ("accuracy.png", "final_accuracy.png", "accuracy_vs_bytes.png", "interference.png"):
+        assert (study / name).read_bytes()[:8] == PNG_MAGIC
+    for setting in SETTINGS:
+        metrics = pd.read_csv(study / f"{setting}-seed0" / "metrics.csv")
+        cosine = metrics["update-cosine"].dropna()
+        assert len(cosine) == 2 and cosine.between(-1, 1).all()
+        assert metrics["update-norm-ratio"].dropna().between(0, 1 + 1e-9).all()
+
+    stamps = {p: p.stat().st_mtime_ns for p in study.glob("*/summary.json")}
+    config = json.loads((study / "dense-seed0" / "config.json").read_text())
+    code, again = _sweep(out, Path(config["pretrained-path"]), "flwr")
+    assert code == 0 and again.count("skipped (finished earlier)") == 4
+    assert {p: p.stat().st_mtime_ns for p in study.glob("*/summary.json")} == stamps
+
+
+def _untimed_metrics(run_dir: Path) -> pd.DataFrame:
+    frame = pd.read_csv(run_dir / "metrics.csv")
+    return frame.drop(columns=[c for c in frame.columns if c.startswith("seconds")])
+
+
+def test_the_in_process_engine_computes_what_flwr_run_computes(
+    quick_sweep, pretrained_backbone, tmp_path
+):
+    """Same run-configs through both engines: the same metrics (timings aside) and the same
+    final weights, bit for bit, dense and sparse."""
+    code, log = _sweep(tmp_path, pretrained_backbone, "in-process")
+    assert code == 0, log
+    for run in sorted((quick_sweep[0] / "mask-strategies").glob("*-seed*/summary.json")):
+        name = run.parent.name
+        here = tmp_path / "mask-strategies" / name
+        pd.testing.assert_frame_equal(_untimed_metrics(here), _untimed_metrics(run.parent))
+        a, b = (load_file(str(d / "final_model.safetensors")) for d in (here, run.parent))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sparse_runs_through_ray_keep_masked_entries(quick_sweep, seed):
+    """The mask reaches Ray's worker processes once and lives in each node's context.state."""
+    run = quick_sweep[0] / "mask-strategies" / f"lowest_magnitude-seed{seed}"
+    mask = {k: v.bool() for k, v in load_file(run / "mask.safetensors").items()}
+    final = load_file(run / "final_model.safetensors")
+    config = json.loads((run / "config.json").read_text())
+    config.pop("run-name")
+    initial = initial_model(RunConfig.from_run_config(config)).state_dict()
+    for name, m in mask.items():
+        assert torch.equal(final[name][~m], initial[name][~m]), name
+    assert any(not torch.equal(final[n][m], initial[n][m]) for n, m in mask.items())
+
+
+def test_analysis_notebook_runs_on_quick_results(quick_sweep, monkeypatch, tmp_path):
+    out, _ = quick_sweep
+    notebook = execute_notebook(monkeypatch, out, tmp_path)
+    texts = notebook_texts(notebook)
+    assert any("results in" in t and "mask-strategies" in t for t in texts)
+    assert any("update-cosine" in t for t in texts)
+    outputs = [o for c in notebook.cells for o in c.get("outputs", [])]
+    assert not any(o.get("output_type") == "error" for o in outputs)

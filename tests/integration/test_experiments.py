@@ -1,0 +1,352 @@
+"""Sweep runner, studies, tables and plots: rules on made-up data, then a real quick sweep."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import matplotlib.image
+import pandas as pd
+import pytest
+
+from flower_app.config import ConfigError
+from flower_app.runs.checkpoint import CHECKPOINT_NAME
+from flower_app.studies import experiments
+from flower_app.studies.catalog import LOCAL_STEPS, base_config, scaled_rounds, study_settings
+from flower_app.studies.reports import (
+    load_runs,
+    markdown_table,
+    resolve_launch_path,
+    studies_with_results,
+    summary_table,
+    write_report,
+)
+from tests.conftest import ROOT
+from tests.invalid_configs import INVALID
+from tests.notebook_runs import execute_notebook, notebook_texts
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ---- studies ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(("quick", "base_rounds"), [(False, 500), (True, 32)])
+def test_local_steps_study_keeps_steps_times_rounds_constant(quick, base_rounds):
+    base = base_config(ROOT, quick, centralized=False)
+    settings = study_settings("local-steps", base)
+    assert [s.overrides["local-steps"] for s in settings] == list(LOCAL_STEPS)
+    products = {s.overrides["local-steps"] * s.overrides["num-server-rounds"] for s in settings}
+    assert products == {4 * base_rounds}
+
+
+def test_scaled_rounds_refuses_what_does_not_divide():
+    assert scaled_rounds(500, 16) == 125 and scaled_rounds(30, 8) == 15
+    with pytest.raises(ConfigError, match="not divisible by local-steps 16"):
+        scaled_rounds(10, 16)
+
+
+def test_studies_cover_the_questions():
+    names = {study: [s.name for s in study_settings(study, {})] for study in experiments.STUDIES}
+    assert names["heterogeneity"] == ["nc1", "nc5", "nc10", "nc50", "iid"]
+    assert names["mask-strategies"] == [
+        "dense",
+        "least_sensitive",
+        "most_sensitive",
+        "lowest_magnitude",
+        "highest_magnitude",
+        "random",
+    ]
+    assert names["fedavg"] == ["iid", "iid-random-init"]
+    sparse = study_settings("mask-strategies", {})[1:]
+    assert all(s.overrides["strategy"] == "sparse-fedavg" for s in sparse)
+    assert study_settings("centralized", {})[0].centralized
+    scratch = study_settings("fedavg", {})[1].overrides
+    assert scratch["weights"] == "random" and scratch["pretrained-path"] == ""
+
+
+@pytest.mark.parametrize("case", INVALID, ids=str)
+def test_every_invalid_run_config_value_stops_the_sweep_before_work(tmp_path, capsys, case):
+    argv = ["fedavg", "--quick", *case.as_cli(), "--output-dir", str(tmp_path / "out")]
+    code = experiments.main([*argv, "--app", str(ROOT)])
+    err = capsys.readouterr().err
+    owned = [k for k in case.overrides() if k in ("seed", "resume", "run-name")]
+    expected = f"override '{owned[0]}' is not allowed" if owned else case.allowed  # runner's
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+# ---- planning: every bad input stops before any run -----------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["fedavg", "lr=abc"], "run-config key 'lr' = 'abc' is not allowed: must be a number"),
+        (["fedavg", "seed=3"], "override 'seed' is not allowed"),
+        (["fedavg", "--seeds", "0"], "--seeds 0 is not allowed"),
+        (["heterogeneity", "--settings", "nc3"], "--settings nc3 is not allowed"),
+        (["fedavg", "--app", "/"], "--app '/' is not allowed"),
+        (["fedavg", "lr"], "override 'lr' is not allowed: write key=value"),
+    ],
+)
+def test_bad_sweep_inputs_fail_with_one_line_before_work(tmp_path, capsys, argv, message):
+    app = [] if "--app" in argv else ["--app", str(ROOT)]
+    code = experiments.main([*argv, "--output-dir", str(tmp_path / "out"), *app])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def _plan(tmp_path, *argv: str) -> list[experiments.PlannedRun]:
+    args = experiments.parse_args([*argv, "--output-dir", str(tmp_path), "--app", str(ROOT)])
+    return experiments.plan(args)
+
+
+def test_plan_is_settings_times_seeds_with_named_run_dirs(tmp_path):
+    runs = _plan(tmp_path, "heterogeneity", "--quick", "--seeds", "3", "batch-size=8")
+    assert len(runs) == 5 * 3
+    assert runs[0].run_dir == tmp_path.resolve() / "heterogeneity" / "nc1-seed0"
+    assert {r.config["seed"] for r in runs} == {0, 1, 2}
+    assert all(r.config["batch-size"] == "8" and r.num_clients == 100 for r in runs)
+
+
+def test_prepare_skips_finished_resumes_checkpointed_and_clears_leftovers(tmp_path):
+    done, resumable, leftover, new = _plan(tmp_path, "fedavg", "--settings", "iid", "--seeds", "4")
+    done.run_dir.mkdir(parents=True)
+    (done.run_dir / "summary.json").write_text(json.dumps({"status": "completed"}))
+    resumable.run_dir.mkdir()
+    (resumable.run_dir / CHECKPOINT_NAME).write_bytes(b"x")
+    leftover.run_dir.mkdir()
+    (leftover.run_dir / "metrics.csv").write_text("round\n0\n")
+    assert [experiments.prepare(r) for r in (done, resumable, leftover, new)] == [
+        "done",
+        "resume",
+        "fresh",
+        "fresh",
+    ]
+    assert not leftover.run_dir.exists()
+
+
+def test_failed_runs_are_reported_and_kept_out_of_the_table(tmp_path, monkeypatch, capsys):
+    """A run Flower reports as failed is listed as failed; only completed runs are results."""
+
+    def fake_run(self, run, resume):
+        if run.seed == 1:
+            return False, "flwr run 7 finished:failed; log: x.log; last line: boom"
+        _write_run(run.run_dir, run.seed, 0.5 + run.seed)
+        return True, "flwr run 6"
+
+    monkeypatch.setattr(experiments.SweepRunner, "run", fake_run)
+    code = experiments.main(
+        [
+            "fedavg",
+            "--settings",
+            "iid",
+            "--seeds",
+            "3",
+            "--output-dir",
+            str(tmp_path),
+            "--app",
+            str(ROOT),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "[2/3] fedavg/iid-seed1: FAILED" in out and "last line: boom" in out
+    table = pd.read_csv(tmp_path / "fedavg" / "table.csv")
+    assert table.loc[0, "runs"] == 2 and table.loc[0, "failed"] == 1
+    assert table.loc[0, "test-accuracy-mean"] == pytest.approx((0.5 + 2.5) / 2)
+    manifest = pd.read_csv(tmp_path / "fedavg" / "sweep.csv")
+    assert list(manifest["status"]) == ["completed", "failed", "completed"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "engine"),
+    [(["--quick"], "in-process"), ([], "flwr"), (["--quick", "--engine", "flwr"], "flwr")],
+)
+def test_the_miniature_runs_in_process_unless_told_otherwise(tmp_path, capsys, argv, engine):
+    backbone = tmp_path / "vit_tiny_test-synthetic-pretrain-seed0.safetensors"
+    where = ["--output-dir", str(tmp_path / "out"), "--app", str(ROOT)]
+    code = experiments.main(["fedavg", *argv, "--dry-run", f"pretrained-path={backbone}", *where])
+    out = capsys.readouterr().out
+    assert code == 0 and f"(engine: {engine})" in out.splitlines()[0]
+    if argv:  # the miniature names the backbone, which is missing: the runner would make it
+        assert f"first: fl-pretrain --output {backbone} (the pretrained backbone" in out
+    assert not backbone.exists() and not (tmp_path / "out").exists()
+
+
+def test_bad_files_stop_the_sweep_before_the_backbone_is_made(tmp_path, capsys, monkeypatch):
+    def no_pretraining(*args, **kwargs):
+        raise AssertionError("pretrained before every input was checked")
+
+    monkeypatch.setattr(experiments, "ensure_backbone", no_pretraining)
+    backbone = tmp_path / "vit_tiny_test-synthetic-pretrain-seed0.safetensors"
+    argv = ["fedavg", "--quick", f"pretrained-path={backbone}", "dataset=cifar100"]
+    argv += ["download=false", f"data-dir={tmp_path / 'nothing'}"]
+    code = experiments.main([*argv, "--output-dir", str(tmp_path / "out"), "--app", str(ROOT)])
+    err = capsys.readouterr().err
+    assert code == 2 and "run-config key 'data-dir'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_in_process_run_that_raises_is_a_failed_run_and_the_sweep_goes_on(
+    tmp_path, capsys, monkeypatch
+):
+    def fake_run(config):
+        if config["seed"] == 0:
+            print("round 1/2 (train) | the log keeps what the run printed")
+            raise RuntimeError("boom\nsecond line")
+        _write_run(Path(config["output-dir"]) / config["run-name"], 1, 0.5)
+
+    monkeypatch.setattr(experiments, "run_in_process", fake_run)
+    sweep = ["fedavg", "--settings", "iid", "--seeds", "2", "--engine", "in-process"]
+    code = experiments.main([*sweep, "--output-dir", str(tmp_path), "--app", str(ROOT)])
+    out = capsys.readouterr().out
+    assert code == 1
+    log = tmp_path / "fedavg" / "logs" / "iid-seed0.log"
+    assert "[1/2] fedavg/iid-seed0: FAILED in" in out
+    assert f"| RuntimeError: boom second line; log: {log}; last line: " in out
+    assert "[2/2] fedavg/iid-seed1: run, completed" in out
+    text = log.read_text()
+    assert "the log keeps what the run printed" in text and "Traceback" in text
+    manifest = pd.read_csv(tmp_path / "fedavg" / "sweep.csv")
+    assert list(manifest["status"]) == ["failed", "completed"]
+    assert "  iid  0.5000 (1 failed)" in out.splitlines()
+
+
+# ---- tables and plots from made-up runs -----------------------------------------------------
+def _write_run(run_dir: Path, seed: int, accuracy: float, strategy: str = "fedavg") -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps({"strategy": strategy, "local-steps": 4}))
+    rows = [
+        {"round": r, "val-accuracy": accuracy * r / 2, "bytes-down": 10.0 * r, "bytes-up": 5.0}
+        | ({"update-cosine": 0.1 * seed, "update-norm-ratio": 0.5, "update-norm": 2.0} if r else {})
+        for r in range(3)
+    ]
+    pd.DataFrame(rows).to_csv(run_dir / "metrics.csv", index=False)
+    summary = {
+        "status": "completed",
+        "final-test-accuracy": accuracy,
+        "best-val-accuracy": accuracy + 0.01,
+        "rounds": 2,
+        "wall-time-s": 10.0 * (seed + 1),
+        "bytes-down": 3e6,
+        "bytes-up": 1e6,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def _write_study(study: Path, accuracies: dict[str, list[float]], strategy: str) -> None:
+    """Made-up runs (one per setting and seed) and the runner's manifest of them."""
+    manifest = []
+    for setting, accs in accuracies.items():
+        for seed, acc in enumerate(accs):
+            _write_run(study / f"{setting}-seed{seed}", seed, acc, strategy)
+            manifest.append([setting, seed, f"{setting}-seed{seed}"])
+    frame = pd.DataFrame(manifest, columns=["setting", "seed", "run-name"])
+    frame.assign(study=study.name, status="completed", seconds=1.0, detail="").to_csv(
+        study / "sweep.csv", index=False
+    )
+
+
+def test_table_is_mean_and_sample_std_over_seeds(tmp_path):
+    study = tmp_path / "s"
+    _write_study(study, {"a": [0.2, 0.4, 0.6], "b": [0.3]}, "sparse-fedavg")
+    pd.DataFrame({"round": [1, 2], "bytes-down": [1e6, 1e6], "bytes-up": [5e5, 5e5]}).to_csv(
+        study / "b-seed0" / "calibration.csv", index=False
+    )
+    table = summary_table(load_runs(study))
+    a, b = table.iloc[0], table.iloc[1]
+    # the summary already counts calibration traffic: calibration.csv is not added again
+    assert b["bytes-mean"] == pytest.approx(4e6)
+    assert a["test-accuracy-mean"] == pytest.approx(0.4)
+    assert a["test-accuracy-std"] == pytest.approx(0.2)  # sample std of 0.2, 0.4, 0.6
+    assert a["wall-time-s-mean"] == pytest.approx(20.0) and a["bytes-mean"] == 4e6
+    assert b["runs"] == 1 and math.isnan(b["test-accuracy-std"])
+    text = markdown_table(table)
+    assert "| a | 3 | 0 | 0.4000 ± 0.2000 | 0.4100 ± 0.2000 | 2 ± 0 | 20.0 ± 10.0 |" in text
+    assert "| b | 1 | 0 | 0.3000 | 0.3100 |" in text
+    outputs = write_report(study, "s")
+    assert set(outputs) == {
+        "table.csv",
+        "table.md",
+        "accuracy.png",
+        "final_accuracy.png",
+        "accuracy_vs_bytes.png",
+        "interference.png",
+    }
+    for name, path in outputs.items():
+        if name.endswith(".png"):
+            assert path.read_bytes()[:8] == PNG_MAGIC
+            assert matplotlib.image.imread(path).shape[2] in (3, 4)
+
+
+def test_report_goes_to_another_folder_and_leaves_the_study_as_it_was(tmp_path):
+    study = tmp_path / "fedavg"
+    _write_study(study, {"iid": [0.2, 0.4]}, "fedavg")
+    before = _snapshot(study)
+    outputs = write_report(study, "fedavg", tmp_path / "report")
+    assert _snapshot(study) == before
+    assert {p.parent for p in outputs.values()} == {tmp_path / "report"}
+    table = pd.read_csv(outputs["table.csv"])
+    assert table.loc[0, "runs"] == 2 and table.loc[0, "test-accuracy-mean"] == pytest.approx(0.3)
+
+
+def test_results_dir_is_read_as_typed_in_the_shell(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_launch_path("/abs/x", "/elsewhere") == Path("/abs/x")
+    assert resolve_launch_path("res/studies", str(ROOT)) == ROOT / "res" / "studies"
+    assert resolve_launch_path("res", None) == tmp_path.resolve() / "res"
+
+
+def test_a_folder_without_results_is_an_error_that_says_so(tmp_path):
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"no results in {tmp_path / 'x'}: the folder")
+    ):
+        studies_with_results(tmp_path / "x")
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"no results in {tmp_path}: no study folder")
+    ):
+        studies_with_results(tmp_path)
+    _write_study(tmp_path / "fedavg", {"iid": [0.2]}, "fedavg")
+    (tmp_path / "fedavg" / "iid-seed0" / "summary.json").unlink()  # the run did not finish
+    with pytest.raises(FileNotFoundError, match=r"no study folder .* with a completed run"):
+        studies_with_results(tmp_path)
+    _write_study(tmp_path / "centralized", {"centralized": [0.5]}, "fedavg")
+    assert studies_with_results(tmp_path) == ["fedavg", "centralized"]  # study order
+
+
+# ---- the notebook, executed as `jupyter nbconvert --execute` would, from the project root ----
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder``: its bytes and modification time."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_notebook_reads_relative_results_dir_and_changes_no_file(tmp_path, monkeypatch):
+    results = tmp_path / "studies"
+    _write_study(results / "fedavg", {"iid": [0.2, 0.4]}, "fedavg")
+    _write_study(results / "centralized", {"centralized": [0.5]}, "fedavg")
+    before = _snapshot(results)
+    notebook = execute_notebook(monkeypatch, results, tmp_path / "report")
+    assert _snapshot(results) == before  # same files, bytes and mtimes: nothing written
+    texts = notebook_texts(notebook)
+    assert any(f"results in {results.resolve()}: fedavg, centralized" in t for t in texts)
+    assert any("| iid | 2 | 0 | 0.3000 ± 0.1414 |" in t for t in texts)
+    assert any("gap-to-centralized" in t for t in texts)
+    assert (tmp_path / "report" / "fedavg" / "table.csv").is_file()
+    assert (tmp_path / "report" / "fedavg" / "interference.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_notebook_on_an_empty_folder_fails_saying_so(tmp_path, monkeypatch):
+    from nbclient.exceptions import CellExecutionError
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CellExecutionError) as failure:
+        execute_notebook(monkeypatch, empty, tmp_path / "report")
+    assert "FileNotFoundError" in str(failure.value)
+    assert f"no results in {empty.resolve()}: no study folder" in str(failure.value)
+    assert list(empty.iterdir()) == [] and not (tmp_path / "report").exists()

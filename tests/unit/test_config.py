@@ -1,0 +1,150 @@
+"""The run-config schema: defaults, presets, and one-line errors for bad values."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+
+import pytest
+
+from flower_app.config import ConfigError, RunConfig
+from flower_app.models.backbone_cache import PRETRAINED_DIR, backbone_seed
+from flower_app.models.factory import create_initial_model
+from flower_app.server_app import build_strategy, plan_for
+from strategies import protocol
+from tests.conftest import ROOT, quick_run_config
+from tests.invalid_configs import INVALID
+
+
+def _pyproject_config() -> dict:
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+
+
+def test_pyproject_defaults_are_the_schema_defaults():
+    config = _pyproject_config()
+    assert sorted(config) == sorted(RunConfig.keys())
+    defaults = RunConfig()
+    for key, value in config.items():
+        assert getattr(defaults, key.replace("-", "_")) == value, key
+
+
+def test_canonical_defaults():
+    cfg = RunConfig.from_run_config(_pyproject_config() | {"download": True})
+    assert (cfg.num_clients, cfg.fraction_train, cfg.local_steps, cfg.batch_size) == (
+        100,
+        0.1,
+        4,
+        64,
+    )
+    assert cfg.clients_per_round == 10
+    assert cfg.model == "vit_small_patch16_224.dino" and cfg.image_size == 224
+    assert cfg.strategy == "fedavg" and cfg.sharding == "iid"
+
+
+PAPER_PRESETS = sorted(
+    p.name
+    for pattern in ("centralized.toml", "fedavg_*.toml", "sparse_*.toml")
+    for p in (ROOT / "configs").glob(pattern)
+)
+SOURCES = ("seed study", "TaLoS", "this project")
+
+
+def _load(preset: str) -> dict:
+    with open(ROOT / "configs" / preset, "rb") as f:
+        return tomllib.load(f)
+
+
+@pytest.mark.parametrize("preset", PAPER_PRESETS)
+def test_every_paper_preset_value_names_its_source(preset):
+    lines = (ROOT / "configs" / preset).read_text().splitlines()
+    settings = [line for line in lines if "=" in line.split("#")[0]]
+    unsourced = [
+        line
+        for line in settings
+        if not line.startswith(("run-name", "eval-batch-size"))
+        and not any(source in line.partition("#")[2] for source in SOURCES)
+    ]
+    assert len(settings) >= 2 and not unsourced, unsourced
+
+
+def test_presets_take_the_seed_studys_values():
+    centralized = _load("centralized.toml")
+    assert (centralized["epochs"], centralized["lr"], centralized["lr-schedule"]) == (
+        50,
+        0.001,
+        "cosine",
+    )
+    cfg = RunConfig.from_run_config(_pyproject_config() | _load("sparse_least_sensitive.toml"))
+    assert (cfg.num_clients, cfg.fraction_train, cfg.local_steps) == (100, 0.1, 4)
+    assert (cfg.sparsity, cfg.mask_strategy, cfg.head, cfg.fisher_score) == (
+        0.9,
+        "least_sensitive",
+        "frozen",
+        "logit",
+    )
+    assert cfg.calibration_rounds == 4 and cfg.calibration_damping == 0.1
+
+
+def test_quick_sparse_is_the_quick_preset_plus_the_sparse_mechanics():
+    quick, quick_sparse = _load("quick.toml"), _load("quick_sparse.toml")
+    assert {k: quick_sparse[k] for k in quick} == quick
+    paper = _load("sparse_least_sensitive.toml")
+    sizes = {"fisher-samples", "head-warmup-rounds", "run-name"}  # smaller for a CPU
+    assert {k: v for k, v in quick_sparse.items() if k in paper and k not in sizes} == {
+        k: v for k, v in paper.items() if k not in sizes
+    }
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.toml")))
+def test_presets_parse(preset):
+    with open(ROOT / "configs" / preset, "rb") as f:
+        overrides = tomllib.load(f)
+    assert set(overrides) <= set(RunConfig.keys()), set(overrides) - set(RunConfig.keys())
+    cfg = RunConfig.from_run_config(_pyproject_config() | overrides, check_files=False)
+    if backbone_seed(cfg.pretrained_path) is None:
+        cfg.check_pretrained_path()
+    else:  # the miniature's backbone, made by fl-pretrain (tests/integration/test_pretrain.py)
+        assert cfg.pretrained_path.startswith(PRETRAINED_DIR + "/")
+    cfg.check_data_dir()
+
+
+@pytest.mark.parametrize("case", INVALID, ids=str)
+def test_invalid_value_gives_one_line_error(case):
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_run_config(quick_run_config(**case.overrides()))
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"'{case.key}'" in message
+    assert repr(case.value) in message
+    assert case.allowed in message
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="'local_steps' is unknown"):
+        RunConfig.from_run_config(quick_run_config() | {"local_steps": 3})
+
+
+def test_missing_cifar_offline_says_where_to_put_it(tmp_path):
+    config = quick_run_config(dataset="cifar100", download=False, data_dir=str(tmp_path))
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_run_config(config)
+    assert str(tmp_path) in str(info.value) and "cifar-100-python" in str(info.value)
+
+
+def test_config_is_frozen():
+    cfg = RunConfig.from_run_config(quick_run_config())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("score", [None, "log-likelihood", "logit"])
+def test_fisher_score_reaches_the_fisher_query(score):
+    """fisher-score defaults to TaLoS's logit score and travels in the Fisher query config."""
+    overrides = {"strategy": "sparse-fedavg"} | ({"fisher-score": score} if score else {})
+    cfg = RunConfig.from_run_config(quick_run_config(**overrides))
+    assert cfg.fisher_score == (score or "logit")
+    model = create_initial_model(cfg.model, cfg.num_classes, cfg.image_size, "random", "", 0)
+    nodes = {pid: 1000 + pid for pid in range(cfg.num_clients)}
+    strategy = build_strategy(cfg, model, nodes, plan_for(cfg))
+    assert strategy.fisher_config[protocol.FISHER_SCORE] == cfg.fisher_score

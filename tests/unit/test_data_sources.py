@@ -1,0 +1,216 @@
+"""Data sources: CIFAR-100 from files or a download, the synthetic set, the stratified split.
+
+Nothing here touches the network: CIFAR-100 is a tiny fake in the official pickle format,
+and the download path runs against a stand-in for torchvision's CIFAR100 class.
+"""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import tarfile
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets
+
+from flower_app.data.sources import (
+    DOWNLOAD_SOCKET_TIMEOUT_S,
+    DataNotFoundError,
+    DatasetSplits,
+    ImageSplit,
+    cifar100_files_present,
+    load_source,
+    load_splits,
+    split_train_val,
+    synthetic_cifar100,
+)
+
+
+# ---- train / validation split ------------------------------------------------------------------
+def test_stratified_split_exact_counts():
+    counts = np.array([500] * 50 + [7] * 25 + [15] * 25)  # round(0.1 * 15) = 2, of 7: 1
+    labels = np.random.default_rng(1).permutation(np.repeat(np.arange(100), counts))
+    train, val = split_train_val(labels, 0.1, seed=0)
+    expected = [round(0.1 * n) for n in counts]
+    assert np.bincount(labels[val], minlength=100).tolist() == expected
+    assert train.dtype == val.dtype == np.int64
+    assert np.all(np.diff(train) > 0) and np.all(np.diff(val) > 0)
+    assert np.intersect1d(train, val).size == 0
+    assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(len(labels)))
+    again = split_train_val(labels, 0.1, seed=0)
+    assert np.array_equal(train, again[0]) and np.array_equal(val, again[1])
+    assert not np.array_equal(val, split_train_val(labels, 0.1, seed=1)[1])
+
+
+def test_split_edge_cases():
+    labels = np.repeat(np.arange(100), 5)
+    train, val = split_train_val(labels, 0.0, seed=0)
+    assert len(val) == 0 and np.array_equal(train, np.arange(500))
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_train_val(labels, 1.0, seed=0)
+
+
+# ---- synthetic source ----------------------------------------------------------------------
+def test_synthetic_is_fixed_cifar_shaped_and_class_conditional():
+    train, test = synthetic_cifar100(train_per_class=20)
+    assert train.images.shape == (2000, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert test.images.shape == (10000, 3, 32, 32) and test.labels.dtype == torch.int64
+    assert train.images.is_contiguous() and test.images.is_contiguous()
+    assert torch.equal(torch.bincount(train.labels), torch.full((100,), 20))
+    assert train.images.float().std() > 30  # images, not a constant
+    again_train, again_test = synthetic_cifar100(train_per_class=20)
+    assert torch.equal(train.images, again_train.images)
+    assert torch.equal(test.images, again_test.images)
+    _, other_test = synthetic_cifar100(train_per_class=3)
+    assert torch.equal(test.images, other_test.images)  # the test set is one fixed set
+    means = torch.stack([train.images[train.labels == c].float().mean(0) for c in range(100)])
+    dist = torch.cdist(test.images.float().flatten(1), means.flatten(1))
+    accuracy = (dist.argmin(1) == test.labels).float().mean().item()
+    assert accuracy > 0.05  # 5x chance for a nearest-class-mean rule on raw pixels
+
+
+def test_synthetic_splits(tmp_path):
+    splits = load_splits("synthetic", tmp_path, False, 0.1, seed=0, synthetic_train_per_class=20)
+    assert isinstance(splits, DatasetSplits) and splits.num_classes == 100
+    assert len(splits.train) == 1800 and len(splits.val) == 200 and len(splits.test) == 10000
+    assert torch.equal(torch.bincount(splits.val.labels), torch.full((100,), 2))
+    assert splits.train.images.is_contiguous() and splits.val.images.is_contiguous()
+    # the validation images are training images the training split no longer has
+    full, _ = load_source("synthetic", tmp_path, False, 20)
+    _, val_idx = split_train_val(full.labels.numpy(), 0.1, seed=0)
+    assert torch.equal(splits.val.images, full.images[torch.from_numpy(val_idx)])
+    assert list(tmp_path.iterdir()) == []  # the synthetic source writes nothing
+
+
+def test_unknown_dataset_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="cifar100, synthetic"):
+        load_source("mnist", tmp_path, False)
+
+
+def test_image_split_checks_types():
+    with pytest.raises(ValueError, match="uint8"):
+        ImageSplit(torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="int64"):
+        ImageSplit(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(3, dtype=torch.int64))
+
+
+# ---- CIFAR-100 from local files --------------------------------------------------------------
+def _write_fake_cifar(folder: Path, n_train: int = 20, n_test: int = 10) -> dict:
+    """The official python layout: pickled dicts with b"data" (N, 3072, CHW) and fine labels."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    entries = {}
+    for name, n in (("train", n_train), ("test", n_test)):
+        entries[name] = {
+            b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"fine_labels": [int(x) for x in rng.integers(0, 100, n)],
+            b"coarse_labels": [int(x) for x in rng.integers(0, 20, n)],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(entries[name], f)
+    return entries
+
+
+def test_local_cifar_folder_is_read(tmp_path):
+    raw = _write_fake_cifar(tmp_path / "cifar-100-python")
+    assert cifar100_files_present(tmp_path)
+    train, test = load_source("cifar100", tmp_path, download=False)
+    assert train.images.shape == (20, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert len(test) == 10 and test.labels.dtype == torch.int64
+    assert train.images.is_contiguous()
+    assert train.labels.tolist() == raw["train"][b"fine_labels"]
+    # CHW order: pixel (c, y, x) of image i is byte c*1024 + y*32 + x of row i
+    data = raw["test"][b"data"]
+    assert test.images[4, 2, 5, 7] == data[4, 2 * 1024 + 5 * 32 + 7]
+    assert test.images[9, 0, 31, 0] == data[9, 31 * 32]
+
+
+def test_tarball_is_extracted_offline(tmp_path):
+    _write_fake_cifar(tmp_path / "src" / "cifar-100-python")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with tarfile.open(data_dir / "cifar-100-python.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-100-python", arcname="cifar-100-python")
+    assert cifar100_files_present(data_dir)
+    splits = load_splits("cifar100", data_dir, False, 0.5, seed=0)
+    assert len(splits.train) + len(splits.val) == 20 and len(splits.test) == 10
+    assert (data_dir / "cifar-100-python" / "train").is_file()
+
+
+def test_missing_cifar_says_where_to_put_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert not cifar100_files_present(Path("nowhere"))
+    with pytest.raises(DataNotFoundError) as info:
+        load_splits("cifar100", Path("nowhere"), False, 0.1, 0)
+    message = str(info.value)
+    absolute = str(tmp_path / "nowhere")  # a relative data_dir is reported absolute
+    assert f"in {absolute}:" in message and f"{absolute}/cifar-100-python " in message
+    assert f"{absolute}/cifar-100-python.tar.gz" in message
+    assert "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz" in message
+    assert "download=true" in message and "\n" not in message
+    assert isinstance(info.value, FileNotFoundError)
+
+
+def test_half_a_folder_is_not_enough(tmp_path):
+    _write_fake_cifar(tmp_path / "cifar-100-python")
+    (tmp_path / "cifar-100-python" / "test").unlink()
+    assert not cifar100_files_present(tmp_path)
+    with pytest.raises(DataNotFoundError, match="CIFAR-100 not found"):
+        load_source("cifar100", tmp_path, download=False)
+
+
+def test_corrupt_file_is_a_clear_error(tmp_path):
+    _write_fake_cifar(tmp_path / "cifar-100-python")
+    (tmp_path / "cifar-100-python" / "train").write_bytes(b"not a pickle")
+    with pytest.raises(DataNotFoundError, match="not a CIFAR-100 python file"):
+        load_source("cifar100", tmp_path, download=False)
+
+
+def test_failed_download_is_one_line_with_the_reason(tmp_path, monkeypatch):
+    calls = []
+
+    def offline(root, train, download):
+        calls.append((root, train, download, socket.getdefaulttimeout()))
+        raise urllib.error.URLError("[Errno -3] Temporary failure\nin name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
+    before = socket.getdefaulttimeout()
+    with pytest.raises(DataNotFoundError) as info:
+        load_source("cifar100", tmp_path / "new", download=True)
+    message = str(info.value)
+    assert "\n" not in message and "Temporary failure in name resolution" in message
+    assert str(tmp_path / "new") in message and "cifar-100-python.tar.gz" in message
+    assert calls == [(str(tmp_path / "new"), True, True, DOWNLOAD_SOCKET_TIMEOUT_S)]
+    assert socket.getdefaulttimeout() == before  # restored
+
+
+def test_download_uses_torchvision_arrays(tmp_path, monkeypatch):
+    """torchvision's CIFAR100 holds HWC arrays and label lists; we want CHW tensors."""
+    rng = np.random.default_rng(0)
+
+    class FakeCIFAR100:
+        def __init__(self, root, train, download):
+            n = 6 if train else 4
+            self.data = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+            self.targets = list(range(n))
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", FakeCIFAR100)
+    train, test = load_source("cifar100", tmp_path, download=True)
+    assert train.images.shape == (6, 3, 32, 32) and len(test) == 4
+    assert train.images.is_contiguous() and train.labels.dtype == torch.int64
+
+
+def test_local_copy_wins_over_download(tmp_path, monkeypatch):
+    _write_fake_cifar(tmp_path / "cifar-100-python")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("must not download when the files are there")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", no_network)
+    train, _ = load_source("cifar100", tmp_path, download=True)
+    assert len(train) == 20

@@ -1,0 +1,234 @@
+"""``fl-run``: merge and validate before anything starts, derive the federation, report
+the run's real outcome; the Flower calls are faked (the real one: tests/e2e/test_fl_run.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+
+import pytest
+import torch
+
+from flower_app.cli import run
+from flower_app.config import unknown_key_message
+from flower_app.runs import prerequisites
+from tests.conftest import ROOT
+
+QUICK = str(ROOT / "configs" / "quick.toml")
+STARTED = "Successfully started run 4242"
+
+
+@pytest.fixture
+def flwr(monkeypatch):
+    """Fake ``flwr run``/``flwr ls``: records the run-config file and the command."""
+    seen: dict = {"status": {"status": run.COMPLETED}, "log": [STARTED, "round 1/1 ..."]}
+
+    def fake_run(command, env):
+        seen["command"], seen["env"] = command, env
+        with open(command[command.index("--run-config") + 1], "rb") as f:
+            seen["config"] = tomllib.load(f)
+        flag = "--federation-config"
+        seen["federation"] = command[command.index(flag) + 1] if flag in command else None
+        return 0, seen["log"]
+
+    monkeypatch.setattr(run, "flwr_run", fake_run)
+    monkeypatch.setattr(
+        run, "run_status", lambda run_id, env, connection="": seen["status"] | {"id": run_id}
+    )
+    return seen
+
+
+@pytest.fixture
+def no_processes(monkeypatch):
+    """Fail the test if anything starts a process."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a process was started: {args}")
+
+    monkeypatch.setattr(subprocess, "run", refuse)
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+
+
+def _main(*args: str) -> int:
+    return run.main([*args, "--app", str(ROOT)])
+
+
+def test_preset_and_overrides_are_merged_and_num_supernodes_follows_num_clients(flwr):
+    assert _main(QUICK, "num-server-rounds=3", "lr=0.1", "num-clients=20") == 0
+    config = flwr["config"]
+    assert config["num-server-rounds"] == 3 and config["lr"] == 0.1  # typed, not strings
+    assert config["model"] == "vit_tiny_test" and config["local-steps"] == 10  # the preset's
+    assert config["momentum"] == 0.9 and config["weight-decay"] == 0.0001
+    assert config["eval-every"] == 2 and config["checkpoint-every"] == 10  # preset, default
+    assert flwr["federation"].split()[0] == "num-supernodes=20"
+    assert flwr["command"][1:4] == ["run", str(ROOT), "--stream"]
+
+
+def test_connection_sends_the_run_to_a_deployment_without_local_checks(flwr, monkeypatch):
+    monkeypatch.setattr(prerequisites, "reachable", lambda url, timeout=3.0: False)
+    coordinator_files = ["dataset=cifar100", "data-dir=/coordinator/data", "download=false"]
+    assert _main(QUICK, "num-clients=3", *coordinator_files, "--connection", "lab") == 0
+    command = flwr["command"]
+    assert command[2:5] == [str(ROOT), "lab", "--stream"]
+    assert "--federation-config" not in command  # the federation is the joined SuperNodes
+    assert flwr["config"]["num-clients"] == 3
+
+
+def test_connection_with_federation_config_is_refused(no_processes, capsys):
+    code = _main(QUICK, "--connection", "lab", "--federation-config", "num-supernodes=10")
+    assert "--federation-config is not allowed with --connection" in _one_line_error(capsys, code)
+
+
+def test_relative_output_dir_is_made_absolute_from_here(flwr, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _main(QUICK, "output-dir=runs") == 0
+    assert flwr["config"]["output-dir"] == str(tmp_path / "runs")
+
+
+def test_missing_prerequisites_are_one_line_exit_2_before_flwr(
+    no_processes, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(prerequisites, "reachable", lambda url, timeout=3.0: False)
+    data = tmp_path / "data"
+    code = _main(QUICK, "dataset=cifar100", f"data-dir={data}", f"output-dir={tmp_path}")
+    assert f"no CIFAR-100 in {data}" in _one_line_error(capsys, code)
+
+
+def test_child_env_disables_dependency_install_and_puts_this_venv_first(flwr, monkeypatch):
+    monkeypatch.delenv("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", raising=False)
+    assert _main(QUICK) == 0
+    env = flwr["env"]
+    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+    assert env["PATH"].split(":")[0] == str(run.Path(sys.executable).parent)
+    monkeypatch.setenv("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "0")
+    assert run.child_env()["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "0"
+
+
+@pytest.mark.parametrize(("cuda", "gpus"), [(False, "0"), (True, "0.25")])
+def test_client_resources_are_chosen_for_the_machine(flwr, monkeypatch, cuda, gpus):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert _main(QUICK) == 0
+    assert flwr["federation"] == (
+        f"num-supernodes=10 client-resources-num-cpus=1 client-resources-num-gpus={gpus}"
+    )
+
+
+def test_user_given_resources_are_kept(flwr, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    federation = "client-resources-num-gpus=0.5 num-supernodes=10"
+    assert _main(QUICK, "--federation-config", federation) == 0
+    assert flwr["federation"] == (
+        "num-supernodes=10 client-resources-num-cpus=1 client-resources-num-gpus=0.5"
+    )
+    federation = "client-resources-num-cpus=4 client-resources-num-gpus=1"
+    assert _main(QUICK, "--federation-config", federation) == 0
+    assert flwr["federation"] == f"num-supernodes=10 {federation}"
+
+
+def _one_line_error(capsys, code: int) -> str:
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+    return captured.err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["num-rounds=3"], "run-config key 'num-rounds' is unknown; did you mean 'num-server-"),
+        (["fraction-train=1.5"], "run-config key 'fraction-train' = 1.5 is not allowed"),
+        (["lr=fast"], "run-config key 'lr' = 'fast' is not allowed: must be a number"),
+        (["--federation-config", "num-supernodes=3"], "num-supernodes=3 is not allowed"),
+        (["seed"], "override 'seed' is not allowed: write key=value"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+    ids=["unknown-key", "bad-value", "bad-type", "supernodes", "not-key-value", "bad-option"],
+)
+def test_bad_input_is_one_line_exit_2_and_starts_nothing(
+    no_processes, tmp_path, capsys, args, message
+):
+    out = tmp_path / "results"
+    assert message in _one_line_error(capsys, _main(QUICK, f"output-dir={out}", *args))
+    assert not out.exists()
+
+
+def test_unknown_key_in_a_preset_is_reported_too(no_processes, tmp_path, capsys):
+    preset = tmp_path / "typo.toml"
+    preset.write_text('num_server_rounds = 3\nsharding = "iid"\n')
+    err = _one_line_error(capsys, _main(str(preset)))
+    assert "'num_server_rounds' is unknown; did you mean 'num-server-rounds'?" in err
+
+
+def test_unknown_key_error_suggests_close_keys_or_says_where_keys_are():
+    assert "did you mean 'local-steps'?" in unknown_key_message("local-step")
+    assert "flower_app/config.py" in unknown_key_message("xyzzy")
+
+
+def test_missing_preset_is_one_line(no_processes, tmp_path, capsys):
+    err = _one_line_error(capsys, _main(str(tmp_path / "nope.toml")))
+    assert "does not exist" in err
+
+
+def test_last_error_line_is_the_last_line_that_reports_an_error():
+    lines = [
+        "INFO : round 1",
+        "ERROR :     Simulation raised an exception",
+        "run-config key 'x' = 1 is not allowed: because",
+        "INFO : done",
+    ]
+    assert run.last_error_line(lines) == "run-config key 'x' = 1 is not allowed: because"
+    assert run.last_error_line(lines[:2] + lines[3:]) == ""  # Flower's level name: no
+    assert run.last_error_line(["RuntimeError: boom  "]) == "RuntimeError: boom"
+    assert run.last_error_line(["all fine"]) == ""
+
+
+def test_started_run_id_reads_flwrs_line():
+    assert run.started_run_id(["Loading...", "Successfully started run 123 in federation x"]) == 123
+    assert run.started_run_id(["Failed to start run"]) is None
+
+
+def test_a_failed_run_exits_1_with_its_last_error_line(flwr, capsys):
+    """The log's shape is what Flower 1.42 streams for a ServerApp that raised."""
+    error = "flower_app.config.ConfigError: run-config key 'output-dir' = '/x' is not allowed"
+    flwr["status"] = {"status": "finished:failed", "status-details": "ServerApp failed"}
+    flwr["log"] = [
+        STARTED,
+        "\x1b[91mERROR \x1b[0m:     Simulation raised an exception",
+        "Traceback (most recent call last):",
+        '  File "flower_app/server_app.py", line 168, in writable_output_dir',
+        "    raise ConfigError(",
+        error,
+        "\x1b[91mERROR \x1b[0m:     Exit Code: 700",
+        "An unhandled exception occurred when running the simulation.",
+    ]
+    assert _main(QUICK) == 1
+    assert capsys.readouterr().err == f"run 4242 finished:failed: {error}\n"
+
+
+def test_a_failed_run_without_an_error_line_reports_flowers_details(flwr, capsys):
+    flwr["status"] = {"status": "finished:stopped", "status-details": "stopped by user"}
+    assert _main(QUICK) == 1
+    assert capsys.readouterr().err == "run 4242 finished:stopped: stopped by user\n"
+
+
+def test_flwr_run_that_starts_no_run_exits_1(monkeypatch, capsys):
+    monkeypatch.setattr(run, "flwr_run", lambda c, e: (1, ["Error: connection refused"]))
+    monkeypatch.setattr(run, "run_status", lambda *a: pytest.fail("no run to ask about"))
+    assert _main(QUICK) == 1
+    assert capsys.readouterr().err == (
+        "flwr run started no run (exit 1): Error: connection refused\n"
+    )
+
+
+def test_console_script_is_declared():
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert scripts["fl-run"] == "flower_app.cli.run:main"
+
+
+def test_flwr_run_echoes_each_line_and_keeps_it_without_colours(capsys):
+    script = "print('\\x1b[91mERROR \\x1b[0m: boom'); print('Successfully started run 5')"
+    code, lines = run.flwr_run([sys.executable, "-c", script], run.child_env())
+    assert code == 0 and lines == ["ERROR : boom", "Successfully started run 5"]
+    assert capsys.readouterr().out == "\x1b[91mERROR \x1b[0m: boom\nSuccessfully started run 5\n"
