@@ -31,7 +31,6 @@ with imports_without_gc():
     from clients.sparse_sgdm import SparseSGDM
     from clients.training import copy_weights_into, train_local
     from flower_app.config import RunConfig
-    from flower_app.data.partitioners import partition_indices
     from flower_app.data.preprocessing import batch_preprocessor, preprocess_batch
     from flower_app.data.sources import ImageSplit, load_node_data
     from flower_app.models.factory import build_model
@@ -121,6 +120,9 @@ def get_runtime(cfg: RunConfig, partition_id: int, node_data_dir: str = "") -> C
     train = _DATA[data_key]
     part_key = (*data_key, cfg.num_clients, cfg.sharding, cfg.classes_per_client)
     if part_key not in _PARTITIONS:
+        # Flower Datasets and Hugging Face datasets: imported only by a process that shards
+        from flower_app.data.partitioners import partition_indices
+
         _PARTITIONS[part_key] = partition_indices(
             train.labels.cpu().numpy(),
             cfg.num_clients,

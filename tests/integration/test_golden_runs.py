@@ -3,7 +3,8 @@
 The stored tables (``tests/integration/golden/``) were written by this code; any change of the
 numbers a run computes (sampling, seeds, aggregation, schedules, phases) shows up here.
 Timing columns are left out. After an intended change, regenerate them with
-``UPDATE_GOLDEN=1 python -m pytest tests/integration/test_golden_runs.py`` and say why in the commit.
+``UPDATE_GOLDEN=1 python -m pytest tests/integration/test_golden_runs.py``; say why in the
+commit.
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ def _check(run_dir: Path, name: str, table: str) -> pd.DataFrame:
     golden = GOLDEN / f"{name}-{table}"
     if os.environ.get("UPDATE_GOLDEN"):
         got.to_csv(golden, index=False)
-    pd.testing.assert_frame_equal(got, pd.read_csv(golden), check_exact=False, rtol=1e-5)
+    # float32 sums differ in their last bits between CPUs (torch picks kernels by instruction
+    # set: on an AMD EPYC val-loss was 3e-7 and update-cosine 5e-7 away from the machine
+    # that wrote the tables); a cosine near 0 needs the absolute bound, the rest the relative
+    pd.testing.assert_frame_equal(got, pd.read_csv(golden), check_exact=False, rtol=1e-5, atol=2e-6)
     return got
 
 
