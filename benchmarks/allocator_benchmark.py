@@ -34,13 +34,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def child(model_name: str, keep: bool, clients: int, steps: int, batch: int) -> dict:
     """Runs in a fresh process: seconds and minor faults of each client, one thread."""
-    sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+    sys.path[:0] = [str(ROOT)]
     from flower_app.perf.allocator import keep_freed_memory
 
     kept = keep_freed_memory() if keep else False
     import torch
-    from round_benchmark import PAYLOAD_FORM, _timed_train
 
+    from benchmarks.round.floors import _timed_train
+    from benchmarks.round.forms import PAYLOAD_FORM
     from flower_app.config import RunConfig
     from flower_app.models.factory import build_model
 

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import round_benchmark  # noqa: E402
+from benchmarks.round import cli, runs
 
 KEPT = ("metrics.csv", "summary.json", "config.json", "partitions.csv")
 MODELS = {
@@ -34,7 +30,7 @@ def test_prune_deletes_model_files_of_the_named_runs_only(tmp_path):
     _fake_run(tmp_path / "sparse", MODELS | {"mask.safetensors": 50})
     _fake_run(tmp_path / "someone-elses")
 
-    freed = round_benchmark.prune_model_files(tmp_path, ["dense", "sparse", "never-ran"])
+    freed = runs.prune_model_files(tmp_path, ["dense", "sparse", "never-ran"])
 
     assert freed == 2 * sum(MODELS.values()) + 50
     for name in ("dense", "sparse"):
@@ -50,10 +46,10 @@ def _failing_run_all(specs, out, timeout):
 
 @pytest.mark.parametrize("keep", [False, True])
 def test_main_prunes_even_when_interrupted_unless_kept(tmp_path, monkeypatch, capsys, keep):
-    monkeypatch.setattr(round_benchmark, "run_all", _failing_run_all)
+    monkeypatch.setattr(cli, "run_all", _failing_run_all)
     argv = ["--tiny", "--device", "cpu", "--skip-k1000", "--output-dir", str(tmp_path)]
     with pytest.raises(KeyboardInterrupt):
-        round_benchmark.main(argv + (["--keep-models"] if keep else []))
+        cli.main(argv + (["--keep-models"] if keep else []))
 
     left = sorted(p.name for p in (tmp_path / "dense").iterdir())
     assert left == sorted(KEPT + tuple(MODELS) if keep else KEPT)

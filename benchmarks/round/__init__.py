@@ -1,0 +1,1 @@
+"""The round benchmark (``benchmarks/round_benchmark.py``), one job per module."""
