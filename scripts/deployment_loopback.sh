@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's Deployment Engine recipe on one machine (loopback): node data, a SuperLink,
+# docs/deployment.md's Deployment Engine recipe on one machine (loopback): node data, a SuperLink,
 # three SuperNodes with their own data and ports, a connection, and the quick preset run
 # through it. tests/e2e/test_deployment.py runs this file, so the recipe cannot drift.
 # Usage: bash scripts/deployment_loopback.sh [WORKDIR]   (PORT=9091 BIN=.venv/bin by default)

@@ -42,7 +42,7 @@ EXIT_INTERRUPTED = 130
 INTERRUPTED = "fl-run: interrupted; the run may still be going (see flwr ls; flwr stop ID)"
 COMPLETED = "finished:completed"
 STATUS_WAIT_S = 60.0  # the status may trail the end of the log stream by a moment
-GPU_SHARE = "0.25"  # at most 4 clients per GPU: the README's canonical setting
+GPU_SHARE = "0.25"  # at most 4 clients per GPU (docs/configuration.md, "fl-run")
 RESOURCE_KEYS = ("client-resources-num-cpus", "client-resources-num-gpus")
 # flwr's own key=value pattern (flwr.common.config.parse_config_args), quoted values kept
 _PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
