@@ -83,22 +83,26 @@ def train_local(
     generator: torch.Generator,
     augment_generator: torch.Generator | None = None,
     bf16: bool = False,
+    proximal_mu: float = 0.0,
 ) -> LocalTrainResult:
     """Run ``steps`` optimizer steps on mini-batches of the shard; the model changes in place.
 
     ``images``/``labels`` hold the whole training split on the compute device; ``shard``
     indexes this client's part of it. The loss is summed on the device and read once,
-    so the loop never waits for the GPU.
+    so the loop never waits for the GPU. ``proximal_mu`` > 0 adds FedProx's term
+    mu/2 ||w - w_start||^2 to every step's loss (``ProximalTerm``), w_start being the
+    weights the model holds on entry (the global model the client received).
     """
     device = images.device
     schedule = batch_schedule(len(shard), steps, batch_size, generator)
     batches = shard[schedule].to(device)
     model.train()
+    proximal = ProximalTerm(model, proximal_mu) if proximal_mu > 0 else None
     loss_sum = torch.zeros((), device=device)
     for step in range(steps):
         idx = batches[step]
         x = preprocess(images[idx], True, augment_generator)
-        loss_sum += sgd_step(model, optimizer, x, labels[idx], bf16).float()
+        loss_sum += sgd_step(model, optimizer, x, labels[idx], bf16, proximal).float()
     return LocalTrainResult(float(loss_sum) / steps, steps, steps * batch_size)
 
 
@@ -108,6 +112,7 @@ def sgd_step(
     x: torch.Tensor,
     y: torch.Tensor,
     bf16: bool = False,
+    proximal: ProximalTerm | None = None,
 ) -> torch.Tensor:
     """One optimizer step on the batch ``(x, y)``; the batch's mean cross-entropy, detached.
 
@@ -119,8 +124,33 @@ def sgd_step(
         loss = F.cross_entropy(model(x), y)
     optimizer.zero_grad(set_to_none=False)
     loss.backward()
+    if proximal is not None:
+        proximal.add_gradient()
     optimizer.step()
     return loss.detach()
+
+
+class ProximalTerm:
+    """FedProx's proximal term mu/2 ||w - w0||^2 on the trainable parameters (Li et al.,
+    2020), added as its gradient mu (w - w0) after ``backward``: the same step as adding
+    the term to the loss, without a second graph. The optimizer then treats it like any
+    gradient, so SparseSGDM's mask keeps frozen entries where they are (there w = w0)."""
+
+    def __init__(self, model: nn.Module, mu: float) -> None:
+        self.mu = mu
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.anchors = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def add_gradient(self) -> None:
+        pairs = [
+            (p, a) for p, a in zip(self.params, self.anchors, strict=True) if p.grad is not None
+        ]
+        if not pairs:
+            return
+        params, anchors = zip(*pairs, strict=True)
+        grads = [p.grad for p in params]
+        torch._foreach_add_(grads, torch._foreach_sub(list(params), list(anchors)), alpha=self.mu)
 
 
 @torch.no_grad()

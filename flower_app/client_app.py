@@ -389,6 +389,7 @@ def train(msg: Message, context: Context) -> Message:
             batch_gen,
             augment_gen,
             rt.bf16,
+            cfg.proximal_mu,
         )
     finally:
         rt.model.requires_grad_(True)  # the cached model is reused by the next message

@@ -23,6 +23,7 @@ from flower_app.data.sources import NUM_CLASSES_BY_DATASET, cifar100_files_prese
 from flower_app.models.backbone_cache import make_command
 from flower_app.models.factory import MODEL_SPECS
 from strategies.masks import CALIBRATION_SCHEDULES, MASK_SCOPES, MASK_STRATEGIES
+from strategies.server_rules import RULES as SERVER_RULES
 
 STRATEGIES = ("fedavg", "sparse-fedavg")
 HEAD_MODES = ("train", "frozen")
@@ -104,6 +105,24 @@ class RunConfig:
     fisher_batch_size: int = 32
     head: str = "frozen"
     head_warmup_rounds: int = 20
+    # how the server combines the training rounds' updates (strategies/server_rules.py) and
+    # FedProx's proximal term on the clients; defaults: Flower 1.42's (flwr.serverapp.strategy)
+    server_rule: str = "mean"
+    proximal_mu: float = 0.0  # FedProx(proximal_mu=0.0)
+    fedavgm_server_lr: float = 1.0  # FedAvgM(server_learning_rate=1.0)
+    fedavgm_momentum: float = 0.0  # FedAvgM(server_momentum=0.0)
+    fedadam_eta: float = 0.1  # FedAdam(eta=1e-1, beta_1=0.9, beta_2=0.99, tau=1e-3)
+    fedadam_beta_1: float = 0.9
+    fedadam_beta_2: float = 0.99
+    fedadam_tau: float = 1e-3
+    fedyogi_eta: float = 0.01  # FedYogi(eta=1e-2, beta_1=0.9, beta_2=0.99, tau=1e-3)
+    fedyogi_beta_1: float = 0.9
+    fedyogi_beta_2: float = 0.99
+    fedyogi_tau: float = 1e-3
+    fedadagrad_eta: float = 0.1  # FedAdagrad(eta=1e-1, tau=1e-3)
+    fedadagrad_tau: float = 1e-3
+    trimmed_beta: float = 0.2  # FedTrimmedAvg(beta=0.2)
+    krum_malicious: int = 0  # Krum(num_malicious_nodes=0)
     # centralized baseline (flower_app/centralized/baseline.py); the federated app ignores them
     epochs: int = 50
     warmup_epochs: int = 0
@@ -173,6 +192,31 @@ class RunConfig:
         }
         return {k: v for k, v in self.to_dict().items() if k not in operational}
 
+    def server_rule_options(self) -> dict[str, float]:
+        """The chosen server rule's keyword arguments for its Flower 1.42 class."""
+        options = {
+            "fedavgm": {
+                "server_learning_rate": self.fedavgm_server_lr,
+                "server_momentum": self.fedavgm_momentum,
+            },
+            "fedadam": {
+                "eta": self.fedadam_eta,
+                "beta_1": self.fedadam_beta_1,
+                "beta_2": self.fedadam_beta_2,
+                "tau": self.fedadam_tau,
+            },
+            "fedyogi": {
+                "eta": self.fedyogi_eta,
+                "beta_1": self.fedyogi_beta_1,
+                "beta_2": self.fedyogi_beta_2,
+                "tau": self.fedyogi_tau,
+            },
+            "fedadagrad": {"eta": self.fedadagrad_eta, "tau": self.fedadagrad_tau},
+            "fedtrimmedavg": {"beta": self.trimmed_beta},
+            "krum": {"num_malicious_nodes": self.krum_malicious},
+        }
+        return options.get(self.server_rule, {})
+
     @property
     def calibration_clients(self) -> int:
         """Clients asked for their Fisher per calibration round."""
@@ -183,7 +227,10 @@ class RunConfig:
         if self.run_name:
             return self.run_name
         shards = "iid" if self.sharding == "iid" else f"nc{self.classes_per_client}"
-        return f"{self.strategy}_{shards}_J{self.local_steps}_seed{self.seed}_{timestamp}"
+        rule = "" if self.server_rule == "mean" else f"-{self.server_rule}"
+        prox = f"-prox{self.proximal_mu:g}" if self.proximal_mu else ""
+        name = f"{self.strategy}{rule}{prox}"
+        return f"{name}_{shards}_J{self.local_steps}_seed{self.seed}_{timestamp}"
 
     # ---- validation -----------------------------------------------------------------
     def validate(self, check_files: bool = True) -> None:
@@ -197,6 +244,7 @@ class RunConfig:
         self._validate_sparse()
         self._validate_training()
         self._validate_reliability()
+        self._validate_server_rule()
         if not 1 <= self.classes_per_client <= self.num_classes:
             raise _err(
                 "classes-per-client",
@@ -316,6 +364,35 @@ class RunConfig:
             raise _err("round-timeout", self.round_timeout, "must be > 0 seconds")
         if self.node_wait_timeout <= 0:
             raise _err("node-wait-timeout", self.node_wait_timeout, "must be > 0 seconds")
+
+    def _validate_server_rule(self) -> None:
+        """The server rule and every rule's options (all are checked, whichever is chosen)."""
+        _choice("server-rule", self.server_rule, SERVER_RULES)
+        if not (self.proximal_mu >= 0.0 and math.isfinite(self.proximal_mu)):
+            raise _err("proximal-mu", self.proximal_mu, "must be a finite number >= 0")
+        positive = ["fedavgm-server-lr", "fedadam-eta", "fedadam-tau", "fedyogi-eta"]
+        positive += ["fedyogi-tau", "fedadagrad-eta", "fedadagrad-tau"]
+        for key in positive:
+            value = getattr(self, key.replace("-", "_"))
+            if not (value > 0.0 and math.isfinite(value)):
+                raise _err(key, value, "must be a finite number > 0")
+        for key in ["fedavgm-momentum", "fedadam-beta-1", "fedadam-beta-2", "fedyogi-beta-1"]:
+            value = getattr(self, key.replace("-", "_"))
+            if not 0.0 <= value < 1.0:
+                raise _err(key, value, "must be in [0, 1)")
+        if not 0.0 <= self.fedyogi_beta_2 < 1.0:
+            raise _err("fedyogi-beta-2", self.fedyogi_beta_2, "must be in [0, 1)")
+        if not 0.0 <= self.trimmed_beta < 0.5:
+            raise _err("trimmed-beta", self.trimmed_beta, "must be in [0, 0.5) (cut per side)")
+        _at_least("krum-malicious", self.krum_malicious, 0)
+        most = self.clients_per_round - 3  # Krum scores each reply by its n - f - 2 closest
+        if self.server_rule == "krum" and self.krum_malicious > most:
+            raise _err(
+                "krum-malicious",
+                self.krum_malicious,
+                f"Krum needs clients per round - krum-malicious - 2 >= 1: at most {most} "
+                f"with {self.clients_per_round} clients per round",
+            )
 
     def _validate_model(self) -> None:
         spec = MODEL_SPECS[self.model]

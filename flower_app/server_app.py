@@ -61,6 +61,7 @@ from strategies.fedavg import OrderedFedAvg
 from strategies.masks import eligible_names, mask_density, needs_fisher
 from strategies.plan import CALIBRATION, HEAD_WARMUP, TRAIN, Phase, RoundClock
 from strategies.rounds import InsufficientRepliesError, RetryPolicy, RoundHook
+from strategies.server_rules import build_rule
 from strategies.sparse_fedavg import SparseFedAvg
 from strategies.transport.carrier import WeightCarrier
 from strategies.transport.selection import TransportUnavailable, accept_probes, open_carrier
@@ -164,6 +165,7 @@ def build_strategy(
         "update_metrics": cfg.update_metrics,
         "rejoin_timeout": cfg.node_wait_timeout,
         "carrier": carrier,
+        "server_rule": build_rule(cfg.server_rule, cfg.server_rule_options()),
     }
     if cfg.strategy == "fedavg":
         return OrderedFedAvg(**common)

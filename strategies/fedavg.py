@@ -22,11 +22,12 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from strategies import protocol
 from strategies.interference import SplitGram
-from strategies.plan import RoundClock, RoundPosition
+from strategies.plan import TRAIN, RoundClock, RoundPosition
 from strategies.record import RoundRecord
 from strategies.reply_checks import Layout, dense_layout, train_metrics_problem
 from strategies.rounds import RetryPolicy, RoundHook, run_plan, send_with_retries
 from strategies.seeds import sample_partitions
+from strategies.server_rules import ServerRule
 from strategies.transport.carrier import WeightCarrier
 
 RoundRow = dict[str, float]
@@ -107,6 +108,7 @@ class OrderedFedAvg(Strategy):
         shard_sizes: Mapping[int, int] | None = None,
         rejoin_timeout: float | None = None,
         carrier: WeightCarrier | None = None,
+        server_rule: ServerRule | None = None,
     ) -> None:
         self.partition_to_node = dict(partition_to_node)
         self.node_to_partition = {node: pid for pid, node in self.partition_to_node.items()}
@@ -124,6 +126,8 @@ class OrderedFedAvg(Strategy):
         self.rejoin_timeout = rejoin_timeout
         # how weights reach each node (by reference or in the message); message-only by default
         self.carrier = carrier or WeightCarrier()
+        # how the training phase's updates are combined: the mean, or one of Flower's rules
+        self.server_rule = server_rule or ServerRule()
         # the tensors of the current global ArrayRecord, decoded (or aggregated) once
         self._tensors: tuple[ArrayRecord, dict[str, torch.Tensor]] | None = None
 
@@ -251,7 +255,26 @@ class OrderedFedAvg(Strategy):
         mean = self.mean_update(base_state, states, weights, gram)
         if gram is not None:
             record.add(gram.metrics(weights))
+        if record.phase == TRAIN and self.server_rule.name != "mean":
+            mean = self.apply_rule(record.position, base_state, states, weights, mean)
         return self.merge(base_state, mean)
+
+    def apply_rule(
+        self,
+        position: RoundPosition,
+        base: Mapping[str, torch.Tensor],
+        states: Sequence[Mapping[str, torch.Tensor]],
+        weights: Sequence[float],
+        mean: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """The server rule's new values for the trained floating tensors (what the replies
+        hold: whole tensors, or a mask's entries and the head), from the values sent. The
+        rule counts the training phase's own rounds (FedAdam's bias correction starts at
+        the first training round, after any warm-up or calibration)."""
+        floating = {n: t for n, t in mean.items() if t.is_floating_point()}
+        sent = {n: self.sent_values(base, n, t).reshape(t.shape) for n, t in floating.items()}
+        new = self.server_rule.combine(position.phase_round, sent, states, weights, floating)
+        return mean | new
 
     def mean_update(
         self,
@@ -380,11 +403,12 @@ class OrderedFedAvg(Strategy):
 
     # ---- Saveable ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Dense FedAvg keeps nothing between rounds: sampling is derived from the round."""
-        return {}
+        """Sampling is derived from the round; what is kept is the server rule's state."""
+        return {"server-rule": self.server_rule.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Nothing to restore (see ``state_dict``)."""
+        """The server rule's state (a checkpoint of an older version has none: the mean)."""
+        self.server_rule.load_state_dict(state.get("server-rule", {}))
 
     def start(
         self,

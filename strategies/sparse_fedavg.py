@@ -260,8 +260,9 @@ class SparseFedAvg(OrderedFedAvg):
 
     # ---- Saveable ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The mask and its version; which node holds which version is not kept (resent)."""
-        return {
+        """The mask and its version, and the server rule's state; which node holds which
+        mask version is not kept (resent)."""
+        return super().state_dict() | {
             "mask": dict(self.mask),
             "mask-version": self.mask_version,
             "fisher-sum": dict(self.fisher_sum),
@@ -269,6 +270,7 @@ class SparseFedAvg(OrderedFedAvg):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
         self.mask = {n: m.to(torch.bool) for n, m in state["mask"].items()}
         self.mask_version = int(state["mask-version"])
         self._encoded = self._positions = None

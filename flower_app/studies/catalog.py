@@ -14,6 +14,7 @@ from typing import Any
 
 from flower_app.config import ConfigError, load_preset
 from strategies.masks import MASK_STRATEGIES
+from strategies.server_rules import RULES
 
 STUDIES = ("fedavg", "heterogeneity", "local-steps", "mask-strategies", "centralized")
 ALL = "all"
@@ -33,6 +34,15 @@ QUESTIONS = {
 # C=0.1, J=4
 MINIATURE = "miniature.toml"
 MINIATURE_CENTRALIZED = "miniature_centralized.toml"
+# --strategies: how the server combines updates, crossed with a study's settings. FedProx's
+# mu: Flower's default (0.0) is plain FedAvg, so a sweep's "fedprox" uses 0.01, inside the
+# range the FedProx paper searched ({0.001, 0.01, 0.1, 1}); a proximal-mu=... override wins.
+FEDPROX_MU = 0.01
+SERVER_STRATEGIES: dict[str, dict[str, Any]] = {
+    "fedavg": {"server-rule": "mean", "proximal-mu": 0.0},
+    "fedprox": {"server-rule": "mean", "proximal-mu": FEDPROX_MU},
+    **{rule: {"server-rule": rule} for rule in RULES if rule != "mean"},
+}
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,28 @@ def study_settings(study: str, base: dict[str, Any]) -> list[Setting]:
     if study == "centralized":
         return [Setting("centralized", {}, centralized=True)]
     raise ConfigError(f"study {study!r} is not allowed: must be one of {', '.join(expand(ALL))}")
+
+
+def crossed(settings: list[Setting], strategies: list[str]) -> list[Setting]:
+    """Each federated setting once per server strategy (``iid-fedadam``); the centralized
+    baseline has no server and stays as it is. No strategies: the settings unchanged."""
+    unknown = [s for s in strategies if s not in SERVER_STRATEGIES]
+    if unknown:
+        raise ConfigError(
+            f"--strategies {','.join(unknown)} is not allowed: choose from "
+            f"{', '.join(SERVER_STRATEGIES)}"
+        )
+    if not strategies:
+        return settings
+    out = []
+    for setting in settings:
+        if setting.centralized:
+            out.append(setting)
+            continue
+        for name in strategies:
+            overrides = setting.overrides | SERVER_STRATEGIES[name]
+            out.append(Setting(f"{setting.name}-{name}", overrides))
+    return out
 
 
 def expand(study: str) -> list[str]:

@@ -1,7 +1,7 @@
 """Sweep runner: every setting of a study x seeds, then tables, plots and one report.
 
 ``python -m flower_app.studies.experiments STUDY [--quick] [--seeds N] [--output-dir DIR]
-[--settings a,b] [--engine in-process|flwr] [--federation-config "..."] [key=value ...]``
+[--settings a,b] [--strategies fedavg,fedprox,...] [--engine in-process|flwr] [key=value ...]``
 (or ``fl-experiments``). With ``--engine flwr`` (the default without ``--quick``) federated
 runs go through ``flwr run`` on one local SuperLink that the runner starts with its own
 FLWR_HOME and stops by PID at the end; each run's status is read back from ``flwr ls`` and a
@@ -44,7 +44,15 @@ from flower_app.models.backbone_cache import backbone_seed, make_command
 from flower_app.runs.checkpoint import CHECKPOINT_NAME
 from flower_app.runs.results import atomic_write_bytes
 from flower_app.server_app import plan_for
-from flower_app.studies.catalog import ALL, STUDIES, Setting, base_config, expand, study_settings
+from flower_app.studies.catalog import (
+    ALL,
+    STUDIES,
+    Setting,
+    base_config,
+    crossed,
+    expand,
+    study_settings,
+)
 from flower_app.studies.engines import ENGINES, console_writer, run_here
 from flower_app.studies.in_process import run_in_process
 from flower_app.studies.reports import (
@@ -96,6 +104,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--settings", default="", help="only these settings (comma separated)")
     parser.add_argument(
+        "--strategies",
+        default="",
+        help="cross each setting with these server strategies (comma separated): fedavg, "
+        "fedprox, or a server-rule (fedavgm, fedadam, fedyogi, fedadagrad, fedmedian, "
+        "fedtrimmedavg, krum)",
+    )
+    parser.add_argument(
         "--engine",
         choices=ENGINES,
         default=None,
@@ -130,6 +145,7 @@ def plan(args: argparse.Namespace) -> list[PlannedRun]:
         if key in overrides:
             raise ConfigError(f"override {key!r} is not allowed: the sweep runner sets it per run")
     wanted = [s for s in args.settings.split(",") if s]
+    strategies = [s for s in args.strategies.split(",") if s]
     output_dir = args.output_dir.expanduser().resolve()
     runs: list[PlannedRun] = []
     for study in expand(args.study):
@@ -144,6 +160,7 @@ def plan(args: argparse.Namespace) -> list[PlannedRun]:
                     f"choose from {', '.join(names)}"
                 )
             settings = [s for s in settings if s.name in wanted]
+        settings = crossed(settings, strategies)
         study_dir = output_dir / study
         for setting in settings:
             base = base_config(args.app, args.quick, setting.centralized)

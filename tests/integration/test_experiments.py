@@ -14,7 +14,13 @@ import pytest
 from flower_app.config import ConfigError
 from flower_app.runs.checkpoint import CHECKPOINT_NAME
 from flower_app.studies import experiments
-from flower_app.studies.catalog import LOCAL_STEPS, base_config, scaled_rounds, study_settings
+from flower_app.studies.catalog import (
+    FEDPROX_MU,
+    LOCAL_STEPS,
+    base_config,
+    scaled_rounds,
+    study_settings,
+)
 from flower_app.studies.reports import (
     load_runs,
     markdown_table,
@@ -86,6 +92,8 @@ def test_every_invalid_run_config_value_stops_the_sweep_before_work(tmp_path, ca
         (["heterogeneity", "--settings", "nc3"], "--settings nc3 is not allowed"),
         (["fedavg", "--app", "/"], "--app '/' is not allowed"),
         (["fedavg", "lr"], "override 'lr' is not allowed: write key=value"),
+        (["fedavg", "--strategies", "fedavg,fedsgd"], "--strategies fedsgd is not allowed"),
+        (["fedavg", "--strategies", "krum", "num-clients=4"], "'krum-malicious' = 0"),
     ],
 )
 def test_bad_sweep_inputs_fail_with_one_line_before_work(tmp_path, capsys, argv, message):
@@ -107,6 +115,28 @@ def test_plan_is_settings_times_seeds_with_named_run_dirs(tmp_path):
     assert runs[0].run_dir == tmp_path.resolve() / "heterogeneity" / "nc1-seed0"
     assert {r.config["seed"] for r in runs} == {0, 1, 2}
     assert all(r.config["batch-size"] == "8" and r.num_clients == 100 for r in runs)
+
+
+def test_strategies_cross_every_federated_setting_and_leave_centralized_alone(tmp_path):
+    """--strategies: each setting once per server strategy, side by side in one study."""
+    argv = ("--quick", "--strategies", "fedavg,fedprox,fedadam", "--settings", "iid,nc1")
+    runs = _plan(tmp_path, "heterogeneity", *argv)
+    assert [r.setting.name for r in runs] == [
+        f"{s}-{x}" for s in ("nc1", "iid") for x in ("fedavg", "fedprox", "fedadam")
+    ]
+    by_name = {r.setting.name: r.config for r in runs}
+    assert by_name["iid-fedavg"]["server-rule"] == "mean"
+    assert by_name["iid-fedavg"]["proximal-mu"] == 0.0
+    assert by_name["iid-fedprox"]["proximal-mu"] == FEDPROX_MU
+    assert by_name["nc1-fedadam"]["server-rule"] == "fedadam"
+    assert by_name["nc1-fedadam"]["classes-per-client"] == 1
+    # a key=value override wins over the strategy's value
+    runs = _plan(
+        tmp_path, "fedavg", "--strategies", "fedprox", "--settings", "iid", "proximal-mu=0.1"
+    )
+    assert runs[0].config["proximal-mu"] == "0.1"
+    centralized = _plan(tmp_path, "centralized", "--quick", "--strategies", "fedadam")
+    assert [r.setting.name for r in centralized] == ["centralized"]
 
 
 def test_prepare_skips_finished_resumes_checkpointed_and_clears_leftovers(tmp_path):

@@ -59,9 +59,23 @@ def _assert_same_run(a, b, mask_resent: bool = False) -> None:
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "sparse-fedavg"])
-def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, strategy):
-    extra = {"strategy": strategy, "calibration_rounds": 2, "fisher_samples": 16}
+FEDADAM_SPARSE = {"server_rule": "fedadam", "head_warmup_rounds": 1}
+
+
+@pytest.mark.parametrize(
+    ("strategy", "rule", "kill_after"),
+    [
+        ("fedavg", {}, 2),
+        ("sparse-fedavg", {}, 2),
+        # FedAdam's moments are part of the checkpoint: killed inside the training phase,
+        # after its first rounds (sparse: warm-up 1 and calibration 2 rounds come first)
+        ("fedavg", {"server_rule": "fedadam"}, 2),
+        ("sparse-fedavg", FEDADAM_SPARSE, 5),
+    ],
+    ids=["fedavg", "sparse-fedavg", "fedavg-fedadam", "sparse-fedavg-fedadam"],
+)
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, strategy, rule, kill_after):
+    extra = {"strategy": strategy, "calibration_rounds": 2, "fisher_samples": 16, **rule}
     run(_config(tmp_path, "straight", **extra))
     killed = _config(tmp_path, "killed", **extra)
     path = tmp_path / "killed.json"
@@ -71,7 +85,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, strategy):
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
-            if checkpoint.exists() and load_checkpoint(checkpoint).completed_rounds >= 2:
+            if checkpoint.exists() and load_checkpoint(checkpoint).completed_rounds >= kill_after:
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be killed"

@@ -14,6 +14,7 @@ from flower_app.config import RunConfig
 from flower_app.models.factory import build_model, create_initial_model
 from strategies import protocol
 from strategies.masks import MASK_STRATEGIES
+from strategies.server_rules import RULES
 from tests.conftest import InProcessGrid, quick_run_config, server_context
 
 SMALL = {
@@ -172,3 +173,37 @@ def test_frozen_head_from_the_weights_file_needs_no_warmup(tmp_path):
     assert torch.equal(final["head.bias"], trained["head.bias"])
     phases = pd.read_csv(tmp_path / "carried-head" / "metrics.csv")["phase"].tolist()
     assert phases == ["initial", "train", "train"]
+
+
+@pytest.fixture(scope="module")
+def sparse_mean_run(tmp_path_factory) -> pd.DataFrame:
+    tmp = tmp_path_factory.mktemp("sparse-mean")
+    _run(tmp, "mean", strategy="sparse-fedavg", mask_strategy="lowest_magnitude", **RULE_RUN)
+    return pd.read_csv(tmp / "mean" / "metrics.csv")
+
+
+RULE_RUN = {"num_server_rounds": 3, "eval_every": 3, "fraction_train": 1.0}  # Krum: 3 or more
+
+
+@pytest.mark.parametrize("rule", [r for r in RULES if r != "mean"])
+def test_server_rules_keep_frozen_entries_and_sparse_messages(tmp_path, rule, sparse_mean_run):
+    """With each server rule: over several training rounds the masked-out entries stay bit
+    for bit at their start, and the messages carry what the mean's do, round by round."""
+    config, _ = _run(
+        tmp_path,
+        rule,
+        strategy="sparse-fedavg",
+        mask_strategy="lowest_magnitude",
+        server_rule=rule,
+        **RULE_RUN,
+    )
+    run = tmp_path / rule
+    mask = {k: v.bool() for k, v in load_file(run / "mask.safetensors").items()}
+    final, initial = load_file(run / "final_model.safetensors"), _initial(config)
+    for name, m in mask.items():
+        assert torch.equal(final[name][~m], initial[name][~m]), name
+    assert any(not torch.equal(final[n][m], initial[n][m]) for n, m in mask.items())
+    metrics = pd.read_csv(run / "metrics.csv")
+    for key in ("bytes-up", "bytes-down"):
+        assert metrics[key].tolist() == pytest.approx(sparse_mean_run[key].tolist(), nan_ok=True)
+    assert len(metrics.dropna(subset=["bytes-up"])) == 3

@@ -116,3 +116,11 @@ def test_no_two_modules_import_each_other_directly_or_through_others():
 def test_flower_app_keeps_only_the_apps_and_the_schema_at_its_root():
     root = {p.name for p in (ROOT / "flower_app").glob("*.py")}
     assert root == {"__init__.py", "client_app.py", "server_app.py", "config.py"}
+
+
+def test_the_configuration_page_names_every_run_config_key():
+    from flower_app.config import RunConfig
+
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    keys = RunConfig.keys()  # a classmethod: the kebab-case keys
+    assert [k for k in keys if f"`{k}`" not in text] == []
