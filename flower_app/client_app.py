@@ -119,6 +119,7 @@ def get_runtime(cfg: RunConfig, partition_id: int, node_data_dir: str = "") -> C
         _DATA[data_key] = ImageSplit(splits.train.images.to(device), splits.train.labels.to(device))
     train = _DATA[data_key]
     part_key = (*data_key, cfg.num_clients, cfg.sharding, cfg.classes_per_client)
+    part_key += tuple(cfg.shard_options.values())
     if part_key not in _PARTITIONS:
         # Flower Datasets and Hugging Face datasets: imported only by a process that shards
         from flower_app.data.partitioners import partition_indices
@@ -129,6 +130,7 @@ def get_runtime(cfg: RunConfig, partition_id: int, node_data_dir: str = "") -> C
             cfg.sharding,
             cfg.classes_per_client,
             cfg.seed,
+            **cfg.shard_options,
         )
     shard = torch.from_numpy(_PARTITIONS[part_key][partition_id])
     return ClientRuntime(model, train, shard, device, bf16, step_model)

@@ -27,7 +27,7 @@ from strategies.server_rules import RULES as SERVER_RULES
 
 STRATEGIES = ("fedavg", "sparse-fedavg")
 HEAD_MODES = ("train", "frozen")
-SHARDINGS = ("iid", "non-iid")
+SHARDINGS = ("iid", "non-iid", "dirichlet")
 WEIGHTS = ("pretrained", "random")
 LR_SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
@@ -35,6 +35,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # how weights travel: a shared-memory file where the node can read it (auto), or always
 # in the message; "shared-memory" requires every node to read it
 WEIGHTS_TRANSPORTS = ("auto", "message", "shared-memory")
+# experiment trackers (optional extras): event files or a W&B run in the run folder
+TRACKERS = ("none", "tensorboard", "wandb")
+WANDB_MODES = ("offline", "online")
 
 
 class ConfigError(ValueError):
@@ -71,6 +74,10 @@ class RunConfig:
     num_server_rounds: int = 500
     sharding: str = "iid"
     classes_per_client: int = 10
+    # sharding = "dirichlet": label shares per client ~ Dir(alpha), as Flower Datasets'
+    # DirichletPartitioner (alpha, min_partition_size=10 are its defaults' meaning)
+    dirichlet_alpha: float = 0.5
+    dirichlet_min_size: int = 10
     val_fraction: float = 0.1
     eval_every: int = 10
     eval_batch_size: int = 256
@@ -85,6 +92,10 @@ class RunConfig:
     round_timeout: float = 3600.0
     node_wait_timeout: float = 60.0
     update_metrics: bool = True  # per-round cosine / norm ratio of client updates
+    # experiment tracking (docs/tracking.md): off, TensorBoard event files, or a W&B run
+    tracking: str = "none"
+    wandb_project: str = "fl-task-arithmetic"
+    wandb_mode: str = "offline"
     # reliability
     checkpoint_every: int = 10
     resume: bool = False
@@ -187,6 +198,9 @@ class RunConfig:
             "data-dir",
             "download",
             "update-metrics",
+            "tracking",
+            "wandb-project",
+            "wandb-mode",
             "epochs",  # the centralized baseline's keys do not change a federated run
             "warmup-epochs",
         }
@@ -226,7 +240,9 @@ class RunConfig:
         """``run-name`` or a name that says what ran."""
         if self.run_name:
             return self.run_name
-        shards = "iid" if self.sharding == "iid" else f"nc{self.classes_per_client}"
+        shards = {"iid": "iid", "dirichlet": f"dir{self.dirichlet_alpha:g}"}.get(
+            self.sharding, f"nc{self.classes_per_client}"
+        )
         rule = "" if self.server_rule == "mean" else f"-{self.server_rule}"
         prox = f"-prox{self.proximal_mu:g}" if self.proximal_mu else ""
         name = f"{self.strategy}{rule}{prox}"
@@ -272,6 +288,10 @@ class RunConfig:
         _choice("fisher-labels", self.fisher_labels, FISHER_LABEL_MODES)
         _choice("fisher-score", self.fisher_score, FISHER_SCORES)
         _choice("head", self.head, HEAD_MODES)
+        _choice("tracking", self.tracking, TRACKERS)
+        _choice("wandb-mode", self.wandb_mode, WANDB_MODES)
+        if not self.wandb_project.strip():
+            raise _err("wandb-project", self.wandb_project, "must be a non-empty W&B project name")
 
     def _validate_sparse(self) -> None:
         """Sparse fine-tuning and centralized-epoch keys, in the order they always were
@@ -413,17 +433,32 @@ class RunConfig:
     def _validate_partition(self) -> None:
         per_class = self.synthetic_train_per_class if self.dataset != "cifar100" else 500
         train_per_class = per_class - round(self.val_fraction * per_class)
+        if not (self.dirichlet_alpha > 0.0 and math.isfinite(self.dirichlet_alpha)):
+            raise _err("dirichlet-alpha", self.dirichlet_alpha, "must be a finite number > 0")
+        _at_least("dirichlet-min-size", self.dirichlet_min_size, 0)
         reason = partition_feasibility_error(
             train_per_class,
             self.num_classes,
             self.num_clients,
             self.sharding,
             self.classes_per_client,
+            self.dirichlet_min_size,
         )
         if reason:
-            key = "classes-per-client" if self.sharding == "non-iid" else "num-clients"
-            value = self.classes_per_client if self.sharding == "non-iid" else self.num_clients
+            key, value = {
+                "non-iid": ("classes-per-client", self.classes_per_client),
+                "dirichlet": ("dirichlet-min-size", self.dirichlet_min_size),
+            }.get(self.sharding, ("num-clients", self.num_clients))
             raise _err(key, value, reason)
+
+    @property
+    def shard_options(self) -> dict[str, Any]:
+        """``partition_indices`` keywords beyond the sharding: one place for every caller
+        (the ClientApp, the node-data writer, the ServerApp's check)."""
+        return {
+            "dirichlet_alpha": self.dirichlet_alpha,
+            "dirichlet_min_size": self.dirichlet_min_size,
+        }
 
     def _validate_paths(self) -> None:
         self.check_data_dir()

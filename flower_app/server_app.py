@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -47,7 +48,13 @@ from flower_app.runs.hooks import (
     calibration_table,
 )
 from flower_app.runs.prerequisites import check_prerequisites
-from flower_app.runs.results import RunDirectory, finish_run, partitions_frame
+from flower_app.runs.results import (
+    RunDirectory,
+    finish_run,
+    partitions_figure,
+    partitions_frame,
+    save_figure,
+)
 from flower_app.runs.runtime import (
     ModelEvaluator,
     initial_model,
@@ -345,6 +352,7 @@ def prepare(
     device = resolve_device(cfg.device)
     print(f"loading {cfg.dataset} and the initial {cfg.model} weights ...", flush=True)
     splits = run_splits(cfg)
+    check_shards(cfg, splits.train.labels.numpy())
     model = initial_model(cfg)
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if checkpoint is not None:
@@ -354,7 +362,10 @@ def prepare(
     with transport_errors_as_config_errors():
         accept_probes(carrier, replies, cfg.weights_transport)
     run_dir = open_run_dir(cfg, run_path, checkpoint is not None)
-    run_dir.write_csv("partitions.csv", partitions_frame(partitions))
+    shards = partitions_frame(partitions)
+    run_dir.write_csv("partitions.csv", shards)
+    picture = partitions_figure(shards, cfg.num_classes, shards_title(cfg))
+    save_figure(picture, run_dir.path / "partitions.png")
     print(f"run directory: {run_dir.path}; plan: {clock.describe()} rounds", flush=True)
     components = build_components(cfg, model, partitions, clock, run_dir, stopwatch, carrier)
     evaluator = ModelEvaluator(model, cfg, device)
@@ -418,6 +429,37 @@ def poll_quickly(grid: Grid) -> None:
     round (a look is a dictionary scan under a lock; deployment is not changed)."""
     if isinstance(grid, InMemoryGrid):
         grid.pull_interval = min(grid.pull_interval, SIMULATION_POLL_S)
+
+
+def check_shards(cfg: RunConfig, labels: np.ndarray) -> None:
+    """Dirichlet shards are drawn at random: whether every client gets its
+    ``dirichlet-min-size`` is known only after the draw, so the ServerApp draws them once,
+    as every node will, and refuses the run in one line before the nodes load anything."""
+    if cfg.sharding != "dirichlet":
+        return
+    from flower_app.data.partitioners import partition_indices
+
+    try:
+        partition_indices(
+            labels,
+            cfg.num_clients,
+            cfg.sharding,
+            cfg.classes_per_client,
+            cfg.seed,
+            **cfg.shard_options,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def shards_title(cfg: RunConfig) -> str:
+    """What the partition picture shows, in the run-config's words."""
+    detail = {
+        "iid": "",
+        "non-iid": f", classes-per-client={cfg.classes_per_client}",
+        "dirichlet": f", dirichlet-alpha={cfg.dirichlet_alpha:g}",
+    }[cfg.sharding]
+    return f"sharding={cfg.sharding}{detail}, num-clients={cfg.num_clients}, seed={cfg.seed}"
 
 
 @contextmanager

@@ -55,7 +55,17 @@ INVALID = [
     Invalid("model", "resnet18", "must be one of"),
     # the miniature presets name a pretrained-path; these cases need none
     Invalid("weights", "pretrained", "no published weights", {"pretrained-path": ""}),
-    Invalid("sharding", "dirichlet", "must be one of iid, non-iid"),
+    Invalid("sharding", "pathological", "must be one of iid, non-iid, dirichlet"),
+    Invalid("dirichlet-alpha", 0.0, "must be a finite number > 0", {"sharding": "dirichlet"}),
+    Invalid("dirichlet-min-size", -1, "must be an integer >= 0"),
+    Invalid(
+        "dirichlet-min-size",
+        500,
+        "x dirichlet-min-size=500 = 50000 exceeds the",
+        {"sharding": "dirichlet", "num-clients": 100},
+    ),
+    Invalid("tracking", "mlflow", "must be one of none, tensorboard, wandb"),
+    Invalid("wandb-mode", "cloud", "must be one of offline, online"),
     Invalid("strategy", "fedprox", "must be one of"),
     Invalid("pretrained-path", "/nonexistent/dino.pth", "must be an existing file"),
     Invalid("image-size", 30, "multiple of the patch size 4"),

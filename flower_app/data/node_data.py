@@ -23,7 +23,12 @@ def write_node_data(cfg: RunConfig, out: Path) -> list[Path]:
     splits = run_splits(cfg)
     train = splits.train
     parts = partition_indices(
-        train.labels.numpy(), cfg.num_clients, cfg.sharding, cfg.classes_per_client, cfg.seed
+        train.labels.numpy(),
+        cfg.num_clients,
+        cfg.sharding,
+        cfg.classes_per_client,
+        cfg.seed,
+        **cfg.shard_options,
     )
     paths = []
     for pid, idx in enumerate(parts):

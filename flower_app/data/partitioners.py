@@ -8,9 +8,11 @@ arithmetic itself lives there and works on label arrays only.
 
 from __future__ import annotations
 
+import warnings
+
 import datasets
 import numpy as np
-from flwr_datasets.partitioner import IidPartitioner, Partitioner
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
 from flower_app.data.partitioning import class_window_partition
 
@@ -70,12 +72,21 @@ class ClassWindowPartitioner(Partitioner):
 
 
 def partition_indices(
-    labels: np.ndarray, num_partitions: int, sharding: str, classes_per_client: int, seed: int
+    labels: np.ndarray,
+    num_partitions: int,
+    sharding: str,
+    classes_per_client: int,
+    seed: int,
+    *,
+    dirichlet_alpha: float = 0.5,
+    dirichlet_min_size: int = 10,
 ) -> list[np.ndarray]:
     """Sorted int64 indices into ``labels`` for each of the K client shards.
 
     "iid": a seeded shuffle cut by flwr-datasets' IidPartitioner into contiguous shards
-    (sizes differ by at most 1). "non-iid": ``ClassWindowPartitioner``.
+    (sizes differ by at most 1). "non-iid": ``ClassWindowPartitioner``. "dirichlet":
+    flwr-datasets' DirichletPartitioner (label shares per class ~ Dir(alpha), redrawn
+    until every shard holds ``dirichlet_min_size``), seeded with ``seed``.
     """
     labels = np.asarray(labels)
     if num_partitions < 1:
@@ -97,4 +108,44 @@ def partition_indices(
         windows = ClassWindowPartitioner(num_partitions, "label", classes_per_client, seed)
         windows.dataset = datasets.Dataset.from_dict({"label": labels})
         return windows.partition_rows()
-    raise ValueError(f"sharding={sharding!r}: must be 'iid' or 'non-iid'")
+    if sharding == "dirichlet":
+        return dirichlet_partition(
+            labels, num_partitions, dirichlet_alpha, dirichlet_min_size, seed
+        )
+    raise ValueError(f"sharding={sharding!r}: must be 'iid', 'non-iid' or 'dirichlet'")
+
+
+def dirichlet_partition(
+    labels: np.ndarray, num_partitions: int, alpha: float, min_size: int, seed: int
+) -> list[np.ndarray]:
+    """Flower Datasets' ``DirichletPartitioner`` on a label array, as sorted row indices.
+
+    It redraws up to 10 times when a shard is under ``min_size`` and warns each time;
+    the warnings are kept back and its final failure becomes one line naming the keys.
+    """
+    dirichlet = DirichletPartitioner(
+        num_partitions=num_partitions,
+        partition_by="label",
+        alpha=alpha,
+        min_partition_size=min_size,
+        self_balancing=False,  # Flower Datasets' default
+        seed=seed,
+    )
+    table = {"label": labels, "idx": np.arange(len(labels))}
+    dirichlet.dataset = datasets.Dataset.from_dict(table).with_format("arrow")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The specified min_partition_size")
+            return [
+                np.sort(dirichlet.load_partition(i)["idx"].to_numpy().astype(np.int64))
+                for i in range(num_partitions)
+            ]
+    except ValueError as exc:
+        if "max number of attempts" not in str(exc):
+            raise
+        raise ValueError(
+            f"sharding='dirichlet' with dirichlet-alpha={alpha:g} left a client under "
+            f"dirichlet-min-size={min_size} images in all 11 draws of Flower Datasets' "
+            f"DirichletPartitioner ({num_partitions} clients, {len(labels)} images): raise "
+            "dirichlet-alpha, or lower dirichlet-min-size or num-clients"
+        ) from None

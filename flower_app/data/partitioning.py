@@ -81,18 +81,30 @@ def partition_feasibility_error(
     num_partitions: int,
     sharding: str,
     classes_per_client: int,
+    min_size: int = 1,
 ) -> str | None:
-    """Why the partition cannot have the promised properties (one line), or None if it can."""
+    """Why the partition cannot have the promised properties (one line), or None if it can.
+
+    ``min_size`` is the Dirichlet shards' least size (``dirichlet-min-size``); whether a
+    draw meets it is random, so only the sure failure (K x min > N) is found here.
+    """
     k, nc, c = num_partitions, classes_per_client, num_classes
     if k < 1:
         return f"num-clients={k}: must be >= 1"
+    total = num_train_per_class * c
     if sharding == "iid":
-        total = num_train_per_class * c
         if k > total:
             return f"num-clients={k} exceeds the {total} training images: need at most {total}"
         return None
+    if sharding == "dirichlet":
+        if k * min_size > total:
+            return (
+                f"num-clients={k} x dirichlet-min-size={min_size} = {k * min_size} exceeds "
+                f"the {total} training images: lower either"
+            )
+        return None
     if sharding != "non-iid":
-        return f"sharding={sharding!r}: must be 'iid' or 'non-iid'"
+        return f"sharding={sharding!r}: must be 'iid', 'non-iid' or 'dirichlet'"
     if not 1 <= nc <= c:
         return f"classes-per-client={nc}: must be between 1 and the {c} classes"
     if k * nc < c:

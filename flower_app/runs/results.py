@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import save
@@ -158,6 +159,41 @@ def partitions_frame(replies: list[Mapping[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values("partition-id").reset_index(drop=True)
 
 
+def label_counts(partitions: pd.DataFrame, num_classes: int) -> np.ndarray:
+    """Images per (client, class) from ``partitions.csv``'s columns, clients by partition id."""
+    counts = np.zeros((len(partitions), num_classes), dtype=np.int64)
+    columns = zip(partitions["classes"], partitions["class-counts"], strict=True)
+    for row, (classes, held) in enumerate(columns):
+        for label, count in zip(str(classes).split(), str(held).split(), strict=True):
+            counts[row, int(label)] = int(count)
+    return counts
+
+
+def partitions_figure(partitions: pd.DataFrame, num_classes: int, title: str) -> Figure:
+    """Labels per client (a heat map, clients by partition id) and shard sizes.
+
+    Drawn from what the nodes reported (``partitions.csv``), so it is the same picture in
+    a deployment, where the ServerApp holds no partitioner; Flower Datasets'
+    ``plot_label_distributions`` draws from a partitioner and its data set.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = label_counts(partitions, num_classes)
+    fig, (ax_map, ax_size) = plt.subplots(
+        2, 1, figsize=(10, 7), height_ratios=(3, 1), sharex=True, layout="constrained"
+    )
+    image = ax_map.imshow(counts.T, aspect="auto", interpolation="nearest", cmap="viridis")
+    ax_map.set(ylabel="class", title="images per class and client")
+    ax_size.bar(np.arange(len(counts)), counts.sum(axis=1), width=1.0)
+    ax_size.set(xlabel="client (partition id)", ylabel="images", title="shard size")
+    fig.colorbar(image, ax=[ax_map, ax_size], label="images (heat map)")  # one width for both
+    fig.suptitle(title)
+    return fig
+
+
 def metrics_figure(
     frame: pd.DataFrame, title: str, test_accuracy: float | None, num_classes: int | None
 ) -> Figure:
@@ -210,7 +246,8 @@ def save_figure(fig: Figure, path: Path) -> Path:
 
     try:
         with atomic_path(path) as tmp:
-            fig.tight_layout()
+            if fig.get_layout_engine() is None:  # a figure may bring its own (constrained)
+                fig.tight_layout()
             fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)

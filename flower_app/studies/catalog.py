@@ -16,9 +16,14 @@ from flower_app.config import ConfigError, load_preset
 from strategies.masks import MASK_STRATEGIES
 from strategies.server_rules import RULES
 
-STUDIES = ("fedavg", "heterogeneity", "local-steps", "mask-strategies", "centralized")
+# the seed study's questions (what ``all`` runs), then this project's extensions
+PAPER_STUDIES = ("fedavg", "heterogeneity", "local-steps", "mask-strategies", "centralized")
+STUDIES = (*PAPER_STUDIES, "label-skew")
 ALL = "all"
 CLASSES_PER_CLIENT = (1, 5, 10, 50)
+# label-skew: Dir(alpha) shards from near one class (0.05) to near IID (100), the range
+# federated papers and FL-bench report (0.1, 0.5 and 1.0 the most common)
+DIRICHLET_ALPHAS = (0.05, 0.1, 0.5, 1.0, 100.0)
 LOCAL_STEPS = (4, 8, 16)
 BASE_LOCAL_STEPS = 4  # the canonical J: rounds at J are base rounds x 4 / J
 QUESTIONS = {
@@ -28,6 +33,8 @@ QUESTIONS = {
     "local-steps": "more local steps, fewer rounds (J x rounds constant)",
     "mask-strategies": "sparse FedAvg at sparsity 0.9 with each mask strategy, against dense",
     "centralized": "the upper bound: the same model and data, trained centrally",
+    "label-skew": "the same question with Dirichlet label skew (Dir(alpha) shares per "
+    "class), as most federated papers report it",
 }
 # --quick: the miniature of every study (configs/miniature*.toml, each departure from the
 # paper explained there): synthetic data, the tiny ViT pretrained by fl-pretrain, K=100,
@@ -98,6 +105,11 @@ def study_settings(study: str, base: dict[str, Any]) -> list[Setting]:
         return [Setting("dense", {"strategy": "fedavg"}), *masks]
     if study == "centralized":
         return [Setting("centralized", {}, centralized=True)]
+    if study == "label-skew":
+        return [
+            Setting(f"dir{alpha:g}", {"sharding": "dirichlet", "dirichlet-alpha": alpha})
+            for alpha in DIRICHLET_ALPHAS
+        ]
     raise ConfigError(f"study {study!r} is not allowed: must be one of {', '.join(expand(ALL))}")
 
 
@@ -124,8 +136,8 @@ def crossed(settings: list[Setting], strategies: list[str]) -> list[Setting]:
 
 
 def expand(study: str) -> list[str]:
-    """``all`` is every study; any other name is itself."""
-    return list(STUDIES) if study == ALL else [study]
+    """``all`` is the seed study's every question; any other name is itself."""
+    return list(PAPER_STUDIES) if study == ALL else [study]
 
 
 def base_config(app_dir: Path, quick: bool, centralized: bool) -> dict[str, Any]:

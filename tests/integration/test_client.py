@@ -73,6 +73,29 @@ def test_partition_query_reports_shard():
     assert sum(metrics[protocol.CLASS_COUNTS]) == metrics[protocol.NUM_EXAMPLES] == 450
 
 
+def test_dirichlet_shards_of_the_simulation_equal_the_node_data_writer(tmp_path):
+    """A deployment's node data (written once) holds the shards a simulation deals out."""
+    from flower_app.data.node_data import write_node_data
+    from flower_app.data.sources import load_node_data
+
+    config = CONFIG | {"sharding": "dirichlet", "dirichlet-alpha": 0.3, "dirichlet-min-size": 5}
+    paths = write_node_data(RunConfig.from_run_config(config), tmp_path)
+    grid = InProcessGrid(client_app.app, config, num_nodes=4)
+    queries = [
+        Message(RecordDict(), dst_node_id=1000 + i, message_type=protocol.QUERY_PARTITION)
+        for i in range(4)
+    ]
+    sizes = []
+    for reply in grid.send_and_receive(queries):
+        metrics = reply.content[protocol.METRICS]
+        written = load_node_data(paths[metrics[protocol.PARTITION_ID]].parent).labels
+        classes, counts = torch.unique(written, return_counts=True)
+        assert metrics[protocol.CLASSES] == classes.tolist()
+        assert metrics[protocol.CLASS_COUNTS] == counts.tolist()
+        sizes.append(metrics[protocol.NUM_EXAMPLES])
+    assert sum(sizes) == 1800 and min(sizes) >= 5 and max(sizes) - min(sizes) > 10  # skewed
+
+
 def test_node_local_data_dir_replaces_the_shared_partition(tmp_path):
     from flower_app.data.sources import ImageSplit, save_node_data
 

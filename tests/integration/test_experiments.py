@@ -64,6 +64,8 @@ def test_studies_cover_the_questions():
         "random",
     ]
     assert names["fedavg"] == ["iid", "iid-random-init"]
+    assert names["label-skew"] == ["dir0.05", "dir0.1", "dir0.5", "dir1", "dir100"]
+    assert experiments.expand("all") == [s for s in experiments.STUDIES if s != "label-skew"]
     sparse = study_settings("mask-strategies", {})[1:]
     assert all(s.overrides["strategy"] == "sparse-fedavg" for s in sparse)
     assert study_settings("centralized", {})[0].centralized
@@ -202,6 +204,18 @@ def test_the_miniature_runs_in_process_unless_told_otherwise(tmp_path, capsys, a
     if argv:  # the miniature names the backbone, which is missing: the runner would make it
         assert f"first: fl-pretrain --output {backbone} (the pretrained backbone" in out
     assert not backbone.exists() and not (tmp_path / "out").exists()
+
+
+def test_the_label_skew_study_plans_every_alpha_at_both_scales(tmp_path, capsys):
+    backbone = tmp_path / "vit_tiny_test-synthetic-pretrain-seed0.safetensors"
+    where = ["--output-dir", str(tmp_path / "out"), "--app", str(ROOT)]
+    for scale in (["--quick"], []):
+        argv = ["label-skew", *scale, "--dry-run", f"pretrained-path={backbone}", *where]
+        assert experiments.main(argv) == 0
+        out = capsys.readouterr().out
+        for alpha in ("0.05", "0.1", "0.5", "1", "100"):
+            assert f"label-skew/dir{alpha}-seed0" in out
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_files_stop_the_sweep_before_the_backbone_is_made(tmp_path, capsys, monkeypatch):

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from flower_app import client_app
 from flower_app.config import ConfigError
 from flower_app.runs.checkpoint import (
     CHECKPOINT_NAME,
@@ -231,6 +232,23 @@ def test_bad_input_fails_before_any_work_with_one_line(tmp_path, overrides, text
         run(config)
     assert text in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / "bad").exists()  # no results directory claiming anything
+
+
+def test_a_dirichlet_draw_that_misses_the_minimum_stops_the_run_before_the_nodes_load(
+    tmp_path, monkeypatch
+):
+    """10 clients x 800 of 9,000 images fits, but Dir(0.01) shards are nowhere near equal."""
+
+    def no_node_work(*args, **kwargs):
+        raise AssertionError("a node loaded its data for a run the server refuses")
+
+    monkeypatch.setattr(client_app, "get_runtime", no_node_work)
+    skewed = {"sharding": "dirichlet", "dirichlet-alpha": 0.01, "dirichlet-min-size": 800}
+    with pytest.raises(ConfigError) as info:
+        run(quick_run_config(output_dir=str(tmp_path), run_name="skewed") | skewed)
+    message = str(info.value)
+    assert "dirichlet-min-size=800" in message and "in all 11 draws" in message
+    assert "\n" not in message and not (tmp_path / "skewed").exists()
 
 
 def test_calibration_rounds_tolerate_failures(tmp_path):

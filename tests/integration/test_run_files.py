@@ -6,12 +6,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import matplotlib.image
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from flower_app.config import RunConfig
+from flower_app.data.partitioners import partition_indices
 from flower_app.runs.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from flower_app.runs.results import WEIGHTS_CONTENT, WEIGHTS_FORMAT
+from flower_app.runs.results import WEIGHTS_CONTENT, WEIGHTS_FORMAT, label_counts
+from flower_app.runs.runtime import run_splits
 from flower_app.runs.task_vectors import apply_task_vector, initial_weights, load_task_vector
 from tests.conftest import quick_run_config
 from tests.run_in_process import run
@@ -40,7 +46,8 @@ def quick_runs(tmp_path_factory) -> dict[str, Path]:
     """A quick dense and a quick sparse run, both under ``UMASK``."""
     out = tmp_path_factory.mktemp("runs")
     with umask(UMASK):
-        run(quick_run_config(**SMALL, output_dir=str(out), run_name="dense"))
+        dense = quick_run_config(**SMALL, output_dir=str(out), run_name="dense")
+        run(dense | {"sharding": "dirichlet", "dirichlet-alpha": 0.3})
         run(quick_run_config(**SMALL, **SPARSE, output_dir=str(out), run_name="sparse"))
     return {"dense": out / "dense", "sparse": out / "sparse"}
 
@@ -48,8 +55,23 @@ def quick_runs(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("kind", ["dense", "sparse"])
 def test_every_run_file_has_the_mode_of_an_ordinary_file(quick_runs, kind):
     modes = file_modes(quick_runs[kind])
-    assert {"summary.json", "metrics.png", CHECKPOINT_NAME, "final_model.safetensors"} <= set(modes)
+    expected = {"summary.json", "metrics.png", "partitions.png", CHECKPOINT_NAME}
+    assert expected | {"final_model.safetensors"} <= set(modes)
     assert modes == dict.fromkeys(modes, 0o640)  # 0o666 & ~0o027
+
+
+def test_the_partition_picture_shows_the_dirichlet_shards_the_nodes_reported(quick_runs):
+    run_dir = quick_runs["dense"]
+    shards = pd.read_csv(run_dir / "partitions.csv")
+    saved = json.loads((run_dir / "config.json").read_text())
+    cfg = RunConfig.from_run_config({k: v for k, v in saved.items() if k in set(RunConfig.keys())})
+    labels = run_splits(cfg).train.labels.numpy()
+    parts = partition_indices(labels, 4, "dirichlet", 1, cfg.seed, **cfg.shard_options)
+    expected = np.stack([np.bincount(labels[p], minlength=100) for p in parts])
+    assert np.array_equal(label_counts(shards, 100), expected)  # the nodes' own shards
+    assert (expected > 0).sum(axis=1).min() < 80  # skewed: at alpha 0.3 some miss many classes
+    picture = matplotlib.image.imread(run_dir / "partitions.png")
+    assert picture.shape[:2] == (700, 1000)  # 10 x 7 inches at 100 dpi
 
 
 @pytest.mark.parametrize("kind", ["dense", "sparse"])

@@ -148,3 +148,15 @@ def test_fisher_score_reaches_the_fisher_query(score):
     nodes = {pid: 1000 + pid for pid in range(cfg.num_clients)}
     strategy = build_strategy(cfg, model, nodes, plan_for(cfg))
     assert strategy.fisher_config[protocol.FISHER_SCORE] == cfg.fisher_score
+
+
+def test_run_names_say_how_the_data_was_sharded():
+    def name(**keys):
+        return RunConfig.from_run_config(keys).resolved_run_name("T")
+
+    assert name() == "fedavg_iid_J4_seed0_T"
+    assert name(sharding="non-iid", **{"classes-per-client": 5}) == "fedavg_nc5_J4_seed0_T"
+    assert name(sharding="dirichlet", **{"dirichlet-alpha": 0.1}) == "fedavg_dir0.1_J4_seed0_T"
+    assert name(**{"server-rule": "fedadam", "proximal-mu": 0.01}) == (
+        "fedavg-fedadam-prox0.01_iid_J4_seed0_T"
+    )

@@ -1,4 +1,4 @@
-"""Client partitions: IID and class-window non-IID shards, and the feasibility check."""
+"""Client partitions: IID, class-window non-IID and Dirichlet shards, and the feasibility check."""
 
 from __future__ import annotations
 
@@ -115,5 +115,49 @@ def test_feasibility_messages_name_the_values_and_the_limit():
 
 
 def test_unknown_sharding_is_refused():
-    with pytest.raises(ValueError, match="sharding"):
-        partition_indices(LABELS, 10, "dirichlet", 1, seed=0)
+    with pytest.raises(ValueError, match="'iid', 'non-iid' or 'dirichlet'"):
+        partition_indices(LABELS, 10, "pathological", 1, seed=0)
+
+
+def _dirichlet(alpha: float, seed: int = 0, k: int = 100, min_size: int = 10) -> list[np.ndarray]:
+    return partition_indices(
+        LABELS, k, "dirichlet", 1, seed, dirichlet_alpha=alpha, dirichlet_min_size=min_size
+    )
+
+
+def _label_skew(parts: list[np.ndarray]) -> float:
+    """Mean total-variation distance between a client's label shares and the global ones
+    (0: every client holds the global mix; 1: disjoint supports)."""
+    overall = np.bincount(LABELS, minlength=100) / len(LABELS)
+    shares = [np.bincount(LABELS[p], minlength=100) / len(p) for p in parts]
+    return float(np.mean([0.5 * np.abs(s - overall).sum() for s in shares]))
+
+
+def test_dirichlet_shards_are_seeded_and_hold_the_minimum():
+    parts = _dirichlet(0.5)
+    sizes = _check_shards(parts, LABELS)
+    assert len(parts) == 100 and sizes.min() >= 10
+    assert _same(parts, _dirichlet(0.5))
+    assert not _same(parts, _dirichlet(0.5, seed=1))
+    # a high minimum is still met (Flower Datasets redraws until it is)
+    assert _check_shards(_dirichlet(0.5, min_size=200), LABELS).min() >= 200
+
+
+def test_smaller_dirichlet_alpha_gives_more_label_skew():
+    skew = {alpha: _label_skew(_dirichlet(alpha)) for alpha in (0.05, 0.5, 100.0)}
+    # seen at seed 0: 0.05 -> 0.83, 0.5 -> 0.47, 100 -> 0.06 (the noise of ~450 images)
+    assert skew[0.05] > skew[0.5] + 0.15 > skew[100.0] + 0.3, skew
+    classes = [len(np.unique(LABELS[p])) for p in _dirichlet(0.05)]
+    assert np.mean(classes) < 50  # few classes each, where alpha=100 gives nearly all 100
+    assert np.mean([len(np.unique(LABELS[p])) for p in _dirichlet(100.0)]) > 95
+
+
+def test_dirichlet_draws_that_miss_the_minimum_are_one_line_errors():
+    with pytest.raises(ValueError, match="dirichlet-min-size=440") as failed:
+        _dirichlet(0.01, min_size=440)
+    message = str(failed.value)
+    assert "dirichlet-alpha=0.01" in message and "\n" not in message
+    assert "raise dirichlet-alpha" in message
+    sure = partition_feasibility_error(450, 100, 100, "dirichlet", 1, min_size=451)
+    assert "num-clients=100 x dirichlet-min-size=451 = 45100 exceeds the 45000" in sure
+    assert partition_feasibility_error(450, 100, 100, "dirichlet", 1, min_size=450) is None

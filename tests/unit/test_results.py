@@ -306,3 +306,14 @@ def test_metrics_plot_marks_the_test_accuracy_and_chance():
     bare = metrics_figure(frame, "run", None, None)
     assert list(_accuracy_lines(bare)) == ["validation"]
     plt.close(bare)
+
+
+def test_label_counts_read_the_partitions_table_back():
+    from flower_app.runs.results import label_counts, partitions_frame
+
+    replies = [
+        {"partition-id": 1, "num-examples": 5, "classes": [0, 2], "class-counts": [4, 1]},
+        {"partition-id": 0, "num-examples": 3, "classes": [1], "class-counts": [3]},
+    ]
+    counts = label_counts(partitions_frame(replies), 3)
+    assert counts.tolist() == [[0, 3, 0], [4, 0, 1]]  # rows by partition id
