@@ -12,6 +12,7 @@ import difflib
 import json
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -587,15 +588,46 @@ def load_preset(path: Path) -> dict[str, Any]:
         raise ConfigError(f"run-config preset {str(path)!r} is not valid TOML: {exc}") from None
 
 
-def parse_overrides(items: list[str]) -> dict[str, str]:
-    """``key=value`` items (as ``flwr run --run-config`` takes them); values stay strings."""
-    out = {}
+# flwr.common.config.parse_config_args's pattern, with an empty value allowed (``key=``
+# clears a string key; Flower's pattern would drop the pair without a word)
+_PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S*)")
+
+
+def parse_pairs(items: list[str], flag: str = "override") -> dict[str, str]:
+    """``key=value`` pairs as ``flwr run --run-config`` / ``--federation-config`` take them.
+
+    The one parser of every command line here: an item may hold several pairs separated by
+    spaces, as Flower's; a value in '...' or "..." may hold spaces (the quotes are dropped,
+    as Flower's TOML reading drops them), any other runs to the next space; values stay
+    strings (the schema types them). Text that is no pair is refused in one line, where
+    Flower would drop it silently.
+    """
+    pairs: dict[str, str] = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not allowed: write key=value")
-        out[key.strip()] = value.strip().strip('"')
-    return out
+        found = _PAIR.findall(item)
+        if not found or _PAIR.sub("", item).strip():
+            raise ConfigError(
+                f"{flag} {item!r} is not allowed: write key=value (several separated by "
+                "spaces; quote a value that holds spaces: key='a b')"
+            )
+        pairs.update((key, _unquoted(value)) for key, value in found)
+    return pairs
+
+
+def _unquoted(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
+def flower_value(value: str) -> str:
+    """A parsed value written back for Flower, which reads it as TOML: numbers and booleans
+    bare, anything else quoted."""
+    try:
+        tomllib.loads(f"v = {value}")
+    except tomllib.TOMLDecodeError:
+        return json.dumps(value)
+    return value
 
 
 def write_run_config(path: Path, config: dict[str, Any]) -> Path:

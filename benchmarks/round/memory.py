@@ -1,4 +1,4 @@
-"""Host memory of a simulation, sampled from /proc while a run goes.
+"""Host memory of a simulation, sampled (psutil) while a run goes.
 
 Why: the memory of the SuperLink, ServerApp, Ray and its workers has to stay flat over
 the rounds; a sampler thread reads it with the round count so it can be fitted per round.
@@ -16,30 +16,26 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 
-from flower_app.cli.local_superlink import pids_with_env
+from flower_app.cli.local_superlink import is_run_process, pids_with_env
 from strategies.transport.shared_weights import shared_root
 
 
 def _read_memory_mb(pid: int) -> tuple[float, float] | None:
-    """(RSS, PSS) of one process in MB, or None when it is gone or unreadable."""
+    """(RSS, PSS) of one process in MB, or None when it is gone or unreadable. Where the
+    system has no PSS (macOS, Windows), USS stands in: both count shared pages once."""
     try:
-        rss_pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
-        pss_kb = 0.0
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                pss_kb = float(line.split()[1])
-                break
-    except (OSError, ValueError, IndexError):
+        info = psutil.Process(pid).memory_full_info()
+    except psutil.Error:
         return None
-    return rss_pages * os.sysconf("SC_PAGE_SIZE") / 2**20, pss_kb / 1024
+    return info.rss / 2**20, getattr(info, "pss", info.uss) / 2**20
 
 
 def _parent_pid(pid: int) -> int:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
+        return psutil.Process(pid).ppid()
+    except psutil.Error:
         return -1
 
 
@@ -52,17 +48,6 @@ def simulation_pids(marker: bytes, keep: int) -> list[int]:
     """
     me = os.getpid()
     return [pid for pid in pids_with_env(marker) if pid == keep or _parent_pid(pid) != me]
-
-
-SERVER_PROCESSES = (b"flwr-simulation", b"flwr-serverapp")  # where the ServerApp runs
-
-
-def _is_server(pid: int) -> bool:
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return any(name in arg for arg in argv[:2] for name in SERVER_PROCESSES)
 
 
 def folder_mb(root: Path) -> float:
@@ -125,7 +110,7 @@ class MemorySampler:
                 mem = _read_memory_mb(pid)
                 if mem is not None:
                     rss, pss = rss + mem[0], pss + mem[1]
-                    server += mem[1] if _is_server(pid) else 0.0
+                    server += mem[1] if is_run_process(pid) else 0.0
             rounds = self._rounds_done()
             sample = MemorySample(time.monotonic() - start, rounds, rss, pss, len(pids))
             sample.server_pss_mb, sample.shared_mb = server, folder_mb(shared_root())

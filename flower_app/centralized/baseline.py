@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from clients.training import Preprocess, batch_schedule, sgd_step
-from flower_app.config import ConfigError, RunConfig, load_preset, parse_overrides
+from flower_app.config import ConfigError, RunConfig, load_preset, parse_pairs
 from flower_app.data.preprocessing import batch_preprocessor
 from flower_app.data.sources import ImageSplit
 from flower_app.perf.allocator import keep_freed_memory
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_preset(args.run_config) if args.run_config else {}
-        config |= parse_overrides(args.overrides)
+        config |= parse_pairs(args.overrides)
         cfg = RunConfig.from_run_config(config)
         check_centralized(cfg)
         check_prerequisites(cfg)  # output folder, data, weights: every missing piece at once

@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from flower_app.config import ConfigError, RunConfig, parse_overrides
+from flower_app.config import ConfigError, RunConfig, parse_pairs
 from flower_app.data.sources import SYNTHETIC_SEEDS
 from flower_app.models.backbone_cache import default_backbone_path, make_command
 from flower_app.runs.results import WEIGHTS_FORMAT, atomic_write_bytes
@@ -220,9 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.seed < 0:
             raise ConfigError(f"--seed {args.seed} is not allowed: must be an integer >= 0")
-        ensure_backbone(
-            output, args.seed, parse_overrides(args.overrides), args.force, _print_flushed
-        )
+        ensure_backbone(output, args.seed, parse_pairs(args.overrides), args.force, _print_flushed)
     except (ConfigError, PretrainError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 TIMED_OUT = "timeout"  # RunOutcome.status of a run stopped by run_to_end's timeout
 
 
@@ -106,38 +108,41 @@ def superlink_security_args(tls: TlsFiles | None, supernode_auth: bool) -> list[
 
 
 def pids_with_env(marker: bytes) -> list[int]:
-    """PIDs whose environment holds ``marker`` (a ``KEY=value`` entry)."""
+    """PIDs whose environment holds ``marker`` (a ``KEY=value`` entry), through psutil (so
+    wherever psutil reads environments: Linux, macOS, Windows); other users' processes,
+    which it may not read, are skipped."""
+    key, _, value = marker.decode().partition("=")
+    me = os.getpid()
     pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+    for proc in psutil.process_iter():
+        if proc.pid == me:
             continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if marker in environ.split(b"\0"):
-            pids.append(int(entry.name))
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.environ().get(key) == value:
+                pids.append(proc.pid)
     return pids
 
 
 RUN_PROCESSES = ("flwr-simulation", "flwr-serverapp")  # one per running run, ends with it
 
 
+def is_run_process(pid: int) -> bool:
+    """Whether ``pid`` runs a run's simulation or ServerApp (by its first two arguments:
+    the executable, or the interpreter and the script)."""
+    try:
+        argv = psutil.Process(pid).cmdline()[:2]
+    except psutil.Error:
+        return False
+    return any(Path(arg).name in RUN_PROCESSES for arg in argv)
+
+
 def run_process_pids(marker: bytes) -> set[int]:
     """PIDs of the runs' own processes (a run's simulation or ServerApp) with ``marker``.
 
-    Reading /proc costs milliseconds where a ``flwr ls`` costs a CPU-second, so a wait can
-    watch these often and ask ``flwr ls`` as soon as one of them ends.
+    A process table scan costs milliseconds where a ``flwr ls`` costs a CPU-second, so a
+    wait can watch these often and ask ``flwr ls`` as soon as one of them ends.
     """
-    pids = set()
-    for pid in pids_with_env(marker):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2]
-        except OSError:
-            continue
-        if any(Path(arg.decode(errors="replace")).name in RUN_PROCESSES for arg in argv):
-            pids.add(pid)
-    return pids
+    return {pid for pid in pids_with_env(marker) if is_run_process(pid)}
 
 
 def wait_until_gone(marker: bytes, seconds: float) -> bool:
@@ -442,7 +447,7 @@ class LocalSuperLink:
 
         Each ``flwr ls`` is a new Python process, which on a small machine competes with
         the run itself, so the poll interval grows from 1 s to 5 s. In between, the runs'
-        own processes are watched in /proc (``run_process_pids``) every ``WATCH_S``: when
+        own processes are watched (``run_process_pids``) every ``WATCH_S``: when
         one ends, ``flwr ls`` is asked at once, so a finished run is seen without waiting
         for the next poll.
         """
@@ -479,7 +484,7 @@ class LocalSuperLink:
             self.process.wait(timeout=10)
 
 
-WATCH_S = 0.25  # how often wait_for_run looks for an ended run process in /proc
+WATCH_S = 0.25  # how often wait_for_run looks for an ended run process
 
 
 def _watch_until_one_ends(marker: bytes, seconds: float) -> bool:

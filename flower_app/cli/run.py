@@ -30,8 +30,9 @@ from flower_app.config import (
     ConfigError,
     RunConfig,
     app_defaults,
+    flower_value,
     load_preset,
-    parse_overrides,
+    parse_pairs,
     write_run_config,
 )
 from flower_app.runs.prerequisites import check_prerequisites
@@ -45,7 +46,6 @@ STATUS_WAIT_S = 60.0  # the status may trail the end of the log stream by a mome
 GPU_SHARE = "0.25"  # at most 4 clients per GPU (docs/configuration.md, "fl-run")
 RESOURCE_KEYS = ("client-resources-num-cpus", "client-resources-num-gpus")
 # flwr's own key=value pattern (flwr.common.config.parse_config_args), quoted values kept
-_PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
 _STARTED = re.compile(r"Successfully started run (\d+)")  # flwr 1.42, cli/run/run.py
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -111,7 +111,7 @@ def merged_run_config(app: Path, items: list[str], local: bool = True) -> dict[s
     merged = app_defaults(app)
     if preset is not None:
         merged |= load_preset(preset)
-    merged |= parse_overrides(overrides)
+    merged |= parse_pairs(overrides)
     for key in ("output-dir", "data-dir"):
         value = merged.get(key)
         if isinstance(value, str) and value and not value.startswith("~"):
@@ -124,17 +124,6 @@ def merged_run_config(app: Path, items: list[str], local: bool = True) -> dict[s
 
 
 # ---- the federation -------------------------------------------------------------------------
-def parse_pairs(items: list[str]) -> dict[str, str]:
-    """``--federation-config`` key=value pairs, as flwr reads them (values kept verbatim)."""
-    pairs: dict[str, str] = {}
-    for item in items:
-        found = _PAIR.findall(item)
-        if item.strip() and not found:
-            raise ConfigError(f'--federation-config {item!r} is not allowed: write "key=value"')
-        pairs.update(found)
-    return pairs
-
-
 def machine_resources() -> dict[str, str]:
     """Client resources for this machine: a quarter GPU per client with CUDA, else CPU only."""
     import torch
@@ -148,7 +137,7 @@ def federation_config(items: list[str], num_clients: int) -> str:
 
     Resources the user gave are kept; missing ones are chosen for this machine.
     """
-    pairs = parse_pairs(items)
+    pairs = parse_pairs(items, "--federation-config")
     given = pairs.pop("num-supernodes", None)
     if given is not None and not _same_int(given, num_clients):
         raise ConfigError(
@@ -158,12 +147,12 @@ def federation_config(items: list[str], num_clients: int) -> str:
     if any(key not in pairs for key in RESOURCE_KEYS):
         pairs = machine_resources() | pairs
     pairs = {"num-supernodes": str(num_clients)} | pairs
-    return " ".join(f"{key}={value}" for key, value in pairs.items())
+    return " ".join(f"{key}={flower_value(value)}" for key, value in pairs.items())
 
 
 def _same_int(raw: str, value: int) -> bool:
     try:
-        return int(raw.strip("'\"")) == value
+        return int(raw) == value
     except ValueError:
         return False
 

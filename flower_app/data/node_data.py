@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flower_app.config import RunConfig, load_preset, parse_overrides
+from flower_app.config import RunConfig, load_preset, parse_pairs
 from flower_app.data.sources import ImageSplit, save_node_data
 from flower_app.data.partitioners import partition_indices
 from flower_app.runs.runtime import run_splits
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value run-config overrides")
     args = parser.parse_args(argv)
     config = load_preset(args.run_config) if args.run_config else {}
-    config |= parse_overrides(args.overrides)
+    config |= parse_pairs(args.overrides)
     paths = write_node_data(RunConfig.from_run_config(config), args.out.resolve())
     print(f"wrote {len(paths)} node data sets under {args.out.resolve()}")
 

@@ -37,7 +37,7 @@ from flower_app.config import (
     ConfigError,
     RunConfig,
     app_defaults,
-    parse_overrides,
+    parse_pairs,
     write_run_config,
 )
 from flower_app.models.backbone_cache import backbone_seed, make_command
@@ -140,7 +140,7 @@ def plan(args: argparse.Namespace) -> list[PlannedRun]:
     """Every run of the sweep with its validated run-config (no work starts on a bad one)."""
     if args.seeds < 1:
         raise ConfigError(f"--seeds {args.seeds} is not allowed: must be an integer >= 1")
-    overrides = parse_overrides(args.overrides)
+    overrides = parse_pairs(args.overrides)
     for key in ("seed", "output-dir", "run-name", "resume"):
         if key in overrides:
             raise ConfigError(f"override {key!r} is not allowed: the sweep runner sets it per run")

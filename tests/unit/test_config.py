@@ -7,7 +7,8 @@ import tomllib
 
 import pytest
 
-from flower_app.config import ConfigError, RunConfig
+from flower_app.cli.run import federation_config
+from flower_app.config import ConfigError, RunConfig, parse_pairs
 from flower_app.models.backbone_cache import PRETRAINED_DIR, backbone_seed
 from flower_app.models.factory import create_initial_model
 from flower_app.server_app import build_strategy, plan_for
@@ -159,4 +160,35 @@ def test_run_names_say_how_the_data_was_sharded():
     assert name(sharding="dirichlet", **{"dirichlet-alpha": 0.1}) == "fedavg_dir0.1_J4_seed0_T"
     assert name(**{"server-rule": "fedadam", "proximal-mu": 0.01}) == (
         "fedavg-fedadam-prox0.01_iid_J4_seed0_T"
+    )
+
+
+@pytest.mark.parametrize(
+    ("items", "pairs"),
+    [
+        # where the run-config parser and the federation parser disagreed before they were one
+        (["a=1 b=2"], {"a": "1", "b": "2"}),  # several pairs in one item, as flwr takes them
+        (["run-name='x y'"], {"run-name": "x y"}),  # quotes dropped, spaces kept
+        (['run-name="x"'], {"run-name": "x"}),
+        (["pretrained-path="], {"pretrained-path": ""}),  # an empty value clears a string
+        # and what both did alike
+        (["run-name=a=b"], {"run-name": "a=b"}),
+        (["seed=1", "seed=2"], {"seed": "2"}),  # the last one wins
+    ],
+)
+def test_key_value_pairs_are_read_as_flower_reads_them(items, pairs):
+    assert parse_pairs(items) == pairs
+
+
+@pytest.mark.parametrize("item", ["seed", "=3", "seed=1 junk", "run-name=a b"])
+def test_text_that_is_no_pair_is_refused_in_one_line(item):
+    with pytest.raises(ConfigError, match=r"^--federation-config .* is not allowed: write key="):
+        parse_pairs([item], "--federation-config")
+
+
+def test_federation_values_go_back_to_flower_as_toml():
+    given = ["client-resources-num-gpus='0.5' client-resources-num-cpus=2", "backend-name=ray"]
+    assert federation_config(given, 10) == (
+        "num-supernodes=10 client-resources-num-gpus=0.5 client-resources-num-cpus=2 "
+        'backend-name="ray"'
     )
