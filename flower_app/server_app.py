@@ -3,7 +3,8 @@
 ``main`` reads as those three steps. Preparing validates everything before heavy work
 and builds the run's components: the round clock, the strategy and the hooks declared
 in ``round_hooks``. Running is the strategy's loop over the clock. Finishing tests the
-final and the best model and writes the weights and ``summary.json``.
+final and the best model, writes the weights and ``summary.json`` and ends the tracker
+run (``runs/tracking.py``, off unless the run-config's ``tracking`` names one).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import functools
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,7 @@ from flower_app.runs.runtime import (
     to_device,
 )
 from flower_app.runs.schedule import lr_at_round
+from flower_app.runs.tracking import Tracker, make_tracker
 from strategies import protocol
 from strategies.fedavg import OrderedFedAvg
 from strategies.masks import eligible_names, mask_density, needs_fisher
@@ -232,6 +234,7 @@ class Components:
     calibration: MetricsTable
     best: BestModel
     stopwatch: Stopwatch
+    tracker: Tracker
 
     def saveables(self) -> dict[str, Saveable]:
         return dict(vars(self))
@@ -256,6 +259,7 @@ def round_hooks(
         c.best,
         c.metrics,
         c.calibration,
+        c.tracker,  # after the tables: it logs their rows
         ProgressLog(c.clock, c.stopwatch.total, write=lambda line: print(line, flush=True)),
         # last: it saves what the hooks before it recorded
         Checkpointer(
@@ -284,12 +288,17 @@ class PreparedRun:
     test: ImageSplit
 
 
+def resolved_config(cfg: RunConfig, run_path: Path) -> dict:
+    """The run-config as ``config.json`` holds it (and the tracker run's config)."""
+    return cfg.to_dict() | {"run-name": run_path.name}
+
+
 def open_run_dir(cfg: RunConfig, run_path: Path, resumed: bool) -> RunDirectory:
     """A fresh run directory with ``config.json``, or the one a resumed run continues."""
     if resumed:
         return RunDirectory(run_path)
     run_dir = RunDirectory.create(run_path.parent, run_path.name)
-    run_dir.write_json("config.json", cfg.to_dict() | {"run-name": run_path.name})
+    run_dir.write_json("config.json", resolved_config(cfg, run_path))
     return run_dir
 
 
@@ -315,6 +324,7 @@ def build_components(
     run_dir: RunDirectory,
     stopwatch: Stopwatch,
     carrier: WeightCarrier,
+    tracker: Tracker,
 ) -> Components:
     to_node = {int(p[protocol.PARTITION_ID]): p["node-id"] for p in partitions}
     sizes = {int(p[protocol.PARTITION_ID]): int(p[protocol.NUM_EXAMPLES]) for p in partitions}
@@ -325,19 +335,27 @@ def build_components(
         calibration_table(run_dir),
         BestModel(),
         stopwatch,
+        tracker,
     )
 
 
 def resume_from(checkpoint: Checkpoint, components: Components, run_path: Path) -> ArrayRecord:
-    """Every component loads its own state; the run continues from the saved weights."""
-    restore(checkpoint, components.saveables(), run_path / CHECKPOINT_NAME)
+    """Every component loads its own state; the run continues from the saved weights.
+
+    A checkpoint without a tracker's state (written before tracking existed) starts a new
+    tracker run: ``tracking`` is operational.
+    """
+    saveables = components.saveables()
+    if "tracker" not in checkpoint.components:
+        del saveables["tracker"]
+    restore(checkpoint, saveables, run_path / CHECKPOINT_NAME)
     clock = components.clock
     print(f"resuming after round {clock.completed} of {clock.total_rounds}", flush=True)
     return ArrayRecord(checkpoint.arrays)
 
 
 def prepare(
-    grid: Grid, cfg: RunConfig, run_path: Path, carrier: WeightCarrier
+    grid: Grid, cfg: RunConfig, run_path: Path, carrier: WeightCarrier, tracker: Tracker
 ) -> PreparedRun | None:
     """Check, load and build everything; None when a resumed run had finished already."""
     stopwatch, clock = Stopwatch(), plan_for(cfg)
@@ -367,7 +385,9 @@ def prepare(
     picture = partitions_figure(shards, cfg.num_classes, shards_title(cfg))
     save_figure(picture, run_dir.path / "partitions.png")
     print(f"run directory: {run_dir.path}; plan: {clock.describe()} rounds", flush=True)
-    components = build_components(cfg, model, partitions, clock, run_dir, stopwatch, carrier)
+    components = build_components(
+        cfg, model, partitions, clock, run_dir, stopwatch, carrier, tracker
+    )
     evaluator = ModelEvaluator(model, cfg, device)
     val, test = to_device(splits.val, device), to_device(splits.test, device)
     evaluate_val = None
@@ -399,7 +419,7 @@ def finish(run: PreparedRun, final: ArrayRecord) -> None:
         mask = c.strategy.mask
         extra_weights["mask.safetensors"] = {k: m.to(torch.uint8) for k, m in mask.items()}
         extra_summary |= {"mask-density": mask_density(mask), "mask-strategy": cfg.mask_strategy}
-    finish_run(
+    summary = finish_run(
         run.run_dir,
         run.run_name,
         metrics=c.metrics.frame(),
@@ -417,6 +437,7 @@ def finish(run: PreparedRun, final: ArrayRecord) -> None:
         extra_weights=extra_weights,
         final_round=c.clock.total_rounds,
     )
+    c.tracker.finish(summary)
     print(f"results written to {run.run_dir.path}", flush=True)
 
 
@@ -480,16 +501,20 @@ def main(grid: Grid, context: Context) -> None:
     check_prerequisites(cfg)  # output folder, data, weights: every missing piece at once
     output_dir = writable_output_dir(cfg.output_dir)
     run_path = output_dir / cfg.resolved_run_name(time.strftime("%Y%m%d-%H%M%S"))
+    tracker = make_tracker(cfg, run_path)  # a missing extra: one line, before any work
     with transport_errors_as_config_errors():
         carrier = open_carrier(cfg.weights_transport, context.run_id)
-    try:
-        run = prepare(grid, cfg, run_path, carrier)
-        if run is None:
-            return
+    with closing(tracker):  # a failed run ends its tracker run too
         try:
-            result = run.components.strategy.start(grid, run.start, hooks=run.hooks)
-        except InsufficientRepliesError as exc:
-            raise InsufficientRepliesError(explain_insufficient_replies(str(exc), cfg)) from exc
-    finally:
-        carrier.close()  # no file of the run outlives it (a killed run's: the next start)
-    finish(run, result.arrays)
+            run = prepare(grid, cfg, run_path, carrier, tracker)
+            if run is None:
+                return
+            tracker.start(resolved_config(cfg, run_path))
+            try:
+                result = run.components.strategy.start(grid, run.start, hooks=run.hooks)
+            except InsufficientRepliesError as exc:
+                message = explain_insufficient_replies(str(exc), cfg)
+                raise InsufficientRepliesError(message) from exc
+        finally:
+            carrier.close()  # no file of the run outlives it (a killed run's: the next start)
+        finish(run, result.arrays)

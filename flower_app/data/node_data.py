@@ -13,8 +13,8 @@ import argparse
 from pathlib import Path
 
 from flower_app.config import RunConfig, load_preset, parse_pairs
-from flower_app.data.sources import ImageSplit, save_node_data
 from flower_app.data.partitioners import partition_indices
+from flower_app.data.sources import ImageSplit, save_node_data
 from flower_app.runs.runtime import run_splits
 
 
