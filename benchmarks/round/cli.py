@@ -17,6 +17,7 @@ from benchmarks.round.floors import floor_of_round
 from benchmarks.round.forms import GPU_FORM, PAYLOAD_FORM, TINY_FORM
 from benchmarks.round.report import print_memory_by_k, report_run, write_benchmark_json
 from benchmarks.round.runs import prune_model_files, run_all, run_specs
+from flower_app.cli.run import GPU_SHARE
 from flower_app.config import RunConfig
 
 
@@ -44,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--federation-config",
         default="",
-        help="client resources (default: num-cpus=1 on CPU; num-cpus=4 num-gpus=0.5 on a GPU)",
+        help="client resources (default: fl-run's, num-cpus=1, and num-gpus=0.5 on a GPU)",
     )
     parser.add_argument(
         "--compile", action="store_true", help="run-config compile=true for the runs"
@@ -73,13 +74,10 @@ def pick_device(choice: str) -> torch.device | None:
 
 
 def default_federation(device: torch.device) -> str:
-    """Client resources: one CPU per client worker on a CPU, two workers per GPU."""
+    """Client resources as fl-run picks them: one CPU per client worker, two per GPU."""
     if device.type == "cpu":
         return "client-resources-num-cpus=1"
-    return (
-        f"client-resources-num-cpus={max(1, (os.cpu_count() or 2) // 4)} "
-        "client-resources-num-gpus=0.5"
-    )
+    return f"client-resources-num-cpus=1 client-resources-num-gpus={GPU_SHARE}"
 
 
 def print_setup(

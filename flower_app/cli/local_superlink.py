@@ -155,19 +155,29 @@ def wait_until_gone(marker: bytes, seconds: float) -> bool:
     return True
 
 
+# Ray's coming default, chosen now: it warns (FutureWarning) in every run until one is
+# chosen. Actors given no GPU are then no longer hidden from it, so the ClientApp asks
+# Ray which GPUs it was given (flower_app.runs.runtime.resolve_device). The user's wins.
+RAY_ENV = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+
+
 def _superlink_env(home: Path, http_port: int, bin_dir: Path) -> dict[str, str]:
     """The environment of a SuperLink the caller owns (and of every ``flwr`` that talks to
     it): its own FLWR_HOME, no per-run installs, Flower's helpers found in ``bin_dir``
     (Flower starts flower-superexec, flwr-simulation, ... by name)."""
     path = [str(bin_dir), os.environ.get("PATH", "")]
-    return os.environ.copy() | {
-        "PATH": os.pathsep.join(p for p in path if p),
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
-        "PYTHONUNBUFFERED": "1",
-    }
+    return (
+        RAY_ENV
+        | os.environ
+        | {
+            "PATH": os.pathsep.join(p for p in path if p),
+            "FLWR_HOME": str(home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
 
 
 @dataclass

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from flower_app.cli.local_superlink import flower_executable
+from flower_app.cli.local_superlink import RAY_ENV, flower_executable
 from flower_app.config import (
     ConfigError,
     RunConfig,
@@ -43,9 +43,8 @@ EXIT_INTERRUPTED = 130
 INTERRUPTED = "fl-run: interrupted; the run may still be going (see flwr ls; flwr stop ID)"
 COMPLETED = "finished:completed"
 STATUS_WAIT_S = 60.0  # the status may trail the end of the log stream by a moment
-GPU_SHARE = "0.25"  # at most 4 clients per GPU (docs/configuration.md, "fl-run")
+GPU_SHARE = "0.5"  # two client workers per GPU, one CPU each: the one choice (docs/gpu.md)
 RESOURCE_KEYS = ("client-resources-num-cpus", "client-resources-num-gpus")
-# flwr's own key=value pattern (flwr.common.config.parse_config_args), quoted values kept
 _STARTED = re.compile(r"Successfully started run (\d+)")  # flwr 1.42, cli/run/run.py
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -125,7 +124,7 @@ def merged_run_config(app: Path, items: list[str], local: bool = True) -> dict[s
 
 # ---- the federation -------------------------------------------------------------------------
 def machine_resources() -> dict[str, str]:
-    """Client resources for this machine: a quarter GPU per client with CUDA, else CPU only."""
+    """Client resources for this machine: half a GPU per client with CUDA, else CPU only."""
     import torch
 
     gpus = GPU_SHARE if torch.cuda.is_available() else "0"
@@ -164,7 +163,7 @@ def child_env() -> dict[str, str]:
     ``flwr run`` starts ``flower-superlink`` by name, so the venv's bin goes first on PATH
     (the venv need not be activated); unbuffered, so the log streams as it comes.
     """
-    env = os.environ.copy()
+    env = RAY_ENV | os.environ
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     path = (str(Path(sys.executable).parent), env.get("PATH", ""))
     env["PATH"] = os.pathsep.join(p for p in path if p)

@@ -1,6 +1,7 @@
 """Everything a run needs from outside, checked together before Flower starts the work.
 
-A run needs its data, its initial weights and a writable output folder. Finding out one
+A run needs its data, its initial weights, a writable output folder and the package of its
+tracker, if it has one. Finding out one
 at a time (the data after the SuperNodes came up, the weights after the data, each after
 a minute of download retries) costs a new user several attempts; here every missing
 piece is found in one pass, in seconds, and reported in one line. Reachability is one
@@ -9,6 +10,7 @@ TCP connection with a short timeout (``flower_app/models/network.py``), not a do
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from collections.abc import Callable
@@ -19,6 +21,7 @@ from flower_app.config import ConfigError, RunConfig
 from flower_app.data.sources import CIFAR100_TARBALL, CIFAR100_URL, cifar100_files_present
 from flower_app.models.factory import hub_weights_problem
 from flower_app.models.network import reachable
+from flower_app.runs.tracking import PACKAGES, missing_extra
 
 
 class PrerequisiteError(ConfigError):
@@ -71,9 +74,22 @@ def output_problem(output_dir: str) -> str:
     )
 
 
+def tracker_problem(cfg: RunConfig) -> str:
+    """The missing package of the chosen tracker, or "" (looked up, not imported: wandb's
+    import alone takes seconds)."""
+    if cfg.tracking == "none" or importlib.util.find_spec(PACKAGES[cfg.tracking]) is not None:
+        return ""
+    return missing_extra(cfg.tracking)
+
+
 def check_prerequisites(cfg: RunConfig) -> None:
     """Raise one ``PrerequisiteError`` naming every missing prerequisite, or return."""
-    checks = (output_problem(cfg.output_dir), data_problem(cfg), weights_problem(cfg))
+    checks = (
+        output_problem(cfg.output_dir),
+        data_problem(cfg),
+        weights_problem(cfg),
+        tracker_problem(cfg),
+    )
     problems = [p for p in checks if p]
     if problems:
         raise PrerequisiteError("; ".join(problems))

@@ -33,6 +33,7 @@ import pandas as pd
 
 from flower_app.centralized.pretrain import PretrainError, ensure_backbone
 from flower_app.cli.local_superlink import LocalSuperLink
+from flower_app.cli.run import federation_config
 from flower_app.config import (
     ConfigError,
     RunConfig,
@@ -120,7 +121,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--federation-config",
         default="",
-        help='added to "num-supernodes=K", e.g. "client-resources-num-gpus=0.25"',
+        help='added to "num-supernodes=K"; default: the resources fl-run picks (docs/gpu.md)',
     )
     parser.add_argument("--app", type=Path, default=Path.cwd(), help="the Flower app folder")
     parser.add_argument("--run-timeout", type=float, default=DEFAULT_RUN_TIMEOUT_S)
@@ -169,10 +170,17 @@ def plan(args: argparse.Namespace) -> list[PlannedRun]:
                 run = PlannedRun(study, setting, seed, config, study_dir)
                 config |= {"output-dir": str(study_dir), "run-name": run.name}
                 check_run_config(config)  # raises the one-line error
+                run_federation(args.federation_config, run.num_clients)  # and for this one
                 runs.append(run)
     if not runs:
         raise ConfigError(f"--settings {args.settings!r} selects no run of study {args.study!r}")
     return runs
+
+
+def run_federation(given: str, num_clients: int) -> str:
+    """``num-supernodes=K`` and the client resources, as ``fl-run`` chooses them for this
+    machine (two workers per GPU, docs/gpu.md) where ``--federation-config`` names none."""
+    return federation_config([given] if given.strip() else [], num_clients)
 
 
 def engine_of(args: argparse.Namespace) -> str:
@@ -326,7 +334,7 @@ class SweepRunner:
     def _federated(self, run: PlannedRun, toml: Path) -> tuple[bool, str]:
         if self.link is None:
             self.link = LocalSuperLink.start(self.output_dir / ".flwr-home")
-        federation = f"num-supernodes={run.num_clients} {self.federation}".strip()
+        federation = run_federation(self.federation, run.num_clients)
         progress = RunProgress(run, lambda line: print(line, flush=True))
         outcome = self.link.run_to_end(
             self.app_dir, toml, federation, timeout=self.timeout, on_poll=progress

@@ -24,12 +24,14 @@ def superlink(tmp_path):
         link.stop()
 
 
-def _run(link: LocalSuperLink, tmp_path, overrides: dict, supernodes: int) -> RunOutcome:
+def _run(link: LocalSuperLink, tmp_path, overrides: dict, supernodes: int | None) -> RunOutcome:
+    """A quick run; ``supernodes=None`` passes no --federation-config."""
     with open(ROOT / "configs" / "quick.toml", "rb") as f:
         config = tomllib.load(f) | overrides
     path = tmp_path / "run-config.toml"
     path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in config.items()) + "\n")
-    return link.run_to_end(ROOT, path, f"num-supernodes={supernodes}", timeout=480)
+    federation = "" if supernodes is None else f"num-supernodes={supernodes}"
+    return link.run_to_end(ROOT, path, federation, timeout=480)
 
 
 @pytest.mark.parametrize(
@@ -49,3 +51,29 @@ def test_bad_runs_are_marked_failed_with_their_one_line_error(
     assert run.status == "finished:failed", (run.run_id, run.status, run.log[-3000:])
     assert not (results / "bad").exists()
     assert message in run.log
+
+
+def test_a_simulation_config_set_once_replaces_the_federation_config(superlink, tmp_path):
+    """docs/gpu.md's recipe: the SuperLink keeps the federation's size and resources, so
+    ``flwr run`` needs no --federation-config string (on a GPU: num-gpus 0.5)."""
+    configured = superlink.flwr(
+        "federation",
+        "simulation-config",
+        "--num-supernodes",
+        "10",
+        "--client-resources-num-cpus",
+        "1",
+        "--client-resources-num-gpus",
+        "0",
+        app_dir=ROOT,
+    )
+    assert configured.returncode == 0, configured.stdout + configured.stderr
+    assert "Updated simulation configuration" in configured.stdout
+    results = tmp_path / "results"
+    config = {"output-dir": str(results), "run-name": "preset", "num-server-rounds": 2}
+    run = _run(superlink, tmp_path, config, supernodes=None)
+    assert run.status == "finished:completed", (run.run_id, run.status, run.log[-3000:])
+    assert "(10 simulated SuperNodes)" in run.log
+    assert (results / "preset" / "summary.json").is_file()
+    # quiet: Ray's FutureWarning is answered by the environment the app's SuperLinks get
+    assert "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO" not in run.log

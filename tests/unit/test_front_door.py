@@ -95,6 +95,15 @@ def test_missing_prerequisites_are_one_line_exit_2_before_flwr(
     assert f"no CIFAR-100 in {data}" in _one_line_error(capsys, code)
 
 
+def test_a_missing_tracker_package_is_one_line_exit_2_before_flwr(
+    no_processes, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if the extra were missing
+    code = _main(QUICK, "tracking=tensorboard", f"output-dir={tmp_path}")
+    error = _one_line_error(capsys, code)
+    assert "pip install 'fl-task-arithmetic[tensorboard]'" in error
+
+
 def test_child_env_disables_dependency_install_and_puts_this_venv_first(flwr, monkeypatch):
     monkeypatch.delenv("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", raising=False)
     assert _main(QUICK) == 0
@@ -105,7 +114,7 @@ def test_child_env_disables_dependency_install_and_puts_this_venv_first(flwr, mo
     assert run.child_env()["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "0"
 
 
-@pytest.mark.parametrize(("cuda", "gpus"), [(False, "0"), (True, "0.25")])
+@pytest.mark.parametrize(("cuda", "gpus"), [(False, "0"), (True, "0.5")])
 def test_client_resources_are_chosen_for_the_machine(flwr, monkeypatch, cuda, gpus):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     assert _main(QUICK) == 0
