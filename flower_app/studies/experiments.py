@@ -178,9 +178,18 @@ def plan(args: argparse.Namespace) -> list[PlannedRun]:
 
 
 def run_federation(given: str, num_clients: int) -> str:
-    """``num-supernodes=K`` and the client resources, as ``fl-run`` chooses them for this
-    machine (two workers per GPU, docs/gpu.md) where ``--federation-config`` names none."""
-    return federation_config([given] if given.strip() else [], num_clients)
+    """``num-supernodes=K`` plus ``--federation-config``, checked as ``fl-run`` checks it;
+    with CUDA and no client resources given, those ``fl-run`` picks (two workers per GPU,
+    docs/gpu.md). On a CPU the sweep keeps Flower's default of 2 CPUs per client: its
+    workers then compute with the threads of the in-process engine on a 2-core machine,
+    so both engines give the same bits."""
+    import torch
+
+    items = [given] if given.strip() else []
+    chosen = federation_config(items, num_clients)  # raises the one-line error
+    if torch.cuda.is_available():
+        return chosen
+    return f"num-supernodes={num_clients} {given}".strip()
 
 
 def engine_of(args: argparse.Namespace) -> str:

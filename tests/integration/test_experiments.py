@@ -10,6 +10,7 @@ from pathlib import Path
 import matplotlib.image
 import pandas as pd
 import pytest
+import torch
 
 from flower_app.config import ConfigError
 from flower_app.runs.checkpoint import CHECKPOINT_NAME
@@ -394,3 +395,21 @@ def test_notebook_on_an_empty_folder_fails_saying_so(tmp_path, monkeypatch):
     assert "FileNotFoundError" in str(failure.value)
     assert f"no results in {empty.resolve()}: no study folder" in str(failure.value)
     assert list(empty.iterdir()) == [] and not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_the_sweeps_federation_takes_fl_runs_gpu_resources_and_keeps_flowers_cpu_default(
+    monkeypatch, cuda
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    chosen = experiments.run_federation("", 100)
+    if cuda:
+        assert chosen == (
+            "num-supernodes=100 client-resources-num-cpus=1 client-resources-num-gpus=0.5"
+        )
+    else:
+        assert chosen == "num-supernodes=100"
+    given = "client-resources-num-cpus=2"
+    assert "client-resources-num-cpus=2" in experiments.run_federation(given, 10).split()
+    with pytest.raises(ConfigError, match="num-supernodes=7 is not allowed"):
+        experiments.run_federation("num-supernodes=7", 10)
