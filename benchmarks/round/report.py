@@ -94,6 +94,11 @@ def report_run(result: RunResult, floor: Floor, write: Callable[[str], None]) ->
     }
 
 
+def format_slope(slope: float) -> str:
+    """A slope in MB/round, or why there is none (a line through 2 rounds says nothing)."""
+    return "n/a (needs 3 measured rounds)" if math.isnan(slope) else f"{slope:+.2f} MB/round"
+
+
 def report_memory(result: RunResult, write: Callable[[str], None]) -> dict[str, float]:
     """Host memory of the simulation's processes, and its slope over the measured rounds."""
     per_round = memory_per_round(result.memory, result.spec.warmup)
@@ -110,15 +115,15 @@ def report_memory(result: RunResult, write: Callable[[str], None]) -> dict[str, 
         f"{int(last['rounds_done'])}; PSS peak {peak.pss_mb:.0f} MB"
     )
     write(
-        f"   memory slope over {len(per_round)} rounds: PSS {pss_slope:+.2f} MB/round, "
-        f"RSS {rss_slope:+.2f} MB/round"
+        f"   memory slope over {len(per_round)} rounds: PSS {format_slope(pss_slope)}, "
+        f"RSS {format_slope(rss_slope)}"
     )
     server = per_round["server_pss_mb"]
     shared_peak = max(s.shared_mb for s in result.memory)
     write(
         f"   ServerApp process PSS {last['server_pss_mb']:.0f} MB after the last round (min "
         f"{server.min():.0f}, max {server.max():.0f} over the rounds; slope "
-        f"{slope_per_round(per_round, 'server_pss_mb'):+.2f} MB/round); shared weight files "
+        f"{format_slope(slope_per_round(per_round, 'server_pss_mb'))}); shared weight files "
         f"{last['shared_mb']:.0f} MB after the last round, peak {shared_peak:.0f} MB"
     )
     return {
@@ -140,8 +145,8 @@ def print_memory_by_k(report: list[dict]) -> None:
         for r in memory:
             print(
                 f"   K={r['num-clients']:>5} {r['run']:<12} PSS {r['host-pss-mb']:7.0f} MB  "
-                f"RSS {r['host-rss-mb']:7.0f} MB  slope {r['pss-slope-mb-per-round']:+.2f} "
-                "MB/round (PSS)"
+                f"RSS {r['host-rss-mb']:7.0f} MB  "
+                f"slope {format_slope(r['pss-slope-mb-per-round'])} (PSS)"
             )
 
 
