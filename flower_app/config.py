@@ -237,17 +237,42 @@ class RunConfig:
         """Clients asked for their Fisher per calibration round."""
         return max(1, round(self.calibration_fraction * self.num_clients))
 
+    @property
+    def shards_name(self) -> str:
+        """The sharding in a word: ``iid``, ``nc5``, ``dir0.5``."""
+        return {"iid": "iid", "dirichlet": f"dir{self.dirichlet_alpha:g}"}.get(
+            self.sharding, f"nc{self.classes_per_client}"
+        )
+
     def resolved_run_name(self, timestamp: str) -> str:
         """``run-name`` or a name that says what ran."""
         if self.run_name:
             return self.run_name
-        shards = {"iid": "iid", "dirichlet": f"dir{self.dirichlet_alpha:g}"}.get(
-            self.sharding, f"nc{self.classes_per_client}"
-        )
+        shards = self.shards_name
         rule = "" if self.server_rule == "mean" else f"-{self.server_rule}"
         prox = f"-prox{self.proximal_mu:g}" if self.proximal_mu else ""
         name = f"{self.strategy}{rule}{prox}"
         return f"{name}_{shards}_J{self.local_steps}_seed{self.seed}_{timestamp}"
+
+    def title(self, run_name: str, centralized: bool = False) -> str:
+        """A figure's title for a run: its name, its scale (model, data, image size) and
+        what it ran, naming the strategy and server rule where they are not FedAvg's."""
+        scale = f"{self.model} on {self.dataset} at {self.image_size} px"
+        if centralized:
+            return f"{run_name}: centralized, {scale}, {self.epochs} epochs, seed {self.seed}"
+        what = []
+        if self.strategy != "fedavg":
+            what.append(f"{self.strategy} ({self.mask_strategy}, sparsity {self.sparsity:g})")
+        if self.server_rule != "mean":
+            what.append(f"server rule {self.server_rule}")
+        if self.proximal_mu > 0:
+            what.append(f"FedProx mu={self.proximal_mu:g}")
+        federation = (
+            f"K={self.num_clients}, C={self.fraction_train:g}, J={self.local_steps}, "
+            f"{self.shards_name}"
+        )
+        parts = [", ".join(what) or "FedAvg", scale, federation, f"seed {self.seed}"]
+        return f"{run_name}: " + "; ".join(parts)
 
     # ---- validation -----------------------------------------------------------------
     def validate(self, check_files: bool = True) -> None:

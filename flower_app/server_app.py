@@ -48,14 +48,16 @@ from flower_app.runs.hooks import (
     Stopwatch,
     calibration_table,
 )
-from flower_app.runs.prerequisites import check_prerequisites
+from flower_app.runs.prerequisites import check_prerequisites, missing_checkpoint_message
 from flower_app.runs.results import (
     RunDirectory,
     finish_run,
     partitions_figure,
     partitions_frame,
+    result_line,
     save_figure,
 )
+from flower_app.runs.run_lock import RunFolderLocked, holder_record, holding
 from flower_app.runs.runtime import (
     ModelEvaluator,
     initial_model,
@@ -215,10 +217,7 @@ def open_checkpoint(cfg: RunConfig, run_path: Path) -> Checkpoint:
     """The checkpoint ``resume=true`` continues from, checked against this run-config."""
     path = run_path / CHECKPOINT_NAME
     if not path.is_file():
-        raise ConfigError(
-            f"run-config key 'resume' = True is not allowed: no checkpoint at {path} "
-            "(a run writes one every checkpoint-every rounds)"
-        )
+        raise ConfigError(missing_checkpoint_message(path))
     checkpoint = load_checkpoint(path)
     check_identity(checkpoint.identity, cfg.experiment_identity(), path)
     return checkpoint
@@ -294,12 +293,47 @@ def resolved_config(cfg: RunConfig, run_path: Path) -> dict:
 
 
 def open_run_dir(cfg: RunConfig, run_path: Path, resumed: bool) -> RunDirectory:
-    """A fresh run directory with ``config.json``, or the one a resumed run continues."""
-    if resumed:
-        return RunDirectory(run_path)
-    run_dir = RunDirectory.create(run_path.parent, run_path.name)
-    run_dir.write_json("config.json", resolved_config(cfg, run_path))
+    """The run directory (made and locked by ``run_folder``), with ``config.json`` when
+    the run is fresh."""
+    run_dir = RunDirectory(run_path)
+    if not resumed:
+        run_dir.write_json("config.json", resolved_config(cfg, run_path))
     return run_dir
+
+
+def stop_command(grid: Grid, run_id: int) -> str:
+    """How another user stops this run: Flower's ``flwr stop``, or for a ServerApp run in
+    a process of its own (the in-process engine), an interrupt of that process."""
+    if not type(grid).__module__.startswith("flwr."):
+        return f"kill -INT {os.getpid()}"
+    try:
+        from flower_app.cli.local_superlink import flower_executable
+
+        return f"{flower_executable('flwr')} stop {run_id}"
+    except FileNotFoundError:
+        return f"flwr stop {run_id}"
+
+
+@contextmanager
+def run_folder(cfg: RunConfig, run_path: Path, holder: dict) -> Iterator[None]:
+    """The run folder, held for the block (``runs/run_lock.py``: one writer per folder).
+
+    A fresh run makes it (an existing one is refused in one line); a resumed run takes
+    the existing one. A fresh folder that holds nothing when the run ends (it failed
+    before writing a file) is removed again.
+    """
+    if not cfg.resume:
+        RunDirectory.create(run_path.parent, run_path.name)  # raises the one-line error
+    elif not run_path.is_dir():
+        raise ConfigError(missing_checkpoint_message(run_path / CHECKPOINT_NAME))
+    try:
+        with holding(run_path, holder, log=lambda line: print(line, flush=True)):
+            yield
+    except RunFolderLocked as exc:
+        raise ConfigError(str(exc)) from None
+    finally:
+        if not cfg.resume and run_path.is_dir() and not any(run_path.iterdir()):
+            run_path.rmdir()
 
 
 def finished_already(checkpoint: Checkpoint | None, clock: RoundClock, run_path: Path) -> bool:
@@ -362,8 +396,6 @@ def prepare(
     checkpoint = open_checkpoint(cfg, run_path) if cfg.resume else None
     if finished_already(checkpoint, clock, run_path):
         return None
-    if checkpoint is None and run_path.exists():
-        RunDirectory.create(run_path.parent, run_path.name)  # raises the one-line error
     print(f"waiting for {cfg.num_clients} SuperNodes ...", flush=True)
     overrides = overrides_text(cfg.to_dict())
     node_ids = wait_for_nodes(grid, cfg.num_clients, cfg.node_wait_timeout, overrides)
@@ -436,9 +468,10 @@ def finish(run: PreparedRun, final: ArrayRecord) -> None:
         extra_summary=extra_summary,
         extra_weights=extra_weights,
         final_round=c.clock.total_rounds,
+        title=cfg.title(run.run_name),
     )
     c.tracker.finish(summary)
-    print(f"results written to {run.run_dir.path}", flush=True)
+    print(f"{result_line(summary)}; results in {run.run_dir.path}", flush=True)
 
 
 SIMULATION_POLL_S = 0.01  # Flower's InMemoryGrid looks for replies every 0.1 s
@@ -502,9 +535,10 @@ def main(grid: Grid, context: Context) -> None:
     output_dir = writable_output_dir(cfg.output_dir)
     run_path = output_dir / cfg.resolved_run_name(time.strftime("%Y%m%d-%H%M%S"))
     tracker = make_tracker(cfg, run_path)  # a missing extra: one line, before any work
-    with transport_errors_as_config_errors():
-        carrier = open_carrier(cfg.weights_transport, context.run_id)
-    with closing(tracker):  # a failed run ends its tracker run too
+    holder = holder_record(context.run_id, stop_command(grid, context.run_id))
+    with closing(tracker), run_folder(cfg, run_path, holder):  # a failed run ends both
+        with transport_errors_as_config_errors():
+            carrier = open_carrier(cfg.weights_transport, context.run_id)
         try:
             run = prepare(grid, cfg, run_path, carrier, tracker)
             if run is None:

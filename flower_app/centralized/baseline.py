@@ -36,7 +36,7 @@ from flower_app.data.sources import ImageSplit
 from flower_app.perf.allocator import keep_freed_memory
 from flower_app.runs.hooks import BestModel, MetricsTable
 from flower_app.runs.prerequisites import check_prerequisites
-from flower_app.runs.results import RunDirectory, finish_run
+from flower_app.runs.results import RunDirectory, finish_run, result_line
 from flower_app.runs.runtime import (
     ModelEvaluator,
     initial_model,
@@ -203,7 +203,7 @@ def train_centralized(
     """
     t_start = time.perf_counter()
     trainer, initial_state = _prepare(cfg)
-    run_dir = RunDirectory.create(output_dir, run_name)
+    run_dir = RunDirectory.create(output_dir, run_name, resumable=False)
     run_dir.write_json("config.json", cfg.to_dict() | {"run-name": run_name, "mode": MODE})
     log(f"run directory: {run_dir.path}")
     log(
@@ -228,12 +228,9 @@ def train_centralized(
         model=cfg.model,
         num_classes=cfg.num_classes,
         extra_summary={"mode": MODE},
+        title=cfg.title(run_name, centralized=True),
     )
-    log(
-        f"final test accuracy {summary['final-test-accuracy']:.4f} (best-validation model, "
-        f"epoch {summary['best-val-round']}: {summary['best-model-test-accuracy']:.4f}); "
-        f"results written to {run_dir.path}"
-    )
+    log(f"{result_line(summary, unit='epoch')}; results in {run_dir.path}")
     return summary
 
 
@@ -260,11 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         config |= parse_pairs(args.overrides)
         cfg = RunConfig.from_run_config(config)
         check_centralized(cfg)
-        check_prerequisites(cfg)  # output folder, data, weights: every missing piece at once
+        check_prerequisites(cfg, run_folder=False)  # data, weights, output folder: at once
         output_dir = writable_output_dir(cfg.output_dir)
         run_name = default_run_name(cfg, time.strftime("%Y%m%d-%H%M%S"))
         if (output_dir / run_name).exists():
-            RunDirectory.create(output_dir, run_name)  # raises the one-line error
+            RunDirectory.create(output_dir, run_name, resumable=False)  # raises: one line
     except (ConfigError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -7,8 +7,11 @@ starts, derives ``num-supernodes`` (and client resources) from them, streams ``f
 and exits with the run's real outcome: ``flwr run`` itself exits 0 even when the run
 failed, so the status is read back with ``flwr ls``.
 
-Exit codes: 0 the run completed, 1 it failed (one line ``run ID STATUS: last error``
-on stderr), 2 the command or its run-config is not allowed (nothing was started).
+Exit codes: 0 the run completed (the last line names its final test accuracy), 1 it
+failed (one line ``run ID STATUS: last error`` on stderr), 2 the command or its run-config
+is not allowed (nothing was started), 130 interrupted: Ctrl-C stops the run it started
+with Flower's own ``flwr stop`` and waits for its ServerApp to end; a second Ctrl-C leaves
+at once and names the command that stops the run.
 """
 
 from __future__ import annotations
@@ -36,16 +39,18 @@ from flower_app.config import (
     write_run_config,
 )
 from flower_app.runs.prerequisites import check_prerequisites
+from flower_app.runs.run_lock import LOCK_NAME, is_locked
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-INTERRUPTED = "fl-run: interrupted; the run may still be going (see flwr ls; flwr stop ID)"
 COMPLETED = "finished:completed"
 STATUS_WAIT_S = 60.0  # the status may trail the end of the log stream by a moment
+STOP_WAIT_S = 120.0  # a stopped run's ServerApp ends within seconds; then we stop waiting
 GPU_SHARE = "0.5"  # two client workers per GPU, one CPU each: the one choice (docs/gpu.md)
 RESOURCE_KEYS = ("client-resources-num-cpus", "client-resources-num-gpus")
 _STARTED = re.compile(r"Successfully started run (\d+)")  # flwr 1.42, cli/run/run.py
+_RESULT = re.compile(r"(final test accuracy .*); results in (.*)$")  # server_app.finish
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -185,9 +190,9 @@ def flwr_run_command(app: Path, run_config: Path, federation: str, connection: s
     ]
 
 
-def flwr_run(command: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
-    """Run ``flwr run --stream``, echo its output line by line; (exit code, lines)."""
-    lines: list[str] = []
+def flwr_run(command: list[str], env: dict[str, str], lines: list[str]) -> int:
+    """Run ``flwr run --stream``, echo its output line by line into ``lines`` (which the
+    caller keeps on Ctrl-C: the run id is in them); its exit code."""
     with subprocess.Popen(
         command,
         env=env,
@@ -197,11 +202,15 @@ def flwr_run(command: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
         errors="replace",
     ) as proc:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            lines.append(_ANSI.sub("", line).rstrip("\n"))
-    return proc.returncode, lines
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                lines.append(_ANSI.sub("", line).rstrip("\n"))
+        except KeyboardInterrupt:
+            proc.terminate()  # the stream only: the run goes on in the SuperLink
+            raise
+    return proc.returncode
 
 
 def run_status(run_id: int, env: dict[str, str], connection: str = "") -> dict[str, Any]:
@@ -250,9 +259,22 @@ def last_error_line(lines: Iterable[str]) -> str:
     return found
 
 
+def result_of(lines: Iterable[str]) -> str:
+    """The run's result as its ServerApp printed it last (``server_app.finish``), or ""."""
+    found = ""
+    for line in lines:
+        match = _RESULT.search(line)
+        if match:
+            found = f"{match.group(1)}; results in {match.group(2).strip()}"
+    return found
+
+
 def outcome(run_id: int, status: dict[str, Any], lines: list[str]) -> int:
-    """0 for a completed run; else one line ``run ID STATUS: error`` on stderr and 1."""
+    """0 for a completed run, whose result is the last line; else one line ``run ID
+    STATUS: error`` on stderr and 1."""
     if status["status"] == COMPLETED:
+        result = result_of(lines)
+        print(f"run {run_id} completed" + (f": {result}" if result else ""), flush=True)
         return 0
     reason = last_error_line(lines) or status.get("status-details") or "(no error in the log)"
     print(f"run {run_id} {status['status']}: {reason}", file=sys.stderr)
@@ -279,12 +301,63 @@ def prepare(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
 
 def submit(
-    app: Path, config: dict[str, Any], federation: str, connection: str
-) -> tuple[int, list[str]]:
+    app: Path, config: dict[str, Any], federation: str, connection: str, lines: list[str]
+) -> int:
     """Write the run-config to a temp TOML (flwr reads it at once) and stream the run."""
     with tempfile.TemporaryDirectory(prefix="fl-run-") as tmp:
         toml = write_run_config(Path(tmp) / "run-config.toml", config)
-        return flwr_run(flwr_run_command(app, toml, federation, connection), child_env())
+        return flwr_run(flwr_run_command(app, toml, federation, connection), child_env(), lines)
+
+
+def stop_command(run_id: int, connection: str) -> list[str]:
+    return [flower_executable("flwr"), "stop", str(run_id), *([connection] if connection else [])]
+
+
+def interrupted(run_id: int | None, config: dict[str, Any], connection: str) -> int:
+    """Ctrl-C: stop the run this command started (``flwr stop``) and wait until its
+    ServerApp has ended; a second Ctrl-C leaves at once, naming the stop command."""
+    if run_id is None:
+        return fail("fl-run: interrupted before a run started", EXIT_INTERRUPTED)
+    command = stop_command(run_id, connection)
+    print(
+        f"fl-run: interrupted; stopping run {run_id} and waiting for its ServerApp to end "
+        "(Ctrl-C again leaves it running)",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        subprocess.run(command, env=child_env(), capture_output=True, timeout=120, check=False)
+        ended = wait_until_ended(run_id, config, connection)
+    except KeyboardInterrupt:
+        message = f"fl-run: left run {run_id}; stop it with: {' '.join(command)}"
+        return fail(message, EXIT_INTERRUPTED)
+    if not ended:
+        return fail(
+            f"fl-run: run {run_id} was asked to stop but its ServerApp still runs after "
+            f"{STOP_WAIT_S:.0f} s; stop it with: {' '.join(command)}",
+            EXIT_INTERRUPTED,
+        )
+    return fail(f"fl-run: stopped run {run_id}; its ServerApp has ended", EXIT_INTERRUPTED)
+
+
+def wait_until_ended(run_id: int, config: dict[str, Any], connection: str) -> bool:
+    """Whether the run's status is ``finished:*`` and, where its run folder is on this
+    machine, its ServerApp has let go of the folder's lock (it holds it until it ends)."""
+    deadline = time.monotonic() + STOP_WAIT_S
+    status = run_status(run_id, child_env(), connection)
+    if not status["status"].startswith("finished"):
+        return False
+    output = Path(os.path.expanduser(str(config.get("output-dir", "results"))))
+    while time.monotonic() < deadline:
+        if not any(held_by(run_id, lock.parent) for lock in output.glob(f"*/{LOCK_NAME}")):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def held_by(run_id: int, folder: Path) -> bool:
+    holder = is_locked(folder)
+    return holder is not None and holder.get("flower-run-id") == run_id
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,10 +368,11 @@ def main(argv: list[str] | None = None) -> int:
         config, federation = prepare(args)
     except ConfigError as exc:
         return fail(f"error: {exc}", EXIT_USAGE)
+    lines: list[str] = []
     try:
-        code, lines = submit(args.app, config, federation, args.connection)
+        code = submit(args.app, config, federation, args.connection, lines)
     except KeyboardInterrupt:
-        return fail(INTERRUPTED, EXIT_INTERRUPTED)
+        return interrupted(started_run_id(lines), config, args.connection)
     run_id = started_run_id(lines)
     if run_id is None:
         reason = last_error_line(lines) or (lines[-1] if lines else "(no output)")

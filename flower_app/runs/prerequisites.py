@@ -1,11 +1,12 @@
 """Everything a run needs from outside, checked together before Flower starts the work.
 
-A run needs its data, its initial weights, a writable output folder and the package of its
-tracker, if it has one. Finding out one
-at a time (the data after the SuperNodes came up, the weights after the data, each after
-a minute of download retries) costs a new user several attempts; here every missing
-piece is found in one pass, in seconds, and reported in one line. Reachability is one
-TCP connection with a short timeout (``flower_app/models/network.py``), not a download.
+A run needs its data, its initial weights, a writable output folder, the package of its
+tracker if it has one, and a run folder it may take: a new name, or with resume=true a
+checkpoint that no live process is writing. Finding out one at a time (the data after
+the SuperNodes came up, the weights after the data, each after a minute of download
+retries) costs a new user several attempts; here every missing piece is found in one
+pass, in seconds, and reported in one line. Reachability is one TCP connection with a
+short timeout (``flower_app/models/network.py``), not a download.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from flower_app.config import ConfigError, RunConfig
 from flower_app.data.sources import CIFAR100_TARBALL, CIFAR100_URL, cifar100_files_present
 from flower_app.models.factory import hub_weights_problem
 from flower_app.models.network import reachable
+from flower_app.runs.checkpoint import CHECKPOINT_NAME
+from flower_app.runs.results import existing_run_message
+from flower_app.runs.run_lock import is_locked, locked_message
 from flower_app.runs.tracking import PACKAGES, missing_extra
 
 
@@ -82,13 +86,41 @@ def tracker_problem(cfg: RunConfig) -> str:
     return missing_extra(cfg.tracking)
 
 
-def check_prerequisites(cfg: RunConfig) -> None:
-    """Raise one ``PrerequisiteError`` naming every missing prerequisite, or return."""
+def missing_checkpoint_message(path: Path) -> str:
+    """Why resume=true cannot continue: ``path`` (the checkpoint file) does not exist."""
+    return (
+        f"run-config key 'resume' = True is not allowed: no checkpoint at {path} "
+        "(a run writes one every checkpoint-every rounds)"
+    )
+
+
+def run_folder_problem(cfg: RunConfig) -> str:
+    """Why the run may not take its run folder, or "": a fresh run needs a new name, a
+    resumed one a checkpoint that no live process is writing (``run_lock``). A run
+    without a run-name gets a new timestamped folder."""
+    if not cfg.run_name:
+        return ""
+    folder = Path(os.path.expanduser(cfg.output_dir)).resolve() / cfg.run_name
+    if not cfg.resume:
+        return existing_run_message(cfg.run_name, folder) if folder.exists() else ""
+    if not (folder / CHECKPOINT_NAME).is_file():
+        return missing_checkpoint_message(folder / CHECKPOINT_NAME)
+    holder = is_locked(folder)
+    return "" if holder is None else locked_message(folder, holder)
+
+
+def check_prerequisites(cfg: RunConfig, run_folder: bool = True) -> None:
+    """Raise one ``PrerequisiteError`` naming every missing prerequisite, or return.
+
+    ``run_folder=False`` leaves the run folder to the caller (the sweep runner decides
+    per folder whether a run is done, resumed or fresh).
+    """
     checks = (
         output_problem(cfg.output_dir),
         data_problem(cfg),
         weights_problem(cfg),
         tracker_problem(cfg),
+        run_folder_problem(cfg) if run_folder else "",
     )
     problems = [p for p in checks if p]
     if problems:

@@ -77,6 +77,15 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def existing_run_message(run_name: str, path: Path, resumable: bool = True) -> str:
+    """Why a fresh run may not take the folder of ``run-name``: it exists already."""
+    resume = "add resume=true to continue that run, " if resumable else ""
+    return (
+        f"run-config key 'run-name' = {run_name!r} is not allowed: {path} exists already; "
+        f"{resume}choose another run-name, or leave it empty for a timestamped one"
+    )
+
+
 class RunDirectory:
     """The files of one run under ``output_dir/run_name``."""
 
@@ -84,15 +93,14 @@ class RunDirectory:
         self.path = path
 
     @classmethod
-    def create(cls, output_dir: Path, run_name: str) -> RunDirectory:
-        """A new run directory; an existing one is refused, so no run overwrites another."""
+    def create(cls, output_dir: Path, run_name: str, resumable: bool = True) -> RunDirectory:
+        """A new run directory; an existing one is refused, so no run overwrites another
+        (``resumable``: the refusal names resume=true)."""
         path = (output_dir / run_name).resolve()
-        if path.exists():
-            raise FileExistsError(
-                f"run-config key 'run-name' = {run_name!r} is not allowed: {path} exists "
-                "already; choose another run-name or leave it empty for a timestamped one"
-            )
-        path.mkdir(parents=True)
+        try:
+            path.mkdir(parents=True)
+        except FileExistsError:
+            raise FileExistsError(existing_run_message(run_name, path, resumable)) from None
         return cls(path)
 
     def write_json(self, name: str, obj: Mapping[str, Any]) -> Path:
@@ -185,11 +193,13 @@ def partitions_figure(partitions: pd.DataFrame, num_classes: int, title: str) ->
     fig, (ax_map, ax_size) = plt.subplots(
         2, 1, figsize=(10, 7), height_ratios=(3, 1), sharex=True, layout="constrained"
     )
-    image = ax_map.imshow(counts.T, aspect="auto", interpolation="nearest", cmap="viridis")
+    image = ax_map.imshow(  # from zero: dark means no image of that class
+        counts.T, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0
+    )
     ax_map.set(ylabel="class", title="images per class and client")
     ax_size.bar(np.arange(len(counts)), counts.sum(axis=1), width=1.0)
     ax_size.set(xlabel="client (partition id)", ylabel="images", title="shard size")
-    fig.colorbar(image, ax=[ax_map, ax_size], label="images (heat map)")  # one width for both
+    fig.colorbar(image, ax=[ax_map, ax_size], label="images")  # one width for both panels
     fig.suptitle(title)
     return fig
 
@@ -206,6 +216,7 @@ def metrics_figure(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
     evaluated = frame.dropna(subset=["val-accuracy"])
@@ -225,6 +236,8 @@ def metrics_figure(
     ax_loss.plot(evaluated["round"], evaluated["val-loss"], marker="o", ms=3, label="validation")
     ax_loss.set(xlabel="round", ylabel="cross-entropy", title="loss")
     ax_loss.legend()
+    for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no round 0.25
     fig.suptitle(title)
     return fig
 
@@ -279,13 +292,15 @@ def finish_run(
     extra_summary: Mapping[str, Any] | None = None,
     extra_weights: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     final_round: int | None = None,
+    title: str = "",
 ) -> dict[str, Any]:
     """Test the final and the best-validation model, save the weights, write the summary.
 
     The one ending of federated and centralized runs. The best model is tested only when
     it is not the final one (of round ``final_round``, default ``rounds``); ``wall_time_s``
     is the time before this call; ``model`` is for the weights' metadata, ``num_classes``
-    for the plot, ``extra_weights`` further files of ``WEIGHTS_CONTENT`` (the mask).
+    for the plot, ``extra_weights`` further files of ``WEIGHTS_CONTENT`` (the mask),
+    ``title`` the plot's (default: the run name).
     """
     t_start, last = time.perf_counter(), final_round or rounds
     best_is_final = best_state is None or best_round is None or best_round == last
@@ -306,6 +321,7 @@ def finish_run(
         wall_time_s=wall_time_s + time.perf_counter() - t_start,
         num_classes=num_classes,
         extra=extra_summary,
+        title=title,
     )
 
 
@@ -335,6 +351,16 @@ def save_run_weights(run_dir: RunDirectory, run_name: str, model: str, files: We
         run_dir.save_weights(name, state, meta)
 
 
+def result_line(summary: Mapping[str, Any], unit: str = "round") -> str:
+    """A finished run's result in one line: the final test accuracy, and the best
+    validation accuracy with its round (``unit`` "epoch" for the centralized baseline)."""
+    line = f"final test accuracy {summary['final-test-accuracy']:.4f}"
+    if summary.get("best-val-accuracy") is not None:
+        at = f" at {unit} {summary['best-val-round']}" if "best-val-round" in summary else ""
+        line += f" (best validation accuracy {summary['best-val-accuracy']:.4f}{at})"
+    return line
+
+
 def write_summary(
     run_dir: RunDirectory,
     run_name: str,
@@ -348,6 +374,7 @@ def write_summary(
     wall_time_s: float,
     num_classes: int | None = None,
     extra: Mapping[str, Any] | None = None,
+    title: str = "",
 ) -> dict[str, Any]:
     """Plot the metrics, then write ``summary.json`` last: its presence says the run finished.
 
@@ -356,7 +383,8 @@ def write_summary(
     of the final and the best-validation model on the test split. Federated and
     centralized runs share these keys. ``num_classes`` draws the chance line of the plot.
     """
-    plot_metrics(frame, run_dir.path / "metrics.png", run_name, test[1], num_classes)
+    path = run_dir.path / "metrics.png"
+    plot_metrics(frame, path, title or run_name, test[1], num_classes)
     evaluated = frame.dropna(subset=["val-accuracy"])
     summary = {
         "run-name": run_name,

@@ -10,10 +10,13 @@ With ``--engine in-process`` (the default with ``--quick``, the miniature study)
 ServerApp and ClientApp run in this process (``flower_app.studies.in_process``; the two engines
 compute the same numbers). The centralized baseline runs as its console script (in this
 process with ``in-process``). A backbone of ``fl-pretrain`` that a run names and that is
-missing is made first. Started again, a sweep skips finished runs and resumes interrupted
-ones from their checkpoint. Results land in ``DIR/STUDY/<setting>-seed<k>/``, with
-``sweep.csv``, ``table.csv``, ``table.md`` and the plots beside them, and ``DIR/report.md``
-holds every study's table and figures.
+missing is made first. Before any run starts, every run's prerequisites (data, weights,
+output folder) are checked as ``fl-run`` checks them, and every folder the sweep would reuse
+must have been made with the planned run-config (``flower_app.studies.run_folders``).
+Started again, a sweep skips finished runs and resumes interrupted ones from their
+checkpoint. Results land in ``DIR/STUDY/<setting>-seed<k>/`` (``DIR``: ``results/miniature``
+with ``--quick``, else ``results/paper``), with ``sweep.csv``, ``table.csv``, ``table.md``
+and the plots beside them, and ``DIR/report.md`` holds every study's table and figures.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ from flower_app.config import (
 )
 from flower_app.models.backbone_cache import backbone_seed, make_command
 from flower_app.runs.checkpoint import CHECKPOINT_NAME
-from flower_app.runs.results import atomic_write_bytes
+from flower_app.runs.prerequisites import check_prerequisites
+from flower_app.runs.results import atomic_write_bytes, result_line
 from flower_app.server_app import plan_for
 from flower_app.studies.catalog import (
     ALL,
@@ -64,8 +68,11 @@ from flower_app.studies.reports import (
     write_report,
     write_sweep_report,
 )
+from flower_app.studies.run_folders import StudyBase, check_study_folders, study_base
 
 DEFAULT_RUN_TIMEOUT_S = 24 * 3600.0
+# the default --output-dir per scale: a paper-scale sweep never finds the miniature's runs
+DEFAULT_OUTPUT = {True: Path("results/miniature"), False: Path("results/paper")}
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,10 @@ class PlannedRun:
         return self.study_dir / self.name
 
     @property
+    def centralized(self) -> bool:
+        return self.setting.centralized
+
+    @property
     def num_clients(self) -> int:
         return RunConfig.from_run_config(self.config, check_files=False).num_clients
 
@@ -96,7 +107,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="fl-experiments", description=__doc__.splitlines()[0] if __doc__ else None
     )
     parser.add_argument("study", choices=[*STUDIES, ALL], help="which study to run")
-    parser.add_argument("--output-dir", type=Path, default=Path("results/studies"))
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="default: results/miniature with --quick, results/paper without",
+    )
     parser.add_argument("--seeds", type=int, default=1, help="independent seeds 0..N-1")
     parser.add_argument(
         "--quick",
@@ -126,6 +142,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--app", type=Path, default=Path.cwd(), help="the Flower app folder")
     parser.add_argument("--run-timeout", type=float, default=DEFAULT_RUN_TIMEOUT_S)
     parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    parser.add_argument(
+        "--move-aside",
+        action="store_true",
+        help="move study and run folders made with another run-config into moved-aside/ "
+        "(without it such a folder stops the sweep before any run)",
+    )
     parser.add_argument("overrides", nargs="*", help="run-config key=value for every run")
     return parser.parse_intermixed_args(argv)
 
@@ -147,7 +169,7 @@ def plan(args: argparse.Namespace) -> list[PlannedRun]:
             raise ConfigError(f"override {key!r} is not allowed: the sweep runner sets it per run")
     wanted = [s for s in args.settings.split(",") if s]
     strategies = [s for s in args.strategies.split(",") if s]
-    output_dir = args.output_dir.expanduser().resolve()
+    output_dir = output_dir_of(args)
     runs: list[PlannedRun] = []
     for study in expand(args.study):
         federated_base = base_config(args.app, args.quick, centralized=False)
@@ -175,6 +197,41 @@ def plan(args: argparse.Namespace) -> list[PlannedRun]:
     if not runs:
         raise ConfigError(f"--settings {args.settings!r} selects no run of study {args.study!r}")
     return runs
+
+
+def output_dir_of(args: argparse.Namespace) -> Path:
+    """``--output-dir``, or the scale's default, absolute."""
+    return (args.output_dir or DEFAULT_OUTPUT[args.quick]).expanduser().resolve()
+
+
+def scale_of(args: argparse.Namespace) -> str:
+    return "miniature" if args.quick else "paper"
+
+
+def study_bases(args: argparse.Namespace, runs: list[PlannedRun]) -> dict[Path, StudyBase]:
+    """Each study folder's base (the scale's preset and the sweep's overrides)."""
+    defaults, overrides = app_defaults(args.app), parse_pairs(args.overrides)
+    bases = {}
+    for run in runs:
+        if run.study_dir not in bases:
+            centralized = all(r.centralized for r in runs if r.study == run.study)
+            base = base_config(args.app, args.quick, centralized) | overrides
+            bases[run.study_dir] = study_base(scale_of(args), base, defaults, centralized)
+    return bases
+
+
+def check_outside(runs: list[PlannedRun]) -> None:
+    """What every run needs from outside (data, weights, output folder, tracker), checked
+    as ``fl-run`` checks it, each distinct need once: a sweep that cannot run stops here,
+    in seconds, before anything is written."""
+    seen: set[tuple] = set()
+    for run in runs:
+        cfg = RunConfig.from_run_config(run.config, check_files=False)
+        need = (cfg.output_dir, cfg.dataset, str(cfg.data_path), cfg.download, cfg.weights)
+        need += (cfg.model, cfg.pretrained_path, cfg.tracking)
+        if need not in seen:
+            seen.add(need)
+            check_prerequisites(cfg, run_folder=False)
 
 
 def run_federation(given: str, num_clients: int) -> str:
@@ -226,11 +283,17 @@ def make_backbones(runs: list[PlannedRun]) -> None:
 
 
 def record(
-    run: PlannedRun, status: str, seconds: float, detail: str = "", keep: bool = False
+    run: PlannedRun,
+    status: str,
+    seconds: float,
+    detail: str = "",
+    keep: bool = False,
+    engine: str = "",
 ) -> None:
     """Add or replace the run's line in its study's manifest (sweep.csv).
 
-    ``keep`` leaves an existing line as it is (a skipped run keeps its first record).
+    ``keep`` leaves an existing line as it is (a skipped run keeps its first record);
+    ``engine`` is the engine that ran it (the study's tables and figures name it).
     """
     path = run.study_dir / MANIFEST
     frame = pd.read_csv(path, keep_default_na=False) if path.is_file() else None
@@ -243,6 +306,7 @@ def record(
         "run-name": run.name,
         "status": status,
         "seconds": round(seconds, 1),
+        "engine": engine,
         "detail": detail.replace("\n", " ")[:300],
     }
     rows = [] if frame is None else frame.to_dict("records")
@@ -402,7 +466,7 @@ def _accuracy(run: PlannedRun) -> str:
     summary = read_summary(run.run_dir)
     if summary is None or summary.get("final-test-accuracy") is None:
         return ""
-    return f" | test acc {summary['final-test-accuracy']:.4f}"
+    return f" | {result_line(summary, 'epoch' if run.centralized else 'round')}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -417,14 +481,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     engine, root = engine_of(args), runs[0].study_dir.parent
     studies = list(dict.fromkeys(r.study for r in runs))
-    print(f"{len(runs)} runs in {', '.join(studies)} -> {root} (engine: {engine})", flush=True)
+    print(
+        f"{len(runs)} runs in {', '.join(studies)} -> {root} (scale: {scale_of(args)}, "
+        f"engine: {engine})",
+        flush=True,
+    )
     if args.dry_run:
-        for path in backbones_to_make(runs):
-            print(f"first: {make_command(path)} (the pretrained backbone {path} is missing)")
-        for i, run in enumerate(runs, 1):
-            print(f"[{i}/{len(runs)}] {run.study}/{run.name}: {run.config}")
-        return 0
+        return dry_run(runs)
     try:
+        check_outside(runs)
+        defaults, bases = app_defaults(args.app), study_bases(args, runs)
+        check_study_folders(runs, bases, defaults, args.move_aside)
         make_backbones(runs)
     except (ConfigError, PretrainError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -450,6 +517,19 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def dry_run(runs: list[PlannedRun]) -> int:
+    """Print the plan and what it would need first; run and write nothing."""
+    try:
+        check_outside(runs)
+    except ConfigError as exc:
+        print(f"missing: {exc}")
+    for path in backbones_to_make(runs):
+        print(f"first: {make_command(path)} (the pretrained backbone {path} is missing)")
+    for i, run in enumerate(runs, 1):
+        print(f"[{i}/{len(runs)}] {run.study}/{run.name}: {run.config}")
+    return 0
+
+
 def run_all(runs: list[PlannedRun], runner: SweepRunner, t_sweep: float) -> int:
     """Each run in turn (skipped when finished, resumed from a checkpoint); the failures."""
     failed = 0
@@ -464,7 +544,8 @@ def run_all(runs: list[PlannedRun], runner: SweepRunner, t_sweep: float) -> int:
             ok, detail = runner.run(run, resume=state == "resume")
             status = "FAILED" if not ok else f"{state.replace('fresh', 'run')}, completed"
             failed += not ok
-            record(run, "completed" if ok else "failed", time.perf_counter() - t_run, detail)
+            seconds = time.perf_counter() - t_run
+            record(run, "completed" if ok else "failed", seconds, detail, engine=runner.engine)
         seconds = time.perf_counter() - t_run
         elapsed = time.perf_counter() - t_sweep
         line = f"[{i}/{len(runs)}] {run.study}/{run.name}: {status} in {seconds:.1f} s"

@@ -11,15 +11,27 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from flower_app.runs.results import atomic_write_bytes, save_figure
 from flower_app.studies.catalog import QUESTIONS, STUDIES
+from flower_app.studies.run_folders import read_study_base
 
 MANIFEST = "sweep.csv"
-MANIFEST_COLUMNS = ["study", "setting", "seed", "run-name", "status", "seconds", "detail"]
+MANIFEST_COLUMNS = [
+    "study",
+    "setting",
+    "seed",
+    "run-name",
+    "status",
+    "seconds",
+    "engine",
+    "detail",
+]
 RESULT_KEYS = {  # summary.json key -> table column
     "final-test-accuracy": "test-accuracy",
     "best-val-accuracy": "best-val-accuracy",
@@ -44,7 +56,84 @@ def read_manifest(study_dir: Path) -> pd.DataFrame:
     path = study_dir / MANIFEST
     if not path.is_file():
         return pd.DataFrame(columns=MANIFEST_COLUMNS)
-    return pd.read_csv(path, keep_default_na=False).astype({"seed": int})
+    frame = pd.read_csv(path, keep_default_na=False).astype({"seed": int})
+    return frame.reindex(columns=MANIFEST_COLUMNS, fill_value="")  # a manifest before "engine"
+
+
+@dataclass(frozen=True)
+class StudyLabel:
+    """What a reader of a study's table or figure must know: the study, its scale, the
+    engines that ran it, the seeds, and a server strategy all its runs share."""
+
+    study: str
+    scale: str
+    engines: tuple[str, ...]
+    seeds: tuple[int, ...]
+    strategy: str = ""
+
+    @property
+    def seeds_text(self) -> str:
+        if not self.seeds:
+            return "no completed run"
+        span = (
+            f"{self.seeds[0]}-{self.seeds[-1]}"
+            if len(self.seeds) > 2
+            else ", ".join(str(s) for s in self.seeds)
+        )
+        return f"{len(self.seeds)} seed{'s' if len(self.seeds) > 1 else ''} ({span})"
+
+    @property
+    def engines_text(self) -> str:
+        return "engine " + (" and ".join(self.engines) or "unknown")
+
+    @property
+    def title(self) -> str:
+        """A figure's title in two lines: study, scale and engine; the server strategy
+        (when not the defaults) and the seeds."""
+        second = " · ".join(p for p in (self.strategy, self.seeds_text) if p)
+        return f"{self.study} · {self.scale} scale · {self.engines_text}\n{second}"
+
+    @property
+    def caption(self) -> str:
+        """A table's first line: the same facts."""
+        strategy = f", {self.strategy}" if self.strategy else ""
+        return (
+            f"{self.study}: {self.scale} scale{strategy}, {self.engines_text}, "
+            f"{self.seeds_text}; mean ± sample std over seeds"
+        )
+
+
+def engines_of(manifest: pd.DataFrame) -> tuple[str, ...]:
+    """The engines that made the study's runs, as the manifest records them."""
+    return tuple(sorted({str(e) for e in manifest["engine"] if str(e)}))
+
+
+def shared_strategy(base: dict) -> str:
+    """The server strategy every run of a study shares, in words, when not FedAvg's mean
+    (what a setting changes shows in the setting's name instead)."""
+    parts = []
+    if base.get("server-rule", "mean") != "mean":
+        parts.append(f"server rule {base['server-rule']}")
+    if float(base.get("proximal-mu", 0.0) or 0.0) > 0:
+        parts.append(f"FedProx mu={base['proximal-mu']:g}")
+    if base.get("strategy", "fedavg") != "fedavg":
+        parts.append(str(base["strategy"]))
+    return ", ".join(parts)
+
+
+def study_label(study_dir: Path, study: str, runs: pd.DataFrame) -> StudyLabel:
+    """The label of a study folder: its recorded base (``study.json``), its manifest's
+    engines and the seeds of its completed runs."""
+    base = read_study_base(study_dir)
+    done = runs[runs["status"] == "completed"]
+    seeds = tuple(sorted({int(s) for s in done["seed"]}))
+    return StudyLabel(
+        study,
+        base.scale if base else "unrecorded",
+        engines_of(read_manifest(study_dir)),
+        seeds,
+        shared_strategy(base.identity) if base else "",
+    )
 
 
 def read_summary(run_dir: Path) -> dict | None:
@@ -120,10 +209,11 @@ def _cell(mean: float, std: float, scale: float = 1.0, digits: int = 4) -> str:
     return text if math.isnan(std) else f"{text} ± {std / scale:.{digits}f}"
 
 
-def markdown_table(table: pd.DataFrame) -> str:
-    """The table as GitHub Markdown, values as mean ± std."""
+def markdown_table(table: pd.DataFrame, caption: str = "") -> str:
+    """The table as GitHub Markdown, values as mean ± std, after its ``caption`` line."""
     header = ["setting", "runs", "failed", *LABELS.values()]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [caption, ""] if caption else []
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     formats = {
         "rounds": (1.0, 0),
         "wall-time-s": (1.0, 1),
@@ -169,6 +259,13 @@ def _figure(ncols: int = 1):
     return plt.subplots(1, ncols, figsize=(6 * ncols, 4), squeeze=False)
 
 
+def integer_ticks(ax) -> None:
+    """Rounds and steps are whole numbers: no tick at 0.25 of a round."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _lines(ax, metrics: pd.DataFrame, x: str, y: str) -> None:
     """One line per setting: the mean over seeds, and a band of ± one std where seeds > 1."""
     for setting in dict.fromkeys(metrics["setting"]):
@@ -194,18 +291,42 @@ def plot_accuracy(metrics: pd.DataFrame, path: Path, title: str, x: str = "round
     ax = axes[0, 0]
     _lines(ax, metrics, x, "val-accuracy")
     xlabel = "round x local steps" if x == "client-steps" else x
-    ax.set(xlabel=xlabel, ylabel="validation accuracy", title=title)
+    ax.set(xlabel=xlabel, ylabel="validation accuracy")
+    ax.set_title(title, fontsize=10)
+    integer_ticks(ax)
     ax.legend(fontsize="small")
     return save_figure(fig, path)
 
 
 def plot_final_accuracy(table: pd.DataFrame, path: Path, title: str) -> Path:
-    """Final test accuracy per setting: bars at the mean, error bars of one std."""
+    """Final test accuracy per setting with its value: a bar at the mean with an error bar
+    of one std over seeds, or, for a setting with one seed, a point (no zero-length bar)."""
     fig, axes = _figure()
     ax = axes[0, 0]
-    std = table["test-accuracy-std"].fillna(0.0)
-    ax.bar(table["setting"].astype(str), table["test-accuracy-mean"], yerr=std, capsize=4)
-    ax.set(xlabel="setting", ylabel="final test accuracy", title=title)
+    names = table["setting"].astype(str).tolist()
+    means = table["test-accuracy-mean"].to_numpy(dtype=float)
+    stds = table["test-accuracy-std"].to_numpy(dtype=float)
+    several = ~np.isnan(stds)
+    positions = np.arange(len(names))
+    if several.any():
+        ax.bar(positions[several], means[several], yerr=stds[several], capsize=4, alpha=0.8)
+    ax.plot(positions[~several], means[~several], "o", ms=7)
+    for x, mean, std in zip(positions, means, stds, strict=True):
+        if not np.isnan(mean):
+            text = f"{mean:.3f}" if np.isnan(std) else f"{mean:.3f}\n±{std:.3f}"
+            top = mean + (0.0 if np.isnan(std) else std)
+            ax.annotate(
+                text,
+                (x, top),
+                textcoords="offset points",
+                xytext=(0, 4),
+                ha="center",
+                fontsize="small",
+            )
+    ax.set_xticks(positions, names)
+    ax.set_ylim(0, min(1.0, np.nanmax(means + np.nan_to_num(stds)) * 1.15) if len(means) else 1)
+    ax.set(xlabel="setting", ylabel="final test accuracy")
+    ax.set_title(title, fontsize=10)
     return save_figure(fig, path)
 
 
@@ -218,7 +339,8 @@ def plot_accuracy_vs_bytes(metrics: pd.DataFrame, path: Path, title: str) -> Pat
         rows = frame[frame["setting"] == setting].dropna(subset=["val-accuracy"])
         stats = rows.groupby("round")[["mb", "val-accuracy"]].mean()
         ax.plot(stats["mb"], stats["val-accuracy"], marker="o", ms=2, label=str(setting))
-    ax.set(xlabel="MB communicated (down + up)", ylabel="validation accuracy", title=title)
+    ax.set(xlabel="MB communicated (down + up)", ylabel="validation accuracy")
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize="small")
     return save_figure(fig, path)
 
@@ -226,14 +348,16 @@ def plot_accuracy_vs_bytes(metrics: pd.DataFrame, path: Path, title: str) -> Pat
 def plot_interference(metrics: pd.DataFrame, path: Path, title: str, x: str = "round") -> Path:
     """Mean pairwise cosine of client updates and aggregated/mean update norm per round."""
     fig, axes = _figure(2)
-    for ax, column, label in (
-        (axes[0, 0], "update-cosine", "mean pairwise cosine of client updates"),
-        (axes[0, 1], "update-norm-ratio", "||aggregated update|| / mean ||client update||"),
+    for ax, column, label, name in (
+        (axes[0, 0], "update-cosine", "mean pairwise cosine", "client-update cosine"),
+        (axes[0, 1], "update-norm-ratio", "||mean update|| / mean ||update||", "norm ratio"),
     ):
         if column in metrics:
             _lines(ax, metrics, x, column)
-        ax.set(xlabel=x, ylabel=label, title=title)
+        ax.set(xlabel=x, ylabel=label, title=name)
+        integer_ticks(ax)
         ax.legend(fontsize="small")
+    fig.suptitle(title)
     return save_figure(fig, path)
 
 
@@ -246,29 +370,30 @@ def write_report(study_dir: Path, study: str, out_dir: Path | None = None) -> di
     out_dir = study_dir if out_dir is None else out_dir
     runs = load_runs(study_dir)
     table = summary_table(runs)
+    label = study_label(study_dir, study, runs)
     out = {"table.csv": out_dir / "table.csv", "table.md": out_dir / "table.md"}
     atomic_write_bytes(out["table.csv"], table.to_csv(index=False).encode())
-    atomic_write_bytes(out["table.md"], markdown_table(table).encode())
+    atomic_write_bytes(out["table.md"], markdown_table(table, label.caption).encode())
     metrics = load_metrics(study_dir, runs)
     if metrics.empty:
         return out
-    x = "client-steps" if study == "local-steps" else "round"
-    out["accuracy.png"] = plot_accuracy(metrics, out_dir / "accuracy.png", study, x)
-    out["final_accuracy.png"] = plot_final_accuracy(table, out_dir / "final_accuracy.png", study)
+    x, title = ("client-steps" if study == "local-steps" else "round"), label.title
+    out["accuracy.png"] = plot_accuracy(metrics, out_dir / "accuracy.png", title, x)
+    out["final_accuracy.png"] = plot_final_accuracy(table, out_dir / "final_accuracy.png", title)
     if (metrics["strategy"] == "sparse-fedavg").any():
         path = out_dir / "accuracy_vs_bytes.png"
-        out["accuracy_vs_bytes.png"] = plot_accuracy_vs_bytes(metrics, path, study)
+        out["accuracy_vs_bytes.png"] = plot_accuracy_vs_bytes(metrics, path, title)
     if "update-cosine" in metrics and metrics["update-cosine"].notna().any():
         path = out_dir / "interference.png"
-        out["interference.png"] = plot_interference(metrics, path, study, x)
+        out["interference.png"] = plot_interference(metrics, path, title, x)
     return out
 
 
 def findings(study_dir: Path, study: str) -> list[str]:
     """The study's final test accuracy per setting, one line each, for a reader at a glance."""
-    table = summary_table(load_runs(study_dir))
-    seeds = int(table["runs"].max()) if len(table) else 0
-    lines = [f"{study}: final test accuracy, mean ± std over {seeds} seed(s)"]
+    runs = load_runs(study_dir)
+    table, label = summary_table(runs), study_label(study_dir, study, runs)
+    lines = [f"{label.caption.split(';')[0]}: final test accuracy, mean ± std over seeds"]
     width = max((len(str(s)) for s in table["setting"]), default=0)
     for row in table.to_dict("records"):
         cell = _cell(row["test-accuracy-mean"], row["test-accuracy-std"])
@@ -295,9 +420,11 @@ FIGURES = {
 def study_section(root: Path, study: str) -> list[str]:
     """A study's part of the report: its question, table, ordering, run time and figures."""
     study_dir = root / study
-    table = summary_table(load_runs(study_dir))
+    runs = load_runs(study_dir)
+    table, label = summary_table(runs), study_label(study_dir, study, runs)
     seconds = read_manifest(study_dir)["seconds"].astype(float).sum()
-    lines = [f"## {study}", "", QUESTIONS.get(study, ""), "", markdown_table(table)]
+    lines = [f"## {study}", "", QUESTIONS.get(study, ""), ""]
+    lines += [markdown_table(table, label.caption)]
     lines += [f"By final test accuracy: {ordering(table)}.", ""]
     lines += [f"Run time: {seconds:.0f} s, the sum over its runs (`{study}/{MANIFEST}`).", ""]
     for name, caption in FIGURES.items():

@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
-from flower_app.config import ConfigError
+from flower_app.config import ConfigError, RunConfig, app_defaults
+from flower_app.models import factory
+from flower_app.runs import prerequisites
 from flower_app.runs.checkpoint import CHECKPOINT_NAME
 from flower_app.studies import experiments
 from flower_app.studies.catalog import (
@@ -169,6 +171,7 @@ def test_failed_runs_are_reported_and_kept_out_of_the_table(tmp_path, monkeypatc
         return True, "flwr run 6"
 
     monkeypatch.setattr(experiments.SweepRunner, "run", fake_run)
+    monkeypatch.setattr(experiments, "check_outside", lambda runs: None)  # no CIFAR-100 here
     code = experiments.main(
         [
             "fedavg",
@@ -201,7 +204,7 @@ def test_the_miniature_runs_in_process_unless_told_otherwise(tmp_path, capsys, a
     where = ["--output-dir", str(tmp_path / "out"), "--app", str(ROOT)]
     code = experiments.main(["fedavg", *argv, "--dry-run", f"pretrained-path={backbone}", *where])
     out = capsys.readouterr().out
-    assert code == 0 and f"(engine: {engine})" in out.splitlines()[0]
+    assert code == 0 and f"engine: {engine})" in out.splitlines()[0]
     if argv:  # the miniature names the backbone, which is missing: the runner would make it
         assert f"first: fl-pretrain --output {backbone} (the pretrained backbone" in out
     assert not backbone.exists() and not (tmp_path / "out").exists()
@@ -243,6 +246,7 @@ def test_an_in_process_run_that_raises_is_a_failed_run_and_the_sweep_goes_on(
         _write_run(Path(config["output-dir"]) / config["run-name"], 1, 0.5)
 
     monkeypatch.setattr(experiments, "run_in_process", fake_run)
+    monkeypatch.setattr(experiments, "check_outside", lambda runs: None)  # no CIFAR-100 here
     sweep = ["fedavg", "--settings", "iid", "--seeds", "2", "--engine", "in-process"]
     code = experiments.main([*sweep, "--output-dir", str(tmp_path), "--app", str(ROOT)])
     out = capsys.readouterr().out
@@ -413,3 +417,118 @@ def test_the_sweeps_federation_takes_fl_runs_gpu_resources_and_keeps_flowers_cpu
     assert "client-resources-num-cpus=2" in experiments.run_federation(given, 10).split()
     with pytest.raises(ConfigError, match="num-supernodes=7 is not allowed"):
         experiments.run_federation("num-supernodes=7", 10)
+
+
+# ---- a study reuses only what its run-config would make --------------------------------------
+def _no_work(monkeypatch) -> None:
+    """Fail the test if the sweep runs or pretrains anything."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started before every folder was checked")
+
+    monkeypatch.setattr(experiments.SweepRunner, "run", refuse)
+    monkeypatch.setattr(experiments, "ensure_backbone", refuse)
+
+
+def _made_run(run: experiments.PlannedRun, **changed) -> None:
+    """A finished run folder as the ServerApp writes it, made with ``changed`` keys."""
+    config = RunConfig.from_run_config(app_defaults(ROOT) | run.config, check_files=False)
+    made = config.to_dict() | {"run-name": run.name} | changed
+    _write_run(run.run_dir, run.seed, 0.5)
+    (run.run_dir / "config.json").write_text(json.dumps(made))
+
+
+def _mini(tmp_path, *argv: str) -> list[str]:
+    backbone = tmp_path / "backbone.safetensors"
+    backbone.write_bytes(b"")  # never read: nothing runs
+    where = ["--output-dir", str(tmp_path / "out"), "--app", str(ROOT)]
+    return ["heterogeneity", "--quick", *argv, f"pretrained-path={backbone}", *where]
+
+
+def test_a_finished_run_of_another_run_config_is_refused_naming_the_keys(
+    tmp_path, capsys, monkeypatch
+):
+    argv = _mini(tmp_path, "--settings", "iid,nc1")
+    nc1, iid = experiments.plan(experiments.parse_args(argv))
+    _made_run(iid, lr=0.5, **{"image-size": 64})
+    _made_run(nc1, lr=0.5)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    _no_work(monkeypatch)
+    assert experiments.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {nc1.run_dir} was made with another")
+    assert "(lr=0.5 there, 0.05 planned) (1 more folders differ too)" in err
+    assert "--move-aside to move such folders into moved-aside/" in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # untouched
+
+
+def test_a_finished_run_of_the_same_run_config_is_skipped(tmp_path, capsys, monkeypatch):
+    argv = _mini(tmp_path, "--settings", "iid")
+    (iid,) = experiments.plan(experiments.parse_args(argv))
+    _made_run(iid, **{"round-timeout": 5.0, "device": "cpu"})  # operational keys may differ
+    _no_work(monkeypatch)
+    assert experiments.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "[1/1] heterogeneity/iid-seed0: skipped (finished earlier)" in out
+    table = (tmp_path / "out" / "heterogeneity" / "table.md").read_text().splitlines()
+    assert table[0].startswith("heterogeneity: miniature scale, engine unknown, 1 seed (0);")
+
+
+def test_move_aside_keeps_the_other_run_and_runs_the_planned_one(tmp_path, capsys, monkeypatch):
+    argv = _mini(tmp_path, "--settings", "iid", "--move-aside")
+    (iid,) = experiments.plan(experiments.parse_args(argv))
+    _made_run(iid, lr=0.5)
+
+    def fake_run(self, run, resume):
+        _made_run(run)
+        return True, "in-process"
+
+    monkeypatch.setattr(experiments.SweepRunner, "run", fake_run)
+    assert experiments.main(argv) == 0
+    out = capsys.readouterr().out
+    moved = list((iid.study_dir / "moved-aside").iterdir())
+    assert len(moved) == 1 and moved[0].name.startswith("iid-seed0-")
+    assert json.loads((moved[0] / "config.json").read_text())["lr"] == 0.5
+    assert f"moved {iid.run_dir} to {moved[0]} (made with another run-config)" in out
+    assert json.loads((iid.run_dir / "config.json").read_text())["lr"] == 0.05
+
+
+def test_a_study_folder_of_another_base_is_refused_for_any_setting(tmp_path, capsys, monkeypatch):
+    """Runs of other settings share the study's table: their base must be this sweep's."""
+
+    def fake_run(self, run, resume):
+        _made_run(run)
+        return True, "in-process"
+
+    monkeypatch.setattr(experiments.SweepRunner, "run", fake_run)
+    assert experiments.main(_mini(tmp_path, "--settings", "nc1", "lr=0.5")) == 0
+    study = json.loads((tmp_path / "out" / "heterogeneity" / "study.json").read_text())
+    assert study["scale"] == "miniature" and study["base"]["lr"] == 0.5
+    capsys.readouterr()
+    assert experiments.main(_mini(tmp_path, "--settings", "iid")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'out' / 'heterogeneity'} was made with another")
+    assert "(lr=0.5 there, 0.05 planned)" in err
+
+
+def test_a_paper_scale_study_without_its_data_stops_in_one_line_writing_nothing(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(prerequisites, "reachable", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(factory, "reachable", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(factory, "hub_weights_cached", lambda name: False)
+    _no_work(monkeypatch)
+    out = tmp_path / "out"
+    argv = ["heterogeneity", f"data-dir={tmp_path / 'data'}", "--output-dir", str(out)]
+    assert experiments.main([*argv, "--app", str(ROOT)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"no CIFAR-100 in {tmp_path / 'data'}" in err
+    assert "vit_small_patch16_224.dino weights are not in the Hugging Face cache" in err
+    assert not out.exists() and not (tmp_path / "data").exists()
+
+
+def test_the_scales_write_to_their_own_default_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for quick, folder in ((True, "miniature"), (False, "paper")):
+        args = experiments.parse_args(["fedavg", "--app", str(ROOT), *(["--quick"] * quick)])
+        assert experiments.output_dir_of(args) == tmp_path / "results" / folder

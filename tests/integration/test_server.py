@@ -11,7 +11,7 @@ from flwr.common.config import parse_config_args
 from safetensors.torch import load_file
 
 from flower_app import client_app, server_app
-from flower_app.config import RunConfig
+from flower_app.config import ConfigError, RunConfig
 from tests.conftest import InProcessGrid, quick_run_config, server_context
 
 
@@ -98,7 +98,7 @@ def test_existing_run_name_is_refused_before_work(tmp_path):
     (tmp_path / "taken").mkdir()
     config = quick_run_config(output_dir=str(tmp_path), run_name="taken")
     grid = InProcessGrid(client_app.app, config, num_nodes=10)
-    with pytest.raises(FileExistsError, match="'run-name' = 'taken'"):
+    with pytest.raises(ConfigError, match=r"'run-name' = 'taken' .* add resume=true"):
         server_app.main(grid, server_context(config))
 
 

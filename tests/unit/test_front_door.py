@@ -3,6 +3,7 @@ the run's real outcome; the Flower calls are faked (the real one: tests/e2e/test
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -12,7 +13,8 @@ import torch
 
 from flower_app.cli import run
 from flower_app.config import unknown_key_message
-from flower_app.runs import prerequisites
+from flower_app.runs import prerequisites, run_lock
+from flower_app.runs.checkpoint import CHECKPOINT_NAME
 from tests.conftest import ROOT
 
 QUICK = str(ROOT / "configs" / "quick.toml")
@@ -24,13 +26,16 @@ def flwr(monkeypatch):
     """Fake ``flwr run``/``flwr ls``: records the run-config file and the command."""
     seen: dict = {"status": {"status": run.COMPLETED}, "log": [STARTED, "round 1/1 ..."]}
 
-    def fake_run(command, env):
+    def fake_run(command, env, lines):
         seen["command"], seen["env"] = command, env
         with open(command[command.index("--run-config") + 1], "rb") as f:
             seen["config"] = tomllib.load(f)
         flag = "--federation-config"
         seen["federation"] = command[command.index(flag) + 1] if flag in command else None
-        return 0, seen["log"]
+        lines.extend(seen["log"])
+        if seen.get("interrupt"):
+            raise KeyboardInterrupt
+        return 0
 
     monkeypatch.setattr(run, "flwr_run", fake_run)
     monkeypatch.setattr(
@@ -222,7 +227,11 @@ def test_a_failed_run_without_an_error_line_reports_flowers_details(flwr, capsys
 
 
 def test_flwr_run_that_starts_no_run_exits_1(monkeypatch, capsys):
-    monkeypatch.setattr(run, "flwr_run", lambda c, e: (1, ["Error: connection refused"]))
+    def fake_run(command, env, lines):
+        lines.append("Error: connection refused")
+        return 1
+
+    monkeypatch.setattr(run, "flwr_run", fake_run)
     monkeypatch.setattr(run, "run_status", lambda *a: pytest.fail("no run to ask about"))
     assert _main(QUICK) == 1
     assert capsys.readouterr().err == (
@@ -238,6 +247,99 @@ def test_console_script_is_declared():
 
 def test_flwr_run_echoes_each_line_and_keeps_it_without_colours(capsys):
     script = "print('\\x1b[91mERROR \\x1b[0m: boom'); print('Successfully started run 5')"
-    code, lines = run.flwr_run([sys.executable, "-c", script], run.child_env())
+    lines: list[str] = []
+    code = run.flwr_run([sys.executable, "-c", script], run.child_env(), lines)
     assert code == 0 and lines == ["ERROR : boom", "Successfully started run 5"]
     assert capsys.readouterr().out == "\x1b[91mERROR \x1b[0m: boom\nSuccessfully started run 5\n"
+
+
+# ---- the run folder, the result line, Ctrl-C ---------------------------------------------------
+def test_an_existing_run_name_without_resume_is_one_line_exit_2(no_processes, tmp_path, capsys):
+    (tmp_path / "try").mkdir()
+    error = _one_line_error(capsys, _main(QUICK, f"output-dir={tmp_path}", "run-name=try"))
+    assert f"'run-name' = 'try' is not allowed: {tmp_path / 'try'} exists already" in error
+    assert "add resume=true to continue that run" in error
+
+
+def test_resume_without_a_checkpoint_is_one_line_exit_2(no_processes, tmp_path, capsys):
+    code = _main(QUICK, f"output-dir={tmp_path}", "run-name=nope", "resume=true")
+    error = _one_line_error(capsys, code)
+    assert f"'resume' = True is not allowed: no checkpoint at {tmp_path / 'nope'}" in error
+
+
+def test_resuming_a_folder_another_process_writes_is_refused_naming_it(
+    no_processes, tmp_path, capsys
+):
+    folder = tmp_path / "busy"
+    folder.mkdir()
+    (folder / CHECKPOINT_NAME).write_bytes(b"")
+    lock = run_lock.acquire(folder, run_lock.holder_record(7, "/venv/bin/flwr stop 7"))
+    try:
+        code = _main(QUICK, f"output-dir={tmp_path}", "run-name=busy", "resume=true")
+    finally:
+        lock.release()
+    error = _one_line_error(capsys, code)
+    assert f"run folder {folder} is in use by Flower run 7 (pid {os.getpid()} on host" in error
+    assert error.endswith("wait for it to end, or stop it with: /venv/bin/flwr stop 7\n")
+
+
+def test_a_completed_run_ends_with_its_result(flwr, capsys):
+    result = "final test accuracy 0.5000 (best validation accuracy 0.6000 at round 3)"
+    flwr["log"] = [STARTED, f"INFO :      {result}; results in /r/quick", "INFO :      done"]
+    assert _main(QUICK) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"run 4242 completed: {result}; results in /r/quick"
+
+
+@pytest.fixture
+def stops(monkeypatch):
+    """``flwr stop`` as fl-run calls it after Ctrl-C: the commands it was given."""
+    calls: list[list[str]] = []
+
+    def fake_stop(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_stop)
+    return calls
+
+
+def test_ctrl_c_stops_the_run_and_waits_for_its_server_app(flwr, stops, tmp_path, capsys):
+    flwr["interrupt"] = True
+    flwr["status"] = {"status": "finished:stopped"}
+    assert _main(QUICK, f"output-dir={tmp_path}") == run.EXIT_INTERRUPTED
+    assert stops == [[run.flower_executable("flwr"), "stop", "4242"]]
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("fl-run: interrupted; stopping run 4242")
+    assert err[-1] == "fl-run: stopped run 4242; its ServerApp has ended"
+
+
+def test_ctrl_c_waits_while_the_server_app_still_holds_its_folder(
+    flwr, stops, tmp_path, capsys, monkeypatch
+):
+    """The lock names run 4242: fl-run waits for it to be released, here until its limit."""
+    flwr["interrupt"] = True
+    flwr["status"] = {"status": "finished:stopped"}
+    (tmp_path / "run").mkdir()
+    lock = run_lock.acquire(tmp_path / "run", run_lock.holder_record(4242, "flwr stop 4242"))
+    monkeypatch.setattr(run, "STOP_WAIT_S", 0.5)
+    try:
+        assert _main(QUICK, f"output-dir={tmp_path}") == run.EXIT_INTERRUPTED
+    finally:
+        lock.release()
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("fl-run: run 4242 was asked to stop but its ServerApp still runs")
+
+
+def test_a_second_ctrl_c_leaves_at_once_naming_the_stop_command(
+    flwr, tmp_path, capsys, monkeypatch
+):
+    flwr["interrupt"] = True
+
+    def interrupted_again(command, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subprocess, "run", interrupted_again)
+    assert _main(QUICK, f"output-dir={tmp_path}") == run.EXIT_INTERRUPTED
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == f"fl-run: left run 4242; stop it with: {run.flower_executable('flwr')} stop 4242"
