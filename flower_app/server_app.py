@@ -70,7 +70,12 @@ from strategies import protocol
 from strategies.fedavg import OrderedFedAvg
 from strategies.masks import eligible_names, mask_density, needs_fisher
 from strategies.plan import CALIBRATION, HEAD_WARMUP, TRAIN, Phase, RoundClock
-from strategies.rounds import InsufficientRepliesError, RetryPolicy, RoundHook
+from strategies.rounds import (
+    InsufficientRepliesError,
+    RetryPolicy,
+    RoundHook,
+    client_error_text,
+)
 from strategies.server_rules import build_rule
 from strategies.sparse_fedavg import SparseFedAvg
 from strategies.transport.carrier import WeightCarrier
@@ -121,7 +126,7 @@ def query_partitions(
         Message(probe(), dst_node_id=nid, message_type=protocol.QUERY_PARTITION) for nid in node_ids
     ]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
-    failed = [r.error.reason for r in replies if r.has_error()]
+    failed = [client_error_text(r.error.reason) for r in replies if r.has_error()]
     if failed or len(replies) != len(node_ids):
         raise RuntimeError(
             f"partition query: {len(node_ids) - len(replies) + len(failed)} of {len(node_ids)} "
