@@ -29,9 +29,15 @@ def ray_actor_gpus() -> list | None:
     """The GPUs Ray gave this process's actor (a simulated ClientApp's worker), or None
     outside a Ray actor (a deployment's SuperNode, the ServerApp, the baseline)."""
     ray = sys.modules.get("ray")  # a Ray worker has imported it; nothing else needs it
-    if ray is None or not ray.is_initialized():
-        return None
-    if ray.get_runtime_context().get_actor_id() is None:
+    try:
+        if ray is None or not ray.is_initialized():
+            return None
+        if ray.get_runtime_context().get_actor_id() is None:
+            return None
+    except AttributeError:
+        # Ray half imported: a simulation's ServerApp thread can look while the engine's
+        # thread is still importing Ray (seen in tests/e2e/test_ray_gpus.py); an actor
+        # runs a ClientApp only once Ray is imported, so this process is no actor
         return None
     return list(ray.get_gpu_ids())
 

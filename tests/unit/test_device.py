@@ -45,6 +45,15 @@ def test_auto_device_follows_what_ray_gave_the_actor(monkeypatch, ray, expected)
     assert resolve_device("auto").type == expected
 
 
+def test_a_ray_still_being_imported_is_no_actor(monkeypatch):
+    """The simulation process: its ServerApp thread asks while the engine's thread is still
+    importing Ray, whose module then lacks most of its names."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(sys.modules, "ray", types.ModuleType("ray"))
+    assert resolve_device("auto").type == "cpu"
+    assert worker_placement() == {}
+
+
 def test_no_gpu_means_cpu_and_an_explicit_cuda_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto").type == "cpu"
