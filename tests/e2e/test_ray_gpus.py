@@ -8,9 +8,11 @@ every worker a GPU id and sets CUDA_VISIBLE_DEVICES to it though no GPU exists; 
 checked comes from the workers themselves (their train replies' placement metrics, which
 the ServerApp writes to ``placement.csv``):
 
-- ``device=auto``: a worker given a GPU id that CUDA does not show stops the run in its
-  first message (the partition query) with one line naming the mismatch, instead of
-  training on the CPU in silence: the run is ``finished:failed`` and made no run folder;
+- ``device=auto`` (one worker, given all 4 CPUs and half a GPU: the refusal needs no
+  more, and each worker costs seconds of imports): a worker given a GPU id that CUDA does
+  not show stops the run in its first message (the partition query) with one line naming
+  the mismatch, instead of training on the CPU in silence: the run is
+  ``finished:failed`` and made no run folder;
 - ``device=cpu``: the run completes, every worker reports exactly one of the two declared
   GPU ids, at most two workers share one, and each worker's CUDA_VISIBLE_DEVICES is the id
   Ray gave it.
@@ -34,6 +36,10 @@ from tests.e2e.ray_nodes import NodeResources, RayCluster, joined_superlink, ray
 CLIENTS = 4
 GPUS = 2  # declared to Ray, not present
 FEDERATION = f"num-supernodes={CLIENTS} client-resources-num-cpus=1 client-resources-num-gpus=0.5"
+# the refusal needs one worker given a GPU id: all 4 CPUs to it, so Ray starts only one
+ONE_WORKER = (
+    f"num-supernodes={CLIENTS} client-resources-num-cpus={CLIENTS} client-resources-num-gpus=0.5"
+)
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="the Ray node must declare GPUs this machine lacks"
@@ -58,6 +64,7 @@ def _overrides(results, device: str) -> dict:
         "fraction-train": 1.0,
         "num-server-rounds": 1,
         "local-steps": 1,  # what is tested is where clients run, not how much they train
+        "synthetic-train-per-class": 20,
         "eval-every": 1,
         "device": device,
         "output-dir": str(results),
@@ -71,7 +78,7 @@ def test_workers_given_declared_gpus_report_them_and_auto_refuses_a_gpu_cuda_lac
     cluster.node_ids()  # the head is up with the CPUs and GPUs it declared
     results = tmp_path / "results"
 
-    auto = run_quick(superlink, tmp_path, _overrides(results, "auto"), FEDERATION)
+    auto = run_quick(superlink, tmp_path, _overrides(results, "auto"), ONE_WORKER)
     assert auto.status == "finished:failed", (auto.run_id, auto.status, auto.log[-3000:])
     line = last_error_line(auto.log.splitlines())  # what fl-run shows of a failed run
     assert re.fullmatch(
