@@ -171,8 +171,8 @@ UNSET = "unset"  # the cuda-visible-devices cell of a worker without the variabl
 
 
 def placement_cell(value: int | list[int]) -> str:
-    """A cell as text (a column with a missing cell stays integers); a list of device ids
-    as CUDA_VISIBLE_DEVICES spells it ("0", "0,1", "" for none)."""
+    """A cell as text (pandas would turn a column of integers with a missing cell into
+    floats); a list of device ids as CUDA_VISIBLE_DEVICES spells it ("0", "0,1", "")."""
     return ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
 
 
