@@ -36,6 +36,7 @@ with imports_without_gc():
     from flower_app.models.factory import build_model
     from flower_app.perf.allocator import keep_freed_memory
     from flower_app.runs.runtime import resolve_device, run_splits, use_bf16
+    from flower_app.runs.worker_gpus import worker_placement
     from strategies import protocol
     from strategies.seeds import derive_seed
     from strategies.transport.shared_weights import (
@@ -358,6 +359,7 @@ def _train_metrics(
     )
     if rt.device.type == "cuda":
         metrics[protocol.GPU_MEMORY_MB] = torch.cuda.max_memory_allocated(rt.device) / 2**20
+    metrics.update(worker_placement())  # in a Ray actor: which worker and GPU trained
     return metrics
 
 

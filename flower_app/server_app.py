@@ -44,6 +44,7 @@ from flower_app.runs.hooks import (
     BestModel,
     CentralEvaluation,
     MetricsTable,
+    PlacementTable,
     ProgressLog,
     Stopwatch,
     calibration_table,
@@ -71,7 +72,12 @@ from strategies import protocol
 from strategies.fedavg import OrderedFedAvg
 from strategies.masks import eligible_names, mask_density, needs_fisher
 from strategies.plan import CALIBRATION, HEAD_WARMUP, TRAIN, Phase, RoundClock
-from strategies.rounds import InsufficientRepliesError, RetryPolicy, RoundHook
+from strategies.rounds import (
+    InsufficientRepliesError,
+    RetryPolicy,
+    RoundHook,
+    client_error_text,
+)
 from strategies.server_rules import build_rule
 from strategies.sparse_fedavg import SparseFedAvg
 from strategies.transport.carrier import WeightCarrier
@@ -122,7 +128,7 @@ def query_partitions(
         Message(probe(), dst_node_id=nid, message_type=protocol.QUERY_PARTITION) for nid in node_ids
     ]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
-    failed = [r.error.reason for r in replies if r.has_error()]
+    failed = [client_error_text(r.error.reason) for r in replies if r.has_error()]
     if failed or len(replies) != len(node_ids):
         raise RuntimeError(
             f"partition query: {len(node_ids) - len(replies) + len(failed)} of {len(node_ids)} "
@@ -234,6 +240,7 @@ class Components:
     best: BestModel
     stopwatch: Stopwatch
     tracker: Tracker
+    placement: PlacementTable
 
     def saveables(self) -> dict[str, Saveable]:
         return dict(vars(self))
@@ -258,6 +265,7 @@ def round_hooks(
         c.best,
         c.metrics,
         c.calibration,
+        c.placement,
         c.tracker,  # after the tables: it logs their rows
         ProgressLog(c.clock, c.stopwatch.total, write=lambda line: print(line, flush=True)),
         # last: it saves what the hooks before it recorded
@@ -370,18 +378,24 @@ def build_components(
         BestModel(),
         stopwatch,
         tracker,
+        PlacementTable(run_dir),
     )
+
+
+LATER_COMPONENTS = ("tracker", "placement")  # an older checkpoint may lack them
 
 
 def resume_from(checkpoint: Checkpoint, components: Components, run_path: Path) -> ArrayRecord:
     """Every component loads its own state; the run continues from the saved weights.
 
-    A checkpoint without a tracker's state (written before tracking existed) starts a new
-    tracker run: ``tracking`` is operational.
+    A checkpoint written before the tracker or the placement table existed starts them
+    fresh (a new tracker run; placement rows from the resumed rounds on): both are
+    operational, not results.
     """
     saveables = components.saveables()
-    if "tracker" not in checkpoint.components:
-        del saveables["tracker"]
+    for name in LATER_COMPONENTS:
+        if name not in checkpoint.components:
+            del saveables[name]
     restore(checkpoint, saveables, run_path / CHECKPOINT_NAME)
     clock = components.clock
     print(f"resuming after round {clock.completed} of {clock.total_rounds}", flush=True)

@@ -249,7 +249,9 @@ class OrderedFedAvg(Strategy):
         states = [self.reply_state(r) for r in replies]
         weights = example_weights(replies)
         record.add({key: float(value) for key, value in mean_loss(replies).items()})
-        record.add(client_compute_metrics([r.content[protocol.METRICS] for r in replies]))
+        metrics = [r.content[protocol.METRICS] for r in replies]
+        record.add(client_compute_metrics(metrics))
+        record.clients.extend(client_placements(metrics))
         base_state = self.tensors_of(base)
         gram = SplitGram(len(states)) if self.update_metrics else None
         mean = self.mean_update(base_state, states, weights, gram)
@@ -462,3 +464,14 @@ def client_compute_metrics(metrics: Sequence[MetricRecord]) -> RoundRow:
     if memory:
         row["gpu-memory-mb"] = max(memory)
     return row
+
+
+def client_placements(metrics: Sequence[MetricRecord]) -> list[dict[str, Any]]:
+    """Where each client that reported it (a simulation's Ray actor) trained: its partition
+    id and the placement keys (worker PID, Ray's GPU ids, CUDA_VISIBLE_DEVICES, device count)."""
+    rows = []
+    for m in metrics:
+        placed = {key: m[key] for key in protocol.PLACEMENT_KEYS if key in m}
+        if placed:
+            rows.append({protocol.PARTITION_ID: int(m[protocol.PARTITION_ID])} | placed)
+    return rows

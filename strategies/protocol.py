@@ -33,6 +33,15 @@ CLASS_COUNTS = "class-counts"  # examples per class, aligned with CLASSES
 CLIENT_SECONDS = "client-seconds"  # wall seconds of local training (GPU synchronised)
 GPU_MEMORY_MB = "gpu-memory-mb"  # peak CUDA memory allocated during training (CUDA only)
 
+# Where a simulated client trained (train replies of Ray actors only; flower_app/runs/
+# worker_gpus.py). A MetricRecord holds numbers, so device ids are integers: Ray's GPU ids
+# and CUDA_VISIBLE_DEVICES's entries, -1 for an entry that is no index (a GPU UUID).
+WORKER_PID = "worker-pid"  # the worker process (one per Ray actor)
+RAY_GPU_IDS = "ray-gpu-ids"  # list: the GPU ids Ray gave the actor ([] for none)
+CUDA_VISIBLE_DEVICES = "cuda-visible-devices"  # list: the variable's entries; absent if unset
+CUDA_DEVICE_COUNT = "cuda-device-count"  # torch.cuda.device_count() in the worker
+PLACEMENT_KEYS = (WORKER_PID, RAY_GPU_IDS, CUDA_VISIBLE_DEVICES, CUDA_DEVICE_COUNT)
+
 # Sparse fine-tuning
 QUERY_FISHER = f"{MessageType.QUERY}.fisher"  # diagonal Fisher of the trainable entries
 MASK = "mask"  # ArrayRecord: packed-bit mask per tensor (sent once per mask version)

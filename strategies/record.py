@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from strategies.plan import RoundPosition
 
@@ -25,6 +26,9 @@ class RoundRecord:
     started: float = field(default_factory=time.perf_counter)
     values: dict[str, float] = field(default_factory=dict)
     failure_reasons: list[str] = field(default_factory=list)
+    # per aggregated client that said where it trained (a Ray actor): partition-id and
+    # the placement keys of strategies/protocol.py, as its reply sent them
+    clients: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def round(self) -> int:

@@ -188,6 +188,20 @@ def train_metrics_problem(
     for key in (protocol.CLIENT_SECONDS, protocol.GPU_MEMORY_MB, *timings):
         if key in metrics and number(metrics, key) is None:
             return f"{key} {metrics[key]!r} is not a number"
+    return placement_problem(metrics)
+
+
+def placement_problem(metrics: MetricRecord) -> str:
+    """Where a client trained is reported in integers (a device id that is no index: -1)."""
+    for key in protocol.PLACEMENT_KEYS:
+        if key not in metrics:
+            continue
+        value = metrics[key]
+        listed = key in (protocol.RAY_GPU_IDS, protocol.CUDA_VISIBLE_DEVICES)
+        values = value if listed and isinstance(value, list) else [value]
+        if listed != isinstance(value, list) or not all(type(v) is int for v in values):
+            kind = "a list of integers" if listed else "an integer"
+            return f"{key} {value!r} is not {kind}"
     return ""
 
 

@@ -8,6 +8,7 @@ here. Training, head warm-up and calibration rounds all go through ``send_with_r
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,23 @@ class RetryPolicy:
 
 
 RoundHook = Callable[[RoundRecord, ArrayRecord], None]
+
+# Flower's simulation wraps what a ClientApp raised: "<class '...'>:<'" + Ray's traceback
+# + "Exception ClientAppException occurred. Message: " + str(exception) + "'>"
+WRAPPED_MESSAGE = " occurred. Message: "
+
+
+def client_error_text(reason: str) -> str:
+    """A client's error on one line: in a simulation, the ClientApp's own exception (its
+    class name and message, without Ray's and Flower's tracebacks); otherwise the reason
+    with its whitespace collapsed."""
+    flat = " ".join(reason.split())
+    head, found, message = flat.rpartition(WRAPPED_MESSAGE)
+    message = message.removesuffix("'>")
+    if not found or not message:
+        return flat
+    raised = re.search(r"([A-Za-z_][\w.]*): " + re.escape(message), head)
+    return f"{raised.group(1).rsplit('.', 1)[-1]}: {message}" if raised else message
 
 
 def content_bytes(content: RecordDict) -> int:
@@ -123,7 +141,7 @@ def usable_replies(
     valid = []
     for reply, reason in zip(done.replies, done.reasons, strict=True):
         if reason:
-            reason = " ".join(reason.split())  # one line, whatever the client sent
+            reason = client_error_text(reason)  # one line, whatever the client sent
             on_failure(reply.metadata.src_node_id)
             record.failure_reasons.append(reason)
             print(f"round {record.round}: client failed: {reason}", flush=True)
@@ -211,7 +229,8 @@ def adopt_new_nodes(grid: Grid, strategy: PlannedStrategy, timeout: float) -> No
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            print(f"node {node} joined but its partition query failed: {reply.error.reason}")
+            reason = client_error_text(reply.error.reason)
+            print(f"node {node} joined but its partition query failed: {reason}", flush=True)
             continue
         metrics = reply.content[protocol.METRICS]
         pid, examples = int(metrics[protocol.PARTITION_ID]), int(metrics[protocol.NUM_EXAMPLES])

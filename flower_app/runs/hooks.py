@@ -158,6 +158,44 @@ def calibration_table(run_dir: RunDirectory) -> MetricsTable:
     return MetricsTable(run_dir, "calibration.csv", CALIBRATION_COLUMNS, {CALIBRATION})
 
 
+PLACEMENT_COLUMNS = [
+    "round",
+    "phase",
+    "partition-id",
+    "worker-pid",
+    "ray-gpu-ids",
+    "cuda-visible-devices",
+    "cuda-device-count",
+]
+UNSET = "unset"  # the cuda-visible-devices cell of a worker without the variable
+
+
+def placement_cell(value: int | list[int]) -> str:
+    """A cell as text (pandas would turn a column of integers with a missing cell into
+    floats); a list of device ids as CUDA_VISIBLE_DEVICES spells it ("0", "0,1", "")."""
+    return ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+
+
+class PlacementTable(MetricsTable):
+    """``placement.csv``: per round and aggregated client, the worker (PID) that trained it,
+    the GPU ids Ray gave that worker, its CUDA_VISIBLE_DEVICES and torch's device count.
+
+    Only a simulation's clients (Ray actors) report these, so only such runs write the file.
+    """
+
+    def __init__(self, run_dir: RunDirectory) -> None:
+        super().__init__(run_dir, "placement.csv", PLACEMENT_COLUMNS)
+
+    def __call__(self, record: RoundRecord, arrays: ArrayRecord) -> None:
+        if not record.clients:
+            return
+        for client in record.clients:
+            cells = {key: placement_cell(value) for key, value in client.items()}
+            cells.setdefault("cuda-visible-devices", UNSET)
+            self.rows.append({"round": record.round, "phase": record.phase} | cells)
+        self.run_dir.write_csv(self.name, self.frame())
+
+
 class BestModel:
     """A copy of the weights with the best validation accuracy so far, and its round."""
 

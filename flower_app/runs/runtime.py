@@ -3,7 +3,6 @@ and the evaluation of a model on a split (federated server and centralized basel
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 
 import torch
@@ -14,28 +13,14 @@ from flower_app.config import RunConfig
 from flower_app.data.preprocessing import batch_preprocessor
 from flower_app.data.sources import DatasetSplits, ImageSplit, load_splits
 from flower_app.models.factory import create_initial_model
-
-
-def ray_actor_gpus() -> list | None:
-    """The GPUs Ray gave this process's actor (a simulated ClientApp's worker), or None
-    outside a Ray actor (a deployment's SuperNode, the ServerApp, the baseline)."""
-    ray = sys.modules.get("ray")  # a Ray worker has imported it; nothing else needs it
-    if ray is None or not ray.is_initialized():
-        return None
-    if ray.get_runtime_context().get_actor_id() is None:
-        return None
-    return list(ray.get_gpu_ids())
+from flower_app.runs.worker_gpus import auto_device
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` takes the GPU when this process sees one, except in a Ray actor that Ray gave
-    no GPU (client-resources-num-gpus=0): Ray's own hiding of the GPU from such actors is
-    going away (its RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO warning), so the app does not rely
-    on it."""
+    """``auto``: see ``worker_gpus.auto_device`` (a Ray actor follows what Ray gave it);
+    ``cuda`` in a process that sees no GPU is refused in one line."""
     if device == "auto":
-        if not torch.cuda.is_available() or ray_actor_gpus() == []:
-            return torch.device("cpu")
-        return torch.device("cuda")
+        return auto_device()
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("run-config key 'device' = 'cuda' but this process sees no GPU")
     return torch.device(device)

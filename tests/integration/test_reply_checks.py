@@ -459,6 +459,12 @@ def _metrics(**values) -> MetricRecord:
         (_metrics(num_examples=math.nan), "is not a count > 0"),
         (_metrics(train_loss=math.inf), "train-loss inf is not a finite number"),
         (_metrics(client_seconds=[1.0]), "client-seconds [1.0] is not a number"),
+        (_metrics(worker_pid=4242, ray_gpu_ids=[0], cuda_visible_devices=[0, -1]), ""),
+        (_metrics(ray_gpu_ids=[], cuda_device_count=0), ""),  # a worker given no GPU
+        (_metrics(ray_gpu_ids=[0.5]), "ray-gpu-ids [0.5] is not a list of integers"),
+        (_metrics(cuda_visible_devices=1), "cuda-visible-devices 1 is not a list of integers"),
+        (_metrics(worker_pid=[1]), "worker-pid [1] is not an integer"),
+        (_metrics(cuda_device_count=1.0), "cuda-device-count 1.0 is not an integer"),
     ],
 )
 def test_train_metrics_problem(metrics, reason):

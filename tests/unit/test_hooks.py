@@ -7,18 +7,21 @@ import math
 import pandas as pd
 import pytest
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, MetricRecord
 
 from flower_app.runs.checkpoint import CHECKPOINT_NAME, Checkpointer, load_checkpoint, restore
 from flower_app.runs.hooks import (
     BestModel,
     CentralEvaluation,
     MetricsTable,
+    PlacementTable,
     ProgressLog,
     Stopwatch,
     calibration_table,
 )
 from flower_app.runs.results import RunDirectory
+from strategies import protocol
+from strategies.fedavg import client_placements
 from strategies.plan import CALIBRATION, HEAD_WARMUP, TRAIN, Phase, RoundClock
 from strategies.record import RoundRecord
 
@@ -77,6 +80,46 @@ def test_metrics_table_keeps_its_phases_and_writes_the_csv(tmp_path):
     again = MetricsTable(run_dir)
     again.load_state_dict(metrics.state_dict())
     pd.testing.assert_frame_equal(again.frame(), metrics.frame())
+
+
+def _reply_metrics(pid: int, **placement) -> MetricRecord:
+    base = {protocol.PARTITION_ID: pid, protocol.NUM_EXAMPLES: 10, protocol.TRAIN_LOSS: 1.0}
+    return MetricRecord(base | {k.replace("_", "-"): v for k, v in placement.items()})
+
+
+def test_placement_table_writes_where_each_client_trained_only_when_clients_said(tmp_path):
+    run_dir = RunDirectory(tmp_path)
+    table = PlacementTable(run_dir)
+    silent = _record(1)  # the in-process engine, a deployment: no placement in the replies
+    silent.clients.extend(client_placements([_reply_metrics(0), _reply_metrics(1)]))
+    table(silent, _arrays(0))
+    assert silent.clients == [] and not (tmp_path / "placement.csv").exists()
+    record = _record(6)
+    replies = [
+        _reply_metrics(3, worker_pid=11, ray_gpu_ids=[1], cuda_visible_devices=[1]),
+        _reply_metrics(0, worker_pid=12, ray_gpu_ids=[0, 1], cuda_device_count=0),
+        _reply_metrics(2, worker_pid=13, ray_gpu_ids=[], cuda_visible_devices=[]),
+    ]
+    record.clients.extend(client_placements(replies))
+    table(record, _arrays(0))
+    frame = pd.read_csv(tmp_path / "placement.csv", dtype=str, keep_default_na=False)
+    assert frame.columns.tolist() == [
+        "round",
+        "phase",
+        "partition-id",
+        "worker-pid",
+        "ray-gpu-ids",
+        "cuda-visible-devices",
+        "cuda-device-count",
+    ]
+    assert frame.values.tolist() == [
+        ["6", TRAIN, "3", "11", "1", "1", ""],
+        ["6", TRAIN, "0", "12", "0,1", "unset", "0"],
+        ["6", TRAIN, "2", "13", "", "", ""],
+    ]
+    again = PlacementTable(run_dir)  # resumable like the other tables
+    again.load_state_dict(table.state_dict())
+    pd.testing.assert_frame_equal(again.frame(), table.frame())
 
 
 def test_best_model_keeps_the_first_best_and_ignores_nan():

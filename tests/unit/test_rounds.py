@@ -14,6 +14,7 @@ from strategies.record import RoundRecord
 from strategies.rounds import (
     InsufficientRepliesError,
     RetryPolicy,
+    client_error_text,
     exchange,
     run_plan,
     send_with_retries,
@@ -233,3 +234,32 @@ def test_resumed_plan_skips_round_zero_and_does_not_reenter_the_phase():
         [lambda r, a: seen.append(r.round)],
     )
     assert seen == [5] and strategy.entered == []
+
+
+# The shape of a reason Flower 1.42's simulation gives for a ClientApp that raised
+# (vce_api.py: str(type(ex)) + ":<'" + str(ex) + "'>", ex a RayTaskError around
+# ClientAppException), shortened; seen in tests/e2e/test_ray_gpus.py's failing run.
+SIMULATION_REASON = (
+    "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() "
+    '(pid=13232, ip=192.0.2.2)\n  File "flower_app/runs/worker_gpus.py", line 82, in '
+    "auto_device\n    raise GpuMismatchError(gpu_mismatch(given))\n"
+    "flower_app.runs.worker_gpus.GpuMismatchError: it said: no GPU\n\nThe above exception "
+    "was the direct cause of the following exception:\n\nray::ClientAppActor.run()\n"
+    "flwr.clientapp.client_app.ClientAppException: \nException ClientAppException occurred. "
+    "Message: it said: no GPU'>"
+)
+
+
+@pytest.mark.parametrize(
+    ("reason", "text"),
+    [
+        (SIMULATION_REASON, "GpuMismatchError: it said: no GPU"),
+        (SIMULATION_REASON.replace("GpuMismatchError: it", "it"), "it said: no GPU"),
+        ("<class 'KeyError'>:<''x''>", "<class 'KeyError'>:<''x''>"),  # a deployment's
+        ("boom\non two lines", "boom on two lines"),
+        ("Exception X occurred. Message: '>", "Exception X occurred. Message: '>"),
+    ],
+    ids=["simulation", "simulation-without-the-class", "deployment", "plain", "empty-message"],
+)
+def test_a_client_error_is_one_line_with_the_clientapps_own_exception(reason, text):
+    assert client_error_text(reason) == text
