@@ -83,7 +83,8 @@ def test_the_quick_form_writes_tables_figures_and_one_report(short_sweep):
     iid = _accuracy(out, "heterogeneity", "iid")
     assert f"By final test accuracy: iid ({iid:.3f}) > nc1 (" in report
     # each sweep ends with the findings, a line per setting
-    assert "heterogeneity: miniature scale, engine in-process, 1 seed (0): final test accuracy" in log
+    findings = "heterogeneity: miniature scale, engine in-process, 1 seed (0): final test accuracy"
+    assert findings in log
     assert f"  iid  {iid:.4f}" in log.splitlines()
     config = json.loads((out / "heterogeneity" / "nc1-seed0" / "config.json").read_text())
     assert config["num-clients"] == 100 and config["fraction-train"] == 0.1
