@@ -161,6 +161,18 @@ def test_run_names_say_how_the_data_was_sharded():
     assert name(**{"server-rule": "fedadam", "proximal-mu": 0.01}) == (
         "fedavg-fedadam-prox0.01_iid_J4_seed0_T"
     )
+    assert name(strategy="sparse-fedavg", optimizer="adamw") == "sparse-fedavg-adamw_iid_J4_seed0_T"
+
+
+def test_the_optimizer_settings_carry_the_run_configs_values():
+    cfg = RunConfig.from_run_config(
+        {"optimizer": "adamw", "lr": 1e-5, "weight-decay": 0.1, "adamw-beta-2": 0.98}
+    )
+    settings = cfg.optimizer_settings()
+    assert (settings.name, settings.lr, settings.weight_decay) == ("adamw", 1e-5, 0.1)
+    assert (settings.betas, settings.eps, settings.momentum) == ((0.9, 0.98), 1e-8, 0.9)
+    assert cfg.optimizer_settings(lr=2e-6).lr == 2e-6  # a round's scheduled lr
+    assert "optimizer" in cfg.experiment_identity() and "adamw-eps" in cfg.experiment_identity()
 
 
 @pytest.mark.parametrize(
