@@ -97,6 +97,27 @@ def test_quick_sparse_is_the_quick_preset_plus_the_sparse_mechanics():
     }
 
 
+TALOS_ADAMW = {  # TaLoS vision/args.py:56-57, vision/optimizers.py:17-18 (docs/sparse.md)
+    "optimizer": "adamw",
+    "lr": 1e-5,
+    "weight-decay": 0.1,
+    "adamw-beta-1": 0.9,
+    "adamw-beta-2": 0.999,
+    "adamw-eps": 1e-8,
+}
+
+
+@pytest.mark.parametrize(
+    ("preset", "base"),
+    [
+        ("sparse_adamw.toml", "sparse_least_sensitive.toml"),
+        ("fedavg_adamw.toml", "fedavg_iid.toml"),
+    ],
+)
+def test_the_adamw_presets_are_their_sgdm_twins_plus_taloss_optimizer(preset, base):
+    assert _load(preset) == _load(base) | TALOS_ADAMW
+
+
 @pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.toml")))
 def test_presets_parse(preset):
     with open(ROOT / "configs" / preset, "rb") as f:
