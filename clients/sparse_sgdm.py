@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch.optim import Optimizer
 
+from clients.masking import attach_masks
+
 
 class SparseSGDM(Optimizer):
     """SGD (momentum, dampening, weight decay, Nesterov) restricted to a mask per parameter.
@@ -43,8 +45,6 @@ class SparseSGDM(Optimizer):
         params = list(params)
         if not all(isinstance(p, torch.Tensor) for p in params):
             raise TypeError("SparseSGDM takes a list of tensors (no parameter-group dicts)")
-        if len(params) != len(masks):
-            raise ValueError(f"got {len(params)} parameters but {len(masks)} masks")
         if lr < 0.0:
             raise ValueError(f"lr={lr}: must be >= 0")
         if momentum < 0.0:
@@ -61,19 +61,7 @@ class SparseSGDM(Optimizer):
             "nesterov": nesterov,
         }
         super().__init__(params, defaults)
-        for i, (p, m) in enumerate(zip(params, masks, strict=True)):
-            if m is None:
-                continue
-            if m.dtype not in (torch.bool, p.dtype):
-                raise TypeError(
-                    f"mask {i} has dtype {m.dtype}: must be torch.bool or, holding 0/1, "
-                    f"the parameter's {p.dtype}"
-                )
-            if m.shape != p.shape:
-                raise ValueError(
-                    f"mask {i} has shape {tuple(m.shape)} but its parameter {tuple(p.shape)}"
-                )
-            self.state[p]["mask"] = m.to(device=p.device, dtype=p.dtype)  # no copy if it is
+        attach_masks(self.state, params, masks)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]

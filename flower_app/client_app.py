@@ -28,7 +28,8 @@ with imports_without_gc():
     from torch import nn
 
     from clients.fisher import diagonal_fisher
-    from clients.sparse_sgdm import SparseSGDM
+    from clients.masking import NodeMask, damp_frozen, trained_values
+    from clients.optimizers import build_optimizer
     from clients.training import copy_weights_into, train_local
     from flower_app.config import RunConfig
     from flower_app.data.preprocessing import batch_preprocessor, preprocess_batch
@@ -47,7 +48,7 @@ with imports_without_gc():
         shared_root,
         take_state,
     )
-    from strategies.transport.sparse_codec import decode_mask, gather_at, mask_positions
+    from strategies.transport.sparse_codec import decode_mask, mask_positions
 
 app = ClientApp()
 
@@ -222,30 +223,6 @@ def inject_failure(cfg: RunConfig, config: ConfigRecord, pid: int, kind: str) ->
         )
 
 
-@dataclass
-class NodeMask:
-    """A decoded mask with what a worker derives from it once, not once per message."""
-
-    bits: dict[str, torch.Tensor]  # bool, True = trainable
-    positions: dict[str, torch.Tensor]  # flat indices of the True entries (sparse_codec)
-    multipliers: dict[tuple, dict[str, torch.Tensor]]  # (device, dtype) -> 0/1 tensors
-
-    @classmethod
-    def of(cls, bits: dict[str, torch.Tensor]) -> NodeMask:
-        return cls(bits, mask_positions(bits), {})
-
-    def trainable(self, name: str) -> bool:
-        return name in self.positions and self.positions[name].numel() > 0
-
-    def multiplier(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        """The mask of ``name`` as 0/1 in ``like``'s dtype and device (SparseSGDM's form)."""
-        key = (str(like.device), like.dtype)
-        cached = self.multipliers.setdefault(key, {})
-        if name not in cached:
-            cached[name] = self.bits[name].to(device=like.device, dtype=like.dtype)
-        return cached[name]
-
-
 def node_mask(msg: Message, context: Context) -> NodeMask | None:
     """The sparse mask this message assumes: sent with it, or kept in the node's state.
 
@@ -290,57 +267,9 @@ def _decoded_mask(state: RecordDict) -> NodeMask:
             digest.update(array.data)
         key, packed = digest.hexdigest(), lambda: record
     if not _MASK or _MASK[0][0] != key:
-        _MASK[:] = [(key, NodeMask.of(decode_mask(packed())))]
+        bits = decode_mask(packed())
+        _MASK[:] = [(key, NodeMask(bits, mask_positions(bits)))]
     return _MASK[0][1]
-
-
-def _sparse_optimizer(
-    model: nn.Module, mask: NodeMask, train_head: bool, lr: float, cfg: RunConfig
-) -> torch.optim.Optimizer:
-    """SparseSGDM over the mask's tensors (and the dense head); everything else frozen."""
-    params, masks = [], []
-    for name, param in model.named_parameters():
-        if mask.trainable(name):
-            params.append(param)
-            masks.append(mask.multiplier(name, param))
-        elif name.startswith(protocol.HEAD_PREFIX) and train_head:
-            params.append(param)
-            masks.append(None)
-        else:
-            param.requires_grad_(False)  # no gradient, no change, no cost
-    return SparseSGDM(params, masks, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def _optimizer(
-    rt: ClientRuntime,
-    mask: NodeMask | None,
-    train_head: bool,
-    lr: float,
-    cfg: RunConfig,
-) -> torch.optim.Optimizer:
-    """Dense SGD with momentum, or SparseSGDM over the mask (and the head when it trains)."""
-    if mask is not None:
-        return _sparse_optimizer(rt.model, mask, train_head, lr, cfg)
-    return torch.optim.SGD(
-        rt.model.parameters(),
-        lr=lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        foreach=True,
-    )
-
-
-def _trained_values(
-    rt: ClientRuntime, mask: NodeMask | None, train_head: bool
-) -> dict[str, torch.Tensor]:
-    """What goes back: all weights, or the mask's entries (plus the head when it trained)."""
-    state = rt.model.state_dict()
-    if mask is None:
-        return state
-    sent = gather_at(state, mask.positions)
-    if train_head:
-        sent |= {k: v for k, v in state.items() if k.startswith(protocol.HEAD_PREFIX)}
-    return sent
 
 
 def _train_metrics(
@@ -365,7 +294,8 @@ def _train_metrics(
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """J local steps from the received global weights: dense SGD, or SparseSGDM on a mask."""
+    """J local steps from the received global weights with the run's optimizer (sgdm or
+    adamw), dense or over the mask."""
     cfg, pid, rt = node_runtime(context)
     t_load = time.perf_counter()
     _load_weights(rt.model, msg.content)
@@ -375,7 +305,8 @@ def train(msg: Message, context: Context) -> Message:
     mask = node_mask(msg, context)
     load_seconds = time.perf_counter() - t_load  # the weights and the mask
     train_head = bool(config.get(protocol.TRAIN_HEAD, True))
-    optimizer = _optimizer(rt, mask, train_head, lr, cfg)
+    settings = cfg.optimizer_settings(lr)
+    optimizer = build_optimizer(rt.model, settings, mask, train_head, protocol.HEAD_PREFIX)
     batch_gen, augment_gen = _generators(cfg, ("batches", "augment"), server_round, pid, rt.device)
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
@@ -399,7 +330,7 @@ def train(msg: Message, context: Context) -> Message:
         rt.model.requires_grad_(True)  # the cached model is reused by the next message
     seconds = _synchronized_clock(rt.device) - t_start
     t_encode = time.perf_counter()
-    trained = _trained_values(rt, mask, train_head)
+    trained = trained_values(rt.model, mask, train_head, protocol.HEAD_PREFIX)
     records = reply_records(msg.content, protocol.ARRAYS, trained)
     encode_seconds = time.perf_counter() - t_encode
     timings = (load_seconds, seconds, encode_seconds)
@@ -407,21 +338,6 @@ def train(msg: Message, context: Context) -> Message:
         {**records, protocol.METRICS: _train_metrics(rt, pid, result.mean_loss, timings)}
     )
     return Message(content, reply_to=msg)
-
-
-@torch.no_grad()
-def damp_frozen(model: nn.Module, mask: dict[str, torch.Tensor], damping: float) -> None:
-    """Multiply the mask's frozen entries by ``damping`` (the next message reloads weights).
-
-    TaLoS re-scores in calibration round r >= 2 a network whose already-pruned entries
-    are multiplied by the mask value 0.1 in the forward pass (its masked layers compute
-    with weight * mask); scaling the frozen weights here scores the same network.
-    """
-    if damping == 1.0:
-        return
-    for name, param in model.named_parameters():
-        if name in mask:
-            param[~mask[name].to(param.device)] *= damping
 
 
 @app.query("fisher")
@@ -456,7 +372,7 @@ def fisher(msg: Message, context: Context) -> Message:
         score=str(config.get(protocol.FISHER_SCORE, "log-likelihood")),
     )
     full = {n: scores.get(n, torch.zeros(m.shape, device=rt.device)) for n, m in mask.bits.items()}
-    records = reply_records(msg.content, protocol.FISHER, gather_at(full, mask.positions))
+    records = reply_records(msg.content, protocol.FISHER, mask.gather(full))
     metrics = MetricRecord({protocol.NUM_EXAMPLES: count, protocol.PARTITION_ID: pid})
     content = RecordDict({**records, protocol.METRICS: metrics})
     return Message(content, reply_to=msg)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.fisher import FISHER_LABEL_MODES, FISHER_SCORES
+from clients.optimizers import OPTIMIZERS, OptimizerSettings
 from flower_app.data.partitioning import partition_feasibility_error
 from flower_app.data.sources import NUM_CLASSES_BY_DATASET, cifar100_files_present
 from flower_app.models.backbone_cache import make_command
@@ -72,6 +73,12 @@ class RunConfig:
     min_lr: float = 0.0
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    # the clients' local optimizer (clients/optimizers.py): SGD momentum, or TaLoS's AdamW
+    # (betas, eps: torch.optim.AdamW's and TaLoS AdaptW's defaults, vision/optimizers.py:17-18)
+    optimizer: str = "sgdm"
+    adamw_beta_1: float = 0.9
+    adamw_beta_2: float = 0.999
+    adamw_eps: float = 1e-8
     num_server_rounds: int = 500
     sharding: str = "iid"
     classes_per_client: int = 10
@@ -232,6 +239,17 @@ class RunConfig:
         }
         return options.get(self.server_rule, {})
 
+    def optimizer_settings(self, lr: float | None = None) -> OptimizerSettings:
+        """The local optimizer's settings, at ``lr`` (a round's scheduled lr) or ``lr``."""
+        return OptimizerSettings(
+            name=self.optimizer,
+            lr=self.lr if lr is None else lr,
+            weight_decay=self.weight_decay,
+            momentum=self.momentum,
+            betas=(self.adamw_beta_1, self.adamw_beta_2),
+            eps=self.adamw_eps,
+        )
+
     @property
     def calibration_clients(self) -> int:
         """Clients asked for their Fisher per calibration round."""
@@ -251,7 +269,8 @@ class RunConfig:
         shards = self.shards_name
         rule = "" if self.server_rule == "mean" else f"-{self.server_rule}"
         prox = f"-prox{self.proximal_mu:g}" if self.proximal_mu else ""
-        name = f"{self.strategy}{rule}{prox}"
+        optimizer = "" if self.optimizer == "sgdm" else f"-{self.optimizer}"
+        name = f"{self.strategy}{rule}{prox}{optimizer}"
         return f"{name}_{shards}_J{self.local_steps}_seed{self.seed}_{timestamp}"
 
     def title(self, run_name: str, centralized: bool = False) -> str:
@@ -382,8 +401,23 @@ class RunConfig:
             raise _err("momentum", self.momentum, "must be in [0, 1)")
         if not 0.0 <= self.weight_decay < 1.0:
             raise _err("weight-decay", self.weight_decay, "must be in [0, 1)")
+        self._validate_optimizer()
         if not 0.0 <= self.val_fraction < 1.0:
             raise _err("val-fraction", self.val_fraction, "must be in [0, 1)")
+
+    def _validate_optimizer(self) -> None:
+        """The local optimizer and AdamW's options (checked whichever optimizer is chosen)."""
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        for key in ("adamw-beta-1", "adamw-beta-2"):
+            value = getattr(self, key.replace("-", "_"))
+            if not 0.0 <= value < 1.0:
+                raise _err(key, value, "must be in [0, 1)")
+        if not (self.adamw_eps > 0.0 and math.isfinite(self.adamw_eps)):
+            raise _err(
+                "adamw-eps",
+                self.adamw_eps,
+                "must be a finite number > 0 (a frozen entry's step is 0 / eps)",
+            )
 
     def _validate_reliability(self) -> None:
         """Checkpoints, retries, failures, resume and timeouts."""

@@ -71,6 +71,11 @@ INVALID = [
     Invalid("image-size", 30, "multiple of the patch size 4"),
     Invalid("val-fraction", 1.0, "must be in [0, 1)"),
     Invalid("momentum", 1.0, "must be in [0, 1)"),
+    # the local optimizer (clients/optimizers.py) and AdamW's options
+    Invalid("optimizer", "adam", "must be one of sgdm, adamw"),
+    Invalid("adamw-beta-1", 1.0, "must be in [0, 1)", {"optimizer": "adamw"}),
+    Invalid("adamw-beta-2", -0.1, "must be in [0, 1)"),
+    Invalid("adamw-eps", 0.0, "must be a finite number > 0", {"optimizer": "adamw"}),
     Invalid("download", "maybe", "must be a boolean"),
     Invalid("eval-every", 0, "must be an integer >= 1"),
     Invalid("min-train-clients", 6, "must be in 1..5", {"num-clients": 10, "fraction-train": 0.5}),

@@ -2,7 +2,8 @@
 
 ``python -m flower_app.centralized.baseline [--run-config PRESET.toml] [key=value ...]`` (console
 script ``fl-centralized``) trains the model of the run-config on the whole training
-split for ``epochs`` epochs of ``ceil(len(train) / batch-size)`` SGD-momentum steps,
+split for ``epochs`` epochs of ``ceil(len(train) / batch-size)`` steps of the clients'
+dense optimizer (``optimizer``: SGD momentum, or AdamW as TaLoS's dense fine-tuning),
 with a per-step learning rate: a linear warm-up over ``warmup-epochs``, then cosine
 from ``lr`` to ``min-lr`` (or constant with ``lr-schedule = "constant"``). It evaluates
 on the validation split after every epoch, keeps the best-validation weights, tests
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from clients.optimizers import dense_optimizer
 from clients.training import Preprocess, batch_schedule, sgd_step
 from flower_app.config import ConfigError, RunConfig, load_preset, parse_pairs
 from flower_app.data.preprocessing import batch_preprocessor
@@ -121,9 +123,7 @@ def _prepare(cfg: RunConfig) -> tuple[_Trainer, State]:
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.to(device)
     train, val, test = (to_device(s, device) for s in (splits.train, splits.val, splits.test))
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
+    optimizer = dense_optimizer(model.parameters(), cfg.optimizer_settings())
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     # one seeded permutation per pass over the data, continued across epochs
     batches = batch_schedule(

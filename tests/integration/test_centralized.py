@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from clients.training import sgd_step
-from flower_app.centralized.baseline import main
-from flower_app.config import ConfigError, RunConfig
+from flower_app.centralized.baseline import _prepare, main
+from flower_app.config import ConfigError, RunConfig, load_preset
 from flower_app.models.factory import create_initial_model
 from flower_app.runs.hooks import METRIC_COLUMNS
 from flower_app.runs.results import WEIGHTS_CONTENT, WEIGHTS_FORMAT
@@ -61,6 +61,21 @@ def test_sgd_step_is_the_old_inline_step_bit_for_bit():
     assert torch.equal(torch.stack(losses), torch.stack(ref_losses))
     for key, value in model.state_dict().items():
         assert torch.equal(value, ref_model.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("name", ["sgdm", "adamw"])
+def test_the_baseline_trains_with_the_run_configs_optimizer(name):
+    """The clients' dense optimizer: SGD momentum, or AdamW as TaLoS's dense fine-tuning."""
+    keys = {"optimizer": name, "lr": 1e-4, "weight-decay": 0.1, "adamw-beta-2": 0.99}
+    cfg = RunConfig.from_run_config(load_preset(QUICK) | keys, check_files=False)
+    trainer, _ = _prepare(cfg)
+    group = trainer.optimizer.param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (1e-4, 0.1)
+    if name == "adamw":
+        assert type(trainer.optimizer) is torch.optim.AdamW
+        assert (group["betas"], group["eps"]) == ((0.9, 0.99), 1e-8)
+    else:
+        assert type(trainer.optimizer) is torch.optim.SGD and group["momentum"] == 0.9
 
 
 # ---- config --------------------------------------------------------------------------------

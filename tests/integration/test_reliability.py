@@ -61,6 +61,9 @@ def _assert_same_run(a, b, mask_resent: bool = False) -> None:
 
 
 FEDADAM_SPARSE = {"server_rule": "fedadam", "head_warmup_rounds": 1}
+# TaLoS's optimizer on the clients: its moments live in one message, so a resume needs
+# nothing more than the global weights; killed inside the training phase as FedAdam
+ADAMW = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.1}
 
 
 @pytest.mark.parametrize(
@@ -72,8 +75,17 @@ FEDADAM_SPARSE = {"server_rule": "fedadam", "head_warmup_rounds": 1}
         # after its first rounds (sparse: warm-up 1 and calibration 2 rounds come first)
         ("fedavg", {"server_rule": "fedadam"}, 2),
         ("sparse-fedavg", FEDADAM_SPARSE, 5),
+        ("fedavg", ADAMW, 2),
+        ("sparse-fedavg", ADAMW | {"head_warmup_rounds": 1}, 5),
     ],
-    ids=["fedavg", "sparse-fedavg", "fedavg-fedadam", "sparse-fedavg-fedadam"],
+    ids=[
+        "fedavg",
+        "sparse-fedavg",
+        "fedavg-fedadam",
+        "sparse-fedavg-fedadam",
+        "fedavg-adamw",
+        "sparse-fedavg-adamw",
+    ],
 )
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, strategy, rule, kill_after):
     extra = {"strategy": strategy, "calibration_rounds": 2, "fisher_samples": 16, **rule}

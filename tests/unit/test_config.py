@@ -97,6 +97,27 @@ def test_quick_sparse_is_the_quick_preset_plus_the_sparse_mechanics():
     }
 
 
+TALOS_ADAMW = {  # TaLoS vision/args.py:56-57, vision/optimizers.py:17-18 (docs/sparse.md)
+    "optimizer": "adamw",
+    "lr": 1e-5,
+    "weight-decay": 0.1,
+    "adamw-beta-1": 0.9,
+    "adamw-beta-2": 0.999,
+    "adamw-eps": 1e-8,
+}
+
+
+@pytest.mark.parametrize(
+    ("preset", "base"),
+    [
+        ("sparse_adamw.toml", "sparse_least_sensitive.toml"),
+        ("fedavg_adamw.toml", "fedavg_iid.toml"),
+    ],
+)
+def test_the_adamw_presets_are_their_sgdm_twins_plus_taloss_optimizer(preset, base):
+    assert _load(preset) == _load(base) | TALOS_ADAMW
+
+
 @pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.toml")))
 def test_presets_parse(preset):
     with open(ROOT / "configs" / preset, "rb") as f:
@@ -161,6 +182,18 @@ def test_run_names_say_how_the_data_was_sharded():
     assert name(**{"server-rule": "fedadam", "proximal-mu": 0.01}) == (
         "fedavg-fedadam-prox0.01_iid_J4_seed0_T"
     )
+    assert name(strategy="sparse-fedavg", optimizer="adamw") == "sparse-fedavg-adamw_iid_J4_seed0_T"
+
+
+def test_the_optimizer_settings_carry_the_run_configs_values():
+    cfg = RunConfig.from_run_config(
+        {"optimizer": "adamw", "lr": 1e-5, "weight-decay": 0.1, "adamw-beta-2": 0.98}
+    )
+    settings = cfg.optimizer_settings()
+    assert (settings.name, settings.lr, settings.weight_decay) == ("adamw", 1e-5, 0.1)
+    assert (settings.betas, settings.eps, settings.momentum) == ((0.9, 0.98), 1e-8, 0.9)
+    assert cfg.optimizer_settings(lr=2e-6).lr == 2e-6  # a round's scheduled lr
+    assert "optimizer" in cfg.experiment_identity() and "adamw-eps" in cfg.experiment_identity()
 
 
 @pytest.mark.parametrize(
