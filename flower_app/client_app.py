@@ -305,7 +305,7 @@ def train(msg: Message, context: Context) -> Message:
     mask = node_mask(msg, context)
     load_seconds = time.perf_counter() - t_load  # the weights and the mask
     train_head = bool(config.get(protocol.TRAIN_HEAD, True))
-    settings = cfg.optimizer_settings(lr)
+    settings = cfg.optimizer_settings(lr, str(config.get(protocol.LOCAL_OPTIMIZER, cfg.optimizer)))
     optimizer = build_optimizer(rt.model, settings, mask, train_head, protocol.HEAD_PREFIX)
     batch_gen, augment_gen = _generators(cfg, ("batches", "augment"), server_round, pid, rt.device)
     if rt.device.type == "cuda":

@@ -76,6 +76,7 @@ class RunConfig:
     # the clients' local optimizer (clients/optimizers.py): SGD momentum, or TaLoS's AdamW
     # (betas, eps: torch.optim.AdamW's and TaLoS AdaptW's defaults, vision/optimizers.py:17-18)
     optimizer: str = "sgdm"
+    adamw_weight_decay: float = 0.1  # decoupled (TaLoS); weight_decay is SGD's L2 term
     adamw_beta_1: float = 0.9
     adamw_beta_2: float = 0.999
     adamw_eps: float = 1e-8
@@ -124,6 +125,7 @@ class RunConfig:
     fisher_batch_size: int = 32
     head: str = "frozen"
     head_warmup_rounds: int = 20
+    head_warmup_lr: float = 0.0  # the warm-up's SGDM lr; 0 = the run's lr
     # how the server combines the training rounds' updates (strategies/server_rules.py) and
     # FedProx's proximal term on the clients; defaults: Flower 1.42's (flwr.serverapp.strategy)
     server_rule: str = "mean"
@@ -239,12 +241,14 @@ class RunConfig:
         }
         return options.get(self.server_rule, {})
 
-    def optimizer_settings(self, lr: float | None = None) -> OptimizerSettings:
-        """The local optimizer's settings, at ``lr`` (a round's scheduled lr) or ``lr``."""
+    def optimizer_settings(self, lr: float | None = None, name: str = "") -> OptimizerSettings:
+        """The local optimizer's settings, at ``lr`` (a round's scheduled lr) or ``lr``;
+        ``name`` another optimizer than the run's (the head warm-up's SGDM)."""
+        name = name or self.optimizer
         return OptimizerSettings(
-            name=self.optimizer,
+            name=name,
             lr=self.lr if lr is None else lr,
-            weight_decay=self.weight_decay,
+            weight_decay=self.adamw_weight_decay if name == "adamw" else self.weight_decay,
             momentum=self.momentum,
             betas=(self.adamw_beta_1, self.adamw_beta_2),
             eps=self.adamw_eps,
@@ -345,6 +349,8 @@ class RunConfig:
         _at_least("fisher-samples", self.fisher_samples, 1)
         _at_least("fisher-batch-size", self.fisher_batch_size, 1)
         _at_least("head-warmup-rounds", self.head_warmup_rounds, 0)
+        if not (math.isfinite(self.head_warmup_lr) and self.head_warmup_lr >= 0):
+            raise _err("head-warmup-lr", self.head_warmup_lr, "must be a number >= 0 (0: lr)")
         _at_least("epochs", self.epochs, 1)
         _at_least("warmup-epochs", self.warmup_epochs, 0)
         _warmup_below("warmup-epochs", self.warmup_epochs, "epochs", self.epochs)
@@ -408,6 +414,8 @@ class RunConfig:
     def _validate_optimizer(self) -> None:
         """The local optimizer and AdamW's options (checked whichever optimizer is chosen)."""
         _choice("optimizer", self.optimizer, OPTIMIZERS)
+        if not 0.0 <= self.adamw_weight_decay < 1.0:
+            raise _err("adamw-weight-decay", self.adamw_weight_decay, "must be in [0, 1)")
         for key in ("adamw-beta-1", "adamw-beta-2"):
             value = getattr(self, key.replace("-", "_"))
             if not 0.0 <= value < 1.0:

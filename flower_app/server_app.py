@@ -200,7 +200,7 @@ def build_strategy(
             protocol.CALIBRATION_DAMPING: cfg.calibration_damping,
             protocol.FISHER_SCORE: cfg.fisher_score,
         },
-        warmup_lr=cfg.lr,
+        warmup_lr=cfg.head_warmup_lr or cfg.lr,
         **common,
     )
 

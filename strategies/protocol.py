@@ -48,6 +48,9 @@ MASK = "mask"  # ArrayRecord: packed-bit mask per tensor (sent once per mask ver
 FISHER = "fisher"  # ArrayRecord: Fisher values at the mask's True entries (1-D per tensor)
 MASK_VERSION = "mask-version"  # ConfigRecord: which mask the message assumes
 TRAIN_HEAD = "train-head"  # ConfigRecord: whether the dense head trains this round
+# ConfigRecord: the local optimizer of this round when it is not the run-config's (head
+# warm-up: always SGD with momentum, the linear probe every optimizer arm starts from)
+LOCAL_OPTIMIZER = "local-optimizer"
 FISHER_SAMPLES = "fisher-samples"
 FISHER_LABELS = "fisher-labels"
 CALIBRATION_DAMPING = "calibration-damping"  # frozen entries x this while scoring

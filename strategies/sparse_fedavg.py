@@ -42,6 +42,10 @@ from strategies.transport.sparse_codec import encode_mask, mask_positions, scatt
 
 FISHER_DTYPE = torch.float32  # what clients/fisher.py returns
 
+# the head warm-up trains a linear probe with SGD momentum, whatever the run's optimizer:
+# every optimizer arm then starts its sparse fine-tuning from the same head
+WARMUP_OPTIMIZER = "sgdm"
+
 
 class SparseFedAvg(OrderedFedAvg):
     """FedAvg over a sparse gradient mask chosen by ``mask_strategy``."""
@@ -195,6 +199,8 @@ class SparseFedAvg(OrderedFedAvg):
     def round_config(self, position: RoundPosition, attempt: int) -> ConfigRecord:
         out = super().round_config(position, attempt)
         out[protocol.TRAIN_HEAD] = self.train_head(position)
+        if position.phase == HEAD_WARMUP:
+            out[protocol.LOCAL_OPTIMIZER] = WARMUP_OPTIMIZER
         return out
 
     def train_layout(self, position: RoundPosition, arrays: ArrayRecord) -> Layout:

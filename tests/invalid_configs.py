@@ -76,6 +76,8 @@ INVALID = [
     Invalid("adamw-beta-1", 1.0, "must be in [0, 1)", {"optimizer": "adamw"}),
     Invalid("adamw-beta-2", -0.1, "must be in [0, 1)"),
     Invalid("adamw-eps", 0.0, "must be a finite number > 0", {"optimizer": "adamw"}),
+    Invalid("adamw-weight-decay", 1.0, "must be in [0, 1)", {"optimizer": "adamw"}),
+    Invalid("head-warmup-lr", -0.01, "must be a number >= 0 (0: lr)"),
     Invalid("download", "maybe", "must be a boolean"),
     Invalid("eval-every", 0, "must be an integer >= 1"),
     Invalid("min-train-clients", 6, "must be in 1..5", {"num-clients": 10, "fraction-train": 0.5}),

@@ -66,7 +66,8 @@ def test_sgd_step_is_the_old_inline_step_bit_for_bit():
 @pytest.mark.parametrize("name", ["sgdm", "adamw"])
 def test_the_baseline_trains_with_the_run_configs_optimizer(name):
     """The clients' dense optimizer: SGD momentum, or AdamW as TaLoS's dense fine-tuning."""
-    keys = {"optimizer": name, "lr": 1e-4, "weight-decay": 0.1, "adamw-beta-2": 0.99}
+    keys = {"optimizer": name, "lr": 1e-4, "adamw-beta-2": 0.99}
+    keys |= {"weight-decay" if name == "sgdm" else "adamw-weight-decay": 0.1}
     cfg = RunConfig.from_run_config(load_preset(QUICK) | keys, check_files=False)
     trainer, _ = _prepare(cfg)
     group = trainer.optimizer.param_groups[0]

@@ -89,3 +89,28 @@ def test_sgdm_moves_entries_by_their_gradient_not_by_the_learning_rate(tmp_path)
     final = load_file(tmp_path / "sgdm" / "final_model.safetensors")
     steps = torch.cat([(final[k] - initial[k]).abs().reshape(-1) for k in initial])
     assert float(((steps - 1e-3).abs() < 1e-5).float().mean()) < 0.01
+
+
+def test_the_head_warm_up_trains_with_sgd_momentum_whatever_the_optimizer(tmp_path):
+    """An AdamW run and an SGDM run warm the same head up: with head-warmup-lr at the SGDM
+    run's lr, their warm-up rounds are bit-identical (loss and validation accuracy), and
+    only the sparse training after it differs."""
+    warmup = {"head_warmup_rounds": 2, "head": "frozen", "head_warmup_lr": 0.05}
+    base = ONE_STEP | SPARSE | warmup | {"weight_decay": 1e-4, "num_server_rounds": 2}
+    frames = {}
+    for name in ("sgdm", "adamw"):
+        config = quick_run_config(
+            **(base | {"optimizer": name}), output_dir=str(tmp_path), run_name=name
+        )
+        run(config)
+        frames[name] = pd.read_csv(tmp_path / name / "metrics.csv").set_index("round")
+    columns = ["phase", "train-loss", "val-accuracy", "val-loss", "lr"]
+    warm = frames["sgdm"]["phase"] == "head-warmup"
+    assert warm.sum() == 2 and (frames["sgdm"].loc[warm, "lr"] == 0.05).all()
+    pd.testing.assert_frame_equal(
+        frames["sgdm"].loc[warm, columns], frames["adamw"].loc[warm, columns]
+    )
+    trained = frames["sgdm"]["phase"] == "train"
+    assert (
+        not frames["sgdm"].loc[trained, "val-loss"].equals(frames["adamw"].loc[trained, "val-loss"])
+    )

@@ -63,7 +63,7 @@ def _assert_same_run(a, b, mask_resent: bool = False) -> None:
 FEDADAM_SPARSE = {"server_rule": "fedadam", "head_warmup_rounds": 1}
 # TaLoS's optimizer on the clients: its moments live in one message, so a resume needs
 # nothing more than the global weights; killed inside the training phase as FedAdam
-ADAMW = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.1}
+ADAMW = {"optimizer": "adamw", "lr": 1e-3, "adamw_weight_decay": 0.1}
 
 
 @pytest.mark.parametrize(

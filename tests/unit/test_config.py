@@ -100,7 +100,7 @@ def test_quick_sparse_is_the_quick_preset_plus_the_sparse_mechanics():
 TALOS_ADAMW = {  # TaLoS vision/args.py:56-57, vision/optimizers.py:17-18 (docs/sparse.md)
     "optimizer": "adamw",
     "lr": 1e-5,
-    "weight-decay": 0.1,
+    "adamw-weight-decay": 0.1,
     "adamw-beta-1": 0.9,
     "adamw-beta-2": 0.999,
     "adamw-eps": 1e-8,
@@ -108,14 +108,16 @@ TALOS_ADAMW = {  # TaLoS vision/args.py:56-57, vision/optimizers.py:17-18 (docs/
 
 
 @pytest.mark.parametrize(
-    ("preset", "base"),
+    ("preset", "base", "warmup"),
     [
-        ("sparse_adamw.toml", "sparse_least_sensitive.toml"),
-        ("fedavg_adamw.toml", "fedavg_iid.toml"),
+        # the sparse warm-up trains with SGDM at the twin's lr (pyproject's 0.01)
+        ("sparse_adamw.toml", "sparse_least_sensitive.toml", {"head-warmup-lr": 0.01}),
+        ("fedavg_adamw.toml", "fedavg_iid.toml", {}),
     ],
 )
-def test_the_adamw_presets_are_their_sgdm_twins_plus_taloss_optimizer(preset, base):
-    assert _load(preset) == _load(base) | TALOS_ADAMW
+def test_the_adamw_presets_are_their_sgdm_twins_plus_taloss_optimizer(preset, base, warmup):
+    assert _load(preset) == _load(base) | TALOS_ADAMW | warmup
+    assert _pyproject_config()["lr"] == 0.01
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.toml")))
@@ -187,10 +189,13 @@ def test_run_names_say_how_the_data_was_sharded():
 
 def test_the_optimizer_settings_carry_the_run_configs_values():
     cfg = RunConfig.from_run_config(
-        {"optimizer": "adamw", "lr": 1e-5, "weight-decay": 0.1, "adamw-beta-2": 0.98}
+        {"optimizer": "adamw", "lr": 1e-5, "adamw-weight-decay": 0.2, "adamw-beta-2": 0.98}
     )
     settings = cfg.optimizer_settings()
-    assert (settings.name, settings.lr, settings.weight_decay) == ("adamw", 1e-5, 0.1)
+    assert (settings.name, settings.lr, settings.weight_decay) == ("adamw", 1e-5, 0.2)
+    # the head warm-up's SGD momentum takes SGD's weight decay, not AdamW's
+    warmup = cfg.optimizer_settings(0.01, "sgdm")
+    assert (warmup.name, warmup.lr, warmup.weight_decay) == ("sgdm", 0.01, 1e-4)
     assert (settings.betas, settings.eps, settings.momentum) == ((0.9, 0.98), 1e-8, 0.9)
     assert cfg.optimizer_settings(lr=2e-6).lr == 2e-6  # a round's scheduled lr
     assert "optimizer" in cfg.experiment_identity() and "adamw-eps" in cfg.experiment_identity()
