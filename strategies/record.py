@@ -9,12 +9,38 @@ and the hooks what they measure (evaluation, wall time). A row of ``metrics.csv`
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+
+import torch
 
 from strategies.plan import RoundPosition
 
 FAILURE_REASONS = "failure-reasons"  # the CSV column: each failed client's one-line reason
 REASON_SEPARATOR = "; "
+
+
+State = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClientModel:
+    """One aggregated client's own model of the round, w + t_k, built when asked: the
+    strategy holds its reply's tensors already, so only a call makes a full state."""
+
+    partition_id: int
+    state: Callable[[], State]
+
+
+@dataclass(frozen=True)
+class TaskModels:
+    """What task-arithmetic metrics of a round need, as references to tensors the strategy
+    holds: the weights sent (w), the new global weights after the server rule (w + t) and
+    each aggregated client's own model (w + t_k)."""
+
+    base: State
+    merged: State
+    clients: list[ClientModel]
 
 
 @dataclass
@@ -25,6 +51,8 @@ class RoundRecord:
     started: float = field(default_factory=time.perf_counter)
     values: dict[str, float] = field(default_factory=dict)
     failure_reasons: list[str] = field(default_factory=list)
+    # set by the strategy on rounds due for task metrics; the hook that reads it drops it
+    task_models: TaskModels | None = None
 
     @property
     def round(self) -> int:
