@@ -86,7 +86,7 @@ INVALID = [
     Invalid(
         "task-metrics-examples",
         500,
-        "val-fraction = 0.004 leaves round(0.004 x 100) = 0 a class",
+        "needs validation examples of every class: val-fraction = 0.004 leaves round(0.004 x",
         {"val-fraction": 0.004},
     ),
     Invalid("min-train-clients", 6, "must be in 1..5", {"num-clients": 10, "fraction-train": 0.5}),

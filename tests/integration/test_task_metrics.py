@@ -12,8 +12,12 @@ import math
 import pandas as pd
 import pytest
 
+from flower_app import client_app, server_app
+from flower_app.config import RunConfig
+from flower_app.data.node_data import write_node_data
 from flower_app.runs.task_metrics import COLUMNS
-from tests.conftest import quick_run_config
+from strategies import protocol
+from tests.conftest import InProcessGrid, quick_run_config, server_context
 from tests.integration.test_golden_runs import GOLDEN, SMALL, SPARSE
 from tests.run_in_process import run
 
@@ -53,3 +57,29 @@ def test_a_quick_run_writes_the_task_columns_in_the_measured_rounds_only(tmp_pat
     got = metrics.reset_index().drop(columns=[c for c in COLUMNS if c in metrics])
     got = got.drop(columns=[c for c in got.columns if c.startswith("seconds")])
     pd.testing.assert_frame_equal(got, golden, check_exact=False, rtol=1e-5, atol=2e-6)
+
+
+def test_nodes_with_their_own_data_never_load_the_servers_splits(tmp_path, monkeypatch):
+    """Each node trains on its own shard file (as in a deployment, where
+    ``tests/e2e/test_deployment.py`` runs the same with SuperNodes); with task metrics on,
+    no node ever loads the run's splits (the validation split among them), and the nodes
+    get no message but the partition query and training."""
+    config = quick_run_config(**SMALL, **BUDGET, output_dir=str(tmp_path), run_name="own")
+    nodes = tmp_path / "nodes"
+    write_node_data(RunConfig.from_run_config(config), nodes)
+    grid = InProcessGrid(client_app.app, config, num_nodes=4)
+    for context in grid.contexts.values():
+        pid = context.node_config["partition-id"]
+        context.node_config["data-dir"] = str(nodes / f"partition-{pid}")
+
+    def no_splits_on_a_node(*args, **kwargs):
+        raise AssertionError("a node loaded the run's splits (the validation split among them)")
+
+    monkeypatch.setattr(client_app, "run_splits", no_splits_on_a_node)
+    server_app.main(grid, server_context(config))
+    metrics = pd.read_csv(tmp_path / "own" / "metrics.csv").set_index("round")
+    assert metrics["task-disagreement"].notna().tolist() == [False, False, True, True]
+    assert {m.metadata.message_type for m in grid.sent} == {
+        protocol.QUERY_PARTITION,
+        protocol.TRAIN,
+    }
