@@ -6,7 +6,9 @@ round depends on the model, the clients' local work and their label distribution
 runs a preset (default: the miniature, ``configs/miniature.toml``) with the in-process
 engine and the measurement on in every round, and prints per phase the median of each
 round's own ratio ``seconds-task-metrics / seconds`` (one run, so a busy machine slows
-both parts of a round alike), with the load average before and after.
+both parts of a round alike), with the load average before and after. On a busy machine
+run it with ``OMP_NUM_THREADS=1``: torch's thread pool, contended, slowed the clients'
+small training steps far more than the measurement's large evaluation batches.
 
     python benchmarks/task_metrics_cost.py [PRESET] [key=value ...]
     python benchmarks/task_metrics_cost.py configs/miniature.toml task-metrics-examples=1000
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the app's root
 
@@ -60,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     metrics = pd.read_csv(out / "cost" / "metrics.csv")
     print(f"\n{args.preset} {' '.join(args.overrides)}: {wall:.0f} s in process")
-    print(f"{os.cpu_count()} CPU cores, load average {load_before:.2f} before, ", end="")
+    threads = torch.get_num_threads()
+    print(f"{os.cpu_count()} CPU cores, {threads} torch threads, load average ", end="")
+    print(f"{load_before:.2f} before, ", end="")
     print(f"{os.getloadavg()[0]:.2f} after")
     print(shares(metrics).to_string(float_format=lambda v: f"{v:.3f}"))
     print(f"run folder: {out / 'cost'}")
