@@ -38,8 +38,9 @@ from strategies.record import RoundRecord, State
 
 # the phases whose rounds change the weights with client updates (calibration sends none)
 MEASURED_PHASES = frozenset({HEAD_WARMUP, TRAIN})
-# a client's own gain counts as positive above this (float sums of equal accuracies can
-# differ in their last bits; one example of a 10,000-example subset is 1e-4)
+# a client's own gain counts as positive above this: float sums of equal accuracies can
+# differ in their last bits, while one example more is worth p_k(c) / (examples of c), which
+# is orders of magnitude larger for any label share and subset this app can produce
 GAIN_TOLERANCE = 1e-9
 COLUMNS = (
     "task-normalized-accuracy",
