@@ -178,3 +178,22 @@ def evaluate(
         correct += (logits.argmax(dim=1) == y).sum()
     n = len(labels)
     return float(loss_sum) / n, float(correct) / n
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    images: torch.Tensor,
+    batch_size: int,
+    preprocess: Preprocess,
+    bf16: bool = False,
+) -> torch.Tensor:
+    """The predicted class of every given example, in order (no augmentation): what
+    per-example comparisons of two models (their disagreement) need."""
+    model.eval()
+    out = torch.empty(len(images), dtype=torch.int64, device=images.device)
+    for start in range(0, len(images), batch_size):
+        x = preprocess(images[start : start + batch_size], False, None)
+        with autocast_context(images.device, bf16):
+            out[start : start + len(x)] = model(x).argmax(dim=1)
+    return out

@@ -101,6 +101,10 @@ class RunConfig:
     round_timeout: float = 3600.0
     node_wait_timeout: float = 60.0
     update_metrics: bool = True  # per-round cosine / norm ratio of client updates
+    # task-arithmetic interference (flower_app/runs/task_metrics.py): validation examples
+    # the server scores (0 = off) and the rounds between measurements
+    task_metrics_examples: int = 0
+    task_metrics_every: int = 1
     # experiment tracking (docs/tracking.md): off, TensorBoard event files, or a W&B run
     tracking: str = "none"
     wandb_project: str = "fl-task-arithmetic"
@@ -208,6 +212,8 @@ class RunConfig:
             "data-dir",
             "download",
             "update-metrics",
+            "task-metrics-examples",
+            "task-metrics-every",
             "tracking",
             "wandb-project",
             "wandb-mode",
@@ -318,6 +324,7 @@ class RunConfig:
             )
         self._validate_model()
         self._validate_partition()
+        self._validate_task_metrics()
         if check_files:
             self._validate_paths()
 
@@ -518,6 +525,37 @@ class RunConfig:
                 "dirichlet": ("dirichlet-min-size", self.dirichlet_min_size),
             }.get(self.sharding, ("num-clients", self.num_clients))
             raise _err(key, value, reason)
+
+    def _validate_task_metrics(self) -> None:
+        """Task metrics score the server's validation split, at least one example a class."""
+        _at_least("task-metrics-every", self.task_metrics_every, 1)
+        _at_least("task-metrics-examples", self.task_metrics_examples, 0)
+        budget = self.task_metrics_examples
+        if budget == 0:
+            return
+        if budget < self.num_classes:
+            raise _err(
+                "task-metrics-examples",
+                budget,
+                f"must be 0 (off) or >= {self.num_classes}, one validation example for each "
+                f"class of {self.dataset}",
+            )
+        if self.val_fraction == 0.0:
+            raise _err(
+                "task-metrics-examples",
+                budget,
+                "task metrics score the server's validation split and val-fraction = 0 "
+                "leaves the server none: set val-fraction > 0 or task-metrics-examples = 0",
+            )
+        per_class = self.synthetic_train_per_class if self.dataset != "cifar100" else 500
+        if round(self.val_fraction * per_class) == 0:
+            raise _err(
+                "task-metrics-examples",
+                budget,
+                f"needs validation examples of every class: val-fraction = "
+                f"{self.val_fraction} leaves round({self.val_fraction} x {per_class}) = 0 a "
+                "class; raise val-fraction or set task-metrics-examples = 0",
+            )
 
     @property
     def shard_options(self) -> dict[str, Any]:

@@ -67,6 +67,12 @@ from flower_app.runs.runtime import (
     to_device,
 )
 from flower_app.runs.schedule import lr_at_round
+from flower_app.runs.task_metrics import (
+    TaskInterference,
+    TaskRounds,
+    label_shares,
+    stratified_subset,
+)
 from flower_app.runs.tracking import Tracker, make_tracker
 from strategies import protocol
 from strategies.fedavg import OrderedFedAvg
@@ -78,6 +84,7 @@ from strategies.rounds import (
     RoundHook,
     client_error_text,
 )
+from strategies.seeds import derive_seed
 from strategies.server_rules import build_rule
 from strategies.sparse_fedavg import SparseFedAvg
 from strategies.transport.carrier import WeightCarrier
@@ -183,6 +190,7 @@ def build_strategy(
         "rejoin_timeout": cfg.node_wait_timeout,
         "carrier": carrier,
         "server_rule": build_rule(cfg.server_rule, cfg.server_rule_options()),
+        "task_rounds": TaskRounds(cfg.task_metrics_every) if cfg.task_metrics_examples else None,
     }
     if cfg.strategy == "fedavg":
         return OrderedFedAvg(**common)
@@ -252,16 +260,19 @@ def round_hooks(
     cfg: RunConfig,
     run_dir: RunDirectory,
     initial_state: dict[str, torch.Tensor],
+    task_metrics: RoundHook | None = None,
 ) -> list[RoundHook]:
     """What runs after every round, in this order (each hook sees what earlier ones added).
 
-    Without a validation split (``val-fraction = 0``) nothing is evaluated during the run.
+    Without a validation split (``val-fraction = 0``) nothing is evaluated during the run;
+    ``task_metrics`` (task-arithmetic interference) runs where ``task-metrics-examples`` > 0.
     """
     c = components
     evaluation = [] if evaluate_val is None else [CentralEvaluation(evaluate_val, cfg.eval_every)]
     return [
         *evaluation,
-        c.stopwatch,  # the round's seconds include its evaluation
+        *([] if task_metrics is None else [task_metrics]),
+        c.stopwatch,  # the round's seconds include its evaluation and task metrics
         c.best,
         c.metrics,
         c.calibration,
@@ -439,13 +450,29 @@ def prepare(
     evaluate_val = None
     if len(val.labels):
         evaluate_val = lambda arrays: evaluator(arrays.to_torch_state_dict(), val)  # noqa: E731
-    hooks = round_hooks(components, evaluate_val, cfg, run_dir, initial_state)
+    task_metrics = task_metrics_hook(cfg, evaluator, val, partitions)
+    hooks = round_hooks(components, evaluate_val, cfg, run_dir, initial_state, task_metrics)
     start = ArrayRecord(initial_state)
     if checkpoint is not None:
         start = resume_from(checkpoint, components, run_path)
     return PreparedRun(
         cfg, run_path.name, run_dir, components, hooks, start, initial_state, evaluator, test
     )
+
+
+def task_metrics_hook(
+    cfg: RunConfig, evaluator: ModelEvaluator, val: ImageSplit, partitions: list[dict]
+) -> TaskInterference | None:
+    """The task-arithmetic hook on a seeded, class-stratified subset of the server's own
+    validation split (``task-metrics-examples`` of it at most), None when off."""
+    if not cfg.task_metrics_examples:
+        return None
+    seed = derive_seed(cfg.seed, "task-metrics-subset")
+    chosen = stratified_subset(val.labels, cfg.task_metrics_examples, cfg.num_classes, seed)
+    subset = ImageSplit(val.images[chosen.to(val.images.device)], val.labels.cpu()[chosen])
+    shares = label_shares(partitions, cfg.num_classes)
+    reuse = cfg.task_metrics_every == 1  # each round's w is the last measured w + t
+    return TaskInterference(evaluator.predictions, subset, shares, cfg.num_classes, reuse)
 
 
 def finish(run: PreparedRun, final: ArrayRecord) -> None:

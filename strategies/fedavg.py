@@ -11,6 +11,7 @@ order, float32. ``weighted_average`` (float64) is the mean of calibration statis
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -23,7 +24,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from strategies import protocol
 from strategies.interference import SplitGram
 from strategies.plan import TRAIN, RoundClock, RoundPosition
-from strategies.record import RoundRecord
+from strategies.record import ClientModel, RoundRecord, TaskModels
 from strategies.reply_checks import Layout, dense_layout, train_metrics_problem
 from strategies.rounds import RetryPolicy, RoundHook, run_plan, send_with_retries
 from strategies.seeds import sample_partitions
@@ -109,6 +110,7 @@ class OrderedFedAvg(Strategy):
         rejoin_timeout: float | None = None,
         carrier: WeightCarrier | None = None,
         server_rule: ServerRule | None = None,
+        task_rounds: Callable[[RoundPosition], bool] | None = None,
     ) -> None:
         self.partition_to_node = dict(partition_to_node)
         self.node_to_partition = {node: pid for pid, node in self.partition_to_node.items()}
@@ -128,6 +130,8 @@ class OrderedFedAvg(Strategy):
         self.carrier = carrier or WeightCarrier()
         # how the training phase's updates are combined: the mean, or one of Flower's rules
         self.server_rule = server_rule or ServerRule()
+        # the rounds whose record gets the models task-arithmetic metrics compare (none: off)
+        self.task_rounds = task_rounds
         # the tensors of the current global ArrayRecord, decoded (or aggregated) once
         self._tensors: tuple[ArrayRecord, dict[str, torch.Tensor]] | None = None
 
@@ -259,7 +263,28 @@ class OrderedFedAvg(Strategy):
             record.add(gram.metrics(weights))
         if record.phase == TRAIN and self.server_rule.name != "mean":
             mean = self.apply_rule(record.position, base_state, states, weights, mean)
-        return self.merge(base_state, mean)
+        merged = self.merge(base_state, mean)
+        if self.task_rounds is not None and self.task_rounds(record.position):
+            record.task_models = self.task_models(base_state, merged, replies, states)
+        return merged
+
+    def task_models(
+        self,
+        base: Mapping[str, torch.Tensor],
+        merged: ArrayRecord,
+        replies: Sequence[Message],
+        states: Sequence[Mapping[str, torch.Tensor]],
+    ) -> TaskModels:
+        """References for the task-arithmetic hook: w (sent), w + t (``merged``, after the
+        server rule) and per aggregated client a builder of w + t_k from its reply's
+        tensors; no tensor is copied here. Read before the next round (the sparse mask
+        that places a reply's values may change then)."""
+        pids = [int(r.content[protocol.METRICS][protocol.PARTITION_ID]) for r in replies]
+        clients = [
+            ClientModel(pid, functools.partial(self.merged_state, base, state))
+            for pid, state in zip(pids, states, strict=True)
+        ]
+        return TaskModels(base, self.tensors_of(merged), clients)
 
     def apply_rule(
         self,
@@ -322,8 +347,16 @@ class OrderedFedAvg(Strategy):
         return base[name].reshape(-1).to(values.dtype)
 
     def merge(self, base: Mapping[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> ArrayRecord:
-        """The new global weights: dense FedAvg takes the mean as it is."""
-        return self.global_arrays(mean)
+        """The new global weights from the mean of what the replies hold."""
+        return self.global_arrays(self.merged_state(base, mean))
+
+    def merged_state(
+        self, base: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Whole weights from the sent ``base`` and ``values`` shaped as a reply holds them
+        (one reply's, or their mean): dense FedAvg replies hold every tensor, so the
+        values as they are."""
+        return dict(values)
 
     # ---- checking replies ----------------------------------------------------------------
     def train_layout(self, position: RoundPosition, arrays: ArrayRecord) -> Layout:

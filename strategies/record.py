@@ -9,13 +9,39 @@ and the hooks what they measure (evaluation, wall time). A row of ``metrics.csv`
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from strategies.plan import RoundPosition
 
 FAILURE_REASONS = "failure-reasons"  # the CSV column: each failed client's one-line reason
 REASON_SEPARATOR = "; "
+
+
+State = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClientModel:
+    """One aggregated client's own model of the round, w + t_k, built when asked: the
+    strategy holds its reply's tensors already, so only a call makes a full state."""
+
+    partition_id: int
+    state: Callable[[], State]
+
+
+@dataclass(frozen=True)
+class TaskModels:
+    """What task-arithmetic metrics of a round need, as references to tensors the strategy
+    holds: the weights sent (w), the new global weights after the server rule (w + t) and
+    each aggregated client's own model (w + t_k)."""
+
+    base: State
+    merged: State
+    clients: list[ClientModel]
 
 
 @dataclass
@@ -29,6 +55,8 @@ class RoundRecord:
     # per aggregated client that said where it trained (a Ray actor): partition-id and
     # the placement keys of strategies/protocol.py, as its reply sent them
     clients: list[dict[str, Any]] = field(default_factory=list)
+    # set by the strategy on rounds due for task metrics; the hook that reads it drops it
+    task_models: TaskModels | None = None
 
     @property
     def round(self) -> int:

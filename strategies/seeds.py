@@ -24,6 +24,7 @@ PURPOSES = (
     "random-mask",  # scores of the random mask strategy
     "centralized-batches",
     "centralized-augment",
+    "task-metrics-subset",  # the server's validation examples that task metrics score
 )
 
 

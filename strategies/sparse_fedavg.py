@@ -221,15 +221,19 @@ class SparseFedAvg(OrderedFedAvg):
             return super().sent_values(base, name, values)
         return base[name].reshape(-1).index_select(0, self.positions()[name]).to(values.dtype)
 
-    def merge(self, base: Mapping[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> ArrayRecord:
-        """The mean trained values written into the sent weights; the rest stays as sent."""
+    def merged_state(
+        self, base: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The trained values (the mean's, or one client's) written into the sent weights
+        at the mask's positions, and the head where it trained; the rest stays as sent
+        (shared with ``base``, not copied)."""
         state = dict(base)
-        for name, values in mean.items():
+        for name, trained in values.items():
             if name in self.mask:
-                state[name] = scatter_at(state[name], self.positions()[name], values)
+                state[name] = scatter_at(state[name], self.positions()[name], trained)
             else:
-                state[name] = values.to(state[name].dtype).reshape(state[name].shape)
-        return self.global_arrays(state)
+                state[name] = trained.to(state[name].dtype).reshape(state[name].shape)
+        return state
 
     # ---- the mask on the wire ------------------------------------------------------------
     def set_mask(self, mask: Mapping[str, torch.Tensor]) -> None:

@@ -80,6 +80,22 @@ INVALID = [
     Invalid("head-warmup-lr", -0.01, "must be a number >= 0 (0: lr)"),
     Invalid("download", "maybe", "must be a boolean"),
     Invalid("eval-every", 0, "must be an integer >= 1"),
+    # task-arithmetic metrics score the server's validation split, at least one a class
+    Invalid("task-metrics-every", 0, "must be an integer >= 1"),
+    Invalid("task-metrics-examples", -1, "must be an integer >= 0"),
+    Invalid("task-metrics-examples", 50, "must be 0 (off) or >= 100, one validation example"),
+    Invalid(
+        "task-metrics-examples",
+        500,
+        "val-fraction = 0 leaves the server none",
+        {"val-fraction": 0.0},
+    ),
+    Invalid(
+        "task-metrics-examples",
+        500,
+        "needs validation examples of every class: val-fraction = 0.004 leaves round(0.004 x",
+        {"val-fraction": 0.004},
+    ),
     Invalid("min-train-clients", 6, "must be in 1..5", {"num-clients": 10, "fraction-train": 0.5}),
     Invalid("client-failure-rate", 1.0, "must be in [0, 1)"),
     Invalid("checkpoint-every", 0, "must be an integer >= 1"),

@@ -51,6 +51,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--compile", action="store_true", help="run-config compile=true for the runs"
     )
     parser.add_argument("--no-floor-compile", action="store_true", help="eager floor on a GPU")
+    parser.add_argument(
+        "--task-metrics",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run-config task-metrics-examples=N (every round) for the dense and sparse runs: "
+        "prints the task-arithmetic measurement's share of the round (default 0: off)",
+    )
     parser.add_argument("--output-dir", type=Path, default=None, help="default: a temp folder")
     parser.add_argument(
         "--keep-models",
@@ -62,6 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0:
         parser.error("--rounds must be >= 1 and --warmup >= 0")
+    if args.task_metrics < 0:
+        parser.error("--task-metrics must be >= 0 (0: off)")
     return args
 
 
@@ -109,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     tiny = not args.payload and (args.tiny or device.type == "cpu")
     form = PAYLOAD_FORM if args.payload else TINY_FORM if tiny else GPU_FORM
     form = form | {"device": device.type, "compile": args.compile}
+    if args.task_metrics:
+        form |= {"task-metrics-examples": args.task_metrics, "task-metrics-every": 1}
     federation = args.federation_config or default_federation(device)
     cfg = RunConfig.from_run_config(form)
     print_setup(device, tiny, args, cfg, federation)

@@ -41,6 +41,8 @@ class RoundFigures:
     eval_s: float  # nan without an evaluation
     gpu_mb: float  # peak allocated per worker; nan on a CPU
     floor: Floor
+    task_s: float = math.nan  # the task-arithmetic measurement of a round (nan: off)
+    task_share: float = math.nan  # its median share of the round time (eval excluded)
 
     @property
     def median_round(self) -> float:
@@ -106,6 +108,8 @@ class RoundFigures:
             "carrying-s": self.carrying,
             "carrying-over-copy-floor": self.carrying_ratio,
             "projected-canonical-s": self.projected_canonical,
+            "task-metrics-s": None if math.isnan(self.task_s) else self.task_s,
+            "task-metrics-share": None if math.isnan(self.task_share) else self.task_share,
         }
 
 
@@ -115,8 +119,10 @@ def round_figures(spec: RunSpec, metrics: pd.DataFrame, floor: Floor) -> RoundFi
     cfg = RunConfig.from_run_config(spec.config)
     median = lambda name: float(_col(trained, name).median())  # noqa: E731
     evals = _col(metrics, "seconds-eval").dropna()
+    round_times = trained["seconds"] - _col(trained, "seconds-eval").fillna(0.0)
+    task = _col(trained, "seconds-task-metrics")
     return RoundFigures(
-        round_times=trained["seconds"] - _col(trained, "seconds-eval").fillna(0.0),
+        round_times=round_times,
         images=cfg.clients_per_round * cfg.local_steps * cfg.batch_size,
         workers=workers_of(spec.federation, cfg.clients_per_round),
         eval_every=cfg.eval_every,
@@ -131,4 +137,6 @@ def round_figures(spec: RunSpec, metrics: pd.DataFrame, floor: Floor) -> RoundFi
         eval_s=float(evals.median()) if len(evals) else math.nan,
         gpu_mb=float(_col(metrics, "gpu-memory-mb").max()),
         floor=floor,
+        task_s=float(task.median()),
+        task_share=float((task / round_times).median()),  # ratios of the same rounds
     )

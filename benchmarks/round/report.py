@@ -48,6 +48,13 @@ def write_round_split(fig: RoundFigures, warmup: int, write: Callable[[str], Non
         f" s; evaluation {fig.eval_s:.3f} s (every {fig.eval_every} rounds, not in the round)"
     )
     write(f"   slowest client's compute {fig.slowest_client:.3f} s")
+    if not math.isnan(fig.task_s):
+        write(
+            f"   task-arithmetic measurement {fig.task_s:.3f} s a round (median; in the round "
+            f"time): {100 * fig.task_share:.1f}% of the round (median of the rounds' own "
+            f"ratios), so {100 * fig.task_share / (1 - fig.task_share):.1f}% on top of the "
+            "round without it"
+        )
     write(
         "   GPU memory per worker (peak allocated): "
         + (f"{fig.gpu_mb:.0f} MB" if not math.isnan(fig.gpu_mb) else "n/a (CPU run)")

@@ -238,7 +238,7 @@ class ProgressLog:
     left (calibration and training rounds differ, so it settles once a phase has run).
     """
 
-    KEYS = ("train-loss", "val-loss", "val-accuracy", "density")
+    KEYS = ("train-loss", "val-loss", "val-accuracy", "density", "task-normalized-accuracy")
 
     def __init__(
         self, clock: RoundClock, elapsed: Callable[[], float], write: Callable[[str], None] = print

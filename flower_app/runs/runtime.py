@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from clients.training import evaluate
+from clients.training import evaluate, predict
 from flower_app.config import RunConfig
 from flower_app.data.preprocessing import batch_preprocessor
 from flower_app.data.sources import DatasetSplits, ImageSplit, load_splits
@@ -79,3 +79,10 @@ class ModelEvaluator:
         """(loss, accuracy) of ``state``; the model keeps ``state`` afterwards."""
         self.model.load_state_dict(state, strict=True)
         return self.score(split)
+
+    def predictions(self, state: Mapping[str, torch.Tensor], split: ImageSplit) -> torch.Tensor:
+        """The class ``state`` predicts for each example of ``split`` (on the CPU); the model
+        keeps ``state`` afterwards."""
+        self.model.load_state_dict(state, strict=True)
+        labels = predict(self.model, split.images, self.batch_size, self.preprocess, self.bf16)
+        return labels.cpu()

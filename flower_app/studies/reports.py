@@ -47,8 +47,27 @@ LABELS = {
     "bytes": "MB communicated",
     "update-cosine": "update cosine",
     "update-norm-ratio": "update norm ratio",
+    "task-normalized-accuracy": "normalized acc.",
+    "task-retained-gain": "retained gain",
+    "task-disagreement": "disagreement",
 }
-INTERFERENCE = ("update-cosine", "update-norm-ratio")  # a run's mean over its training rounds
+# a run's mean over its training rounds (the task columns over the measured ones)
+INTERFERENCE = (
+    "update-cosine",
+    "update-norm-ratio",
+    "task-normalized-accuracy",
+    "task-retained-gain",
+    "task-disagreement",
+)
+# columns of the table only where some run has them (runs with task-metrics-examples > 0)
+WHERE_PRESENT = frozenset({"task-normalized-accuracy", "task-retained-gain", "task-disagreement"})
+PANELS = (  # the interference figure: metrics.csv column, axis label
+    ("update-cosine", "mean pairwise cosine of client updates"),
+    ("update-norm-ratio", "||aggregated update|| / mean ||client update||"),
+    ("task-normalized-accuracy", "normalized accuracy acc(w+t) / acc(w+t_k)"),
+    ("task-retained-gain", "retained gain of the clients' own gains"),
+    ("task-disagreement", "disagreement of w+t_k and w+t"),
+)
 
 
 def read_manifest(study_dir: Path) -> pd.DataFrame:
@@ -199,7 +218,9 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
             row[f"{col}-mean"] = values.mean() if len(values) else math.nan
             row[f"{col}-std"] = values.std(ddof=1) if len(values) > 1 else math.nan
         out.append(row)
-    return pd.DataFrame(out)
+    table = pd.DataFrame(out)
+    absent = [c for c in WHERE_PRESENT if f"{c}-mean" in table and table[f"{c}-mean"].isna().all()]
+    return table.drop(columns=[f"{c}-{stat}" for c in absent for stat in ("mean", "std")])
 
 
 def _cell(mean: float, std: float, scale: float = 1.0, digits: int = 4) -> str:
@@ -211,7 +232,8 @@ def _cell(mean: float, std: float, scale: float = 1.0, digits: int = 4) -> str:
 
 def markdown_table(table: pd.DataFrame, caption: str = "") -> str:
     """The table as GitHub Markdown, values as mean ± std, after its ``caption`` line."""
-    header = ["setting", "runs", "failed", *LABELS.values()]
+    labels = {col: label for col, label in LABELS.items() if f"{col}-mean" in table}
+    header = ["setting", "runs", "failed", *labels.values()]
     lines = [caption, ""] if caption else []
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     formats = {
@@ -220,10 +242,13 @@ def markdown_table(table: pd.DataFrame, caption: str = "") -> str:
         "bytes": (1e6, 1),
         "update-cosine": (1.0, 3),
         "update-norm-ratio": (1.0, 3),
+        "task-normalized-accuracy": (1.0, 3),
+        "task-retained-gain": (1.0, 3),
+        "task-disagreement": (1.0, 3),
     }
     for row in table.to_dict("records"):
         cells = [str(row["setting"]), str(row["runs"]), str(row["failed"])]
-        for col in LABELS:
+        for col in labels:
             scale, digits = formats.get(col, (1.0, 4))
             cells.append(_cell(row[f"{col}-mean"], row[f"{col}-std"], scale, digits))
         lines.append("| " + " | ".join(cells) + " |")
@@ -250,13 +275,13 @@ def load_metrics(study_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def _figure(ncols: int = 1):
+def _figure(ncols: int = 1, nrows: int = 1):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(1, ncols, figsize=(6 * ncols, 4), squeeze=False)
+    return plt.subplots(nrows, ncols, figsize=(6 * ncols, 4 * nrows), squeeze=False)
 
 
 def integer_ticks(ax) -> None:
@@ -345,18 +370,31 @@ def plot_accuracy_vs_bytes(metrics: pd.DataFrame, path: Path, title: str) -> Pat
     return save_figure(fig, path)
 
 
+def has_values(metrics: pd.DataFrame, column: str) -> bool:
+    return column in metrics and bool(metrics[column].notna().any())
+
+
 def plot_interference(metrics: pd.DataFrame, path: Path, title: str, x: str = "round") -> Path:
-    """Mean pairwise cosine of client updates and aggregated/mean update norm per round."""
-    fig, axes = _figure(2)
-    for ax, column, label, name in (
-        (axes[0, 0], "update-cosine", "mean pairwise cosine", "client-update cosine"),
-        (axes[0, 1], "update-norm-ratio", "||mean update|| / mean ||update||", "norm ratio"),
-    ):
-        if column in metrics:
+    """Per round, one panel per interference metric the runs have: geometric (update cosine,
+    norm ratio) in the first row, task-arithmetic (normalized accuracy, retained gain,
+    disagreement; only the measured rounds) in the second."""
+    rows = [
+        [p for p in PANELS[:2] if has_values(metrics, p[0])],
+        [p for p in PANELS[2:] if has_values(metrics, p[0])],
+    ]
+    rows = [row for row in rows if row]
+    fig, axes = _figure(max(len(row) for row in rows), len(rows))
+    for r, row in enumerate(rows):
+        for c in range(axes.shape[1]):
+            ax = axes[r, c]
+            if c >= len(row):
+                ax.set_axis_off()
+                continue
+            column, label = row[c]
             _lines(ax, metrics, x, column)
-        ax.set(xlabel=x, ylabel=label, title=name)
-        integer_ticks(ax)
-        ax.legend(fontsize="small")
+            ax.set(xlabel=x, ylabel=label)
+            integer_ticks(ax)
+            ax.legend(fontsize="small")
     fig.suptitle(title)
     return save_figure(fig, path)
 
@@ -383,7 +421,7 @@ def write_report(study_dir: Path, study: str, out_dir: Path | None = None) -> di
     if (metrics["strategy"] == "sparse-fedavg").any():
         path = out_dir / "accuracy_vs_bytes.png"
         out["accuracy_vs_bytes.png"] = plot_accuracy_vs_bytes(metrics, path, title)
-    if "update-cosine" in metrics and metrics["update-cosine"].notna().any():
+    if any(has_values(metrics, column) for column, _ in PANELS):
         path = out_dir / "interference.png"
         out["interference.png"] = plot_interference(metrics, path, title, x)
     return out

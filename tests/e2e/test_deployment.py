@@ -3,7 +3,8 @@
 Each SuperNode is a separate process with a node-local ``data-dir`` (its private
 shard, written by ``python -m flower_app.data.node_data``), like separate machines. One
 SuperNode is killed after the first round; the run must go on with the other two,
-record the failures and finish.
+record the failures and finish. That run also measures task-arithmetic interference on
+the server's validation split, which no node holds or is sent.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,7 +26,11 @@ import torch
 from safetensors.torch import save_file
 
 from flower_app.cli.local_superlink import LocalSuperLink, free_port, pids_with_env
+from flower_app.config import RunConfig
+from flower_app.data.sources import load_node_data
 from flower_app.models.factory import build_model
+from flower_app.runs.runtime import run_splits
+from flower_app.runs.task_metrics import COLUMNS
 from tests.conftest import ROOT
 
 RECIPE = ROOT / "scripts" / "deployment_loopback.sh"
@@ -66,6 +72,7 @@ def _write_run_config(tmp_path: Path, weights: str, results: Path) -> Path:
             "num-server-rounds": 4,
             "local-steps": 2,  # what is tested is who trains, not how much
             "eval-every": 1,
+            "task-metrics-examples": 100,  # one validation example a class, every round
             "round-timeout": 180.0,
             "output-dir": str(results),
             "run-name": "deployed",
@@ -122,6 +129,34 @@ def test_supernodes_with_private_data_survive_a_killed_node_that_comes_back(depl
     assert "partition 2 is now on node" in run.log
     summary = json.loads((results / "deployed" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds"] == 4
+    assert_task_metrics_from_server_data_only(deployment, metrics, nodes, run_config)
+
+
+def assert_task_metrics_from_server_data_only(
+    deployment: LocalSuperLink, metrics: pd.DataFrame, nodes: Path, run_config: Path
+) -> None:
+    """The ServerApp measured every round on its validation split; the nodes hold none of
+    those images (their folders: their own shard only) and were sent nothing but the
+    partition query and training (the SuperNodes' logs of every message they received)."""
+    measured = metrics.loc[[1, 2, 3, 4]]
+    always = [c for c in COLUMNS if c != "task-retained-gain"]  # NaN: no client gained
+    assert measured[always].notna().all().all()
+    no_gain = measured["task-nonpositive-gain-clients"] == measured["clients"]
+    assert (measured["task-retained-gain"].isna() == no_gain).all()
+    assert measured["task-disagreement"].between(0, 1).all()
+    received = set()
+    for index in range(len(deployment.supernodes)):
+        received |= set(re.findall(r"Receiving: (\S+) message", deployment.supernode_log(index)))
+    assert received == {"query.partition", "train"}, received
+    with open(run_config, "rb") as f:
+        cfg = RunConfig.from_run_config(tomllib.load(f), check_files=False)
+    val = {image.numpy().tobytes() for image in run_splits(cfg).val.images}
+    assert len(val) == 1000  # 10 a class
+    for pid in range(3):
+        folder = nodes / f"partition-{pid}"
+        assert [p.name for p in folder.iterdir()] == ["node-data.npz"]
+        own = {image.numpy().tobytes() for image in load_node_data(folder).images}
+        assert len(own) == 3000 and not own & val
 
 
 def test_a_restarted_serverapp_resumes_against_the_running_supernodes(deployment, tmp_path):

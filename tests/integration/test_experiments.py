@@ -329,6 +329,51 @@ def test_table_is_mean_and_sample_std_over_seeds(tmp_path):
             assert matplotlib.image.imread(path).shape[2] in (3, 4)
 
 
+def _add_task_metrics(run_dir: Path, normalized: float) -> None:
+    """Task columns in a made-up run: a head warm-up row (not in the table's mean) and two
+    measured training rounds of a three-round run."""
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    metrics["phase"] = ["initial", "head-warmup", "train"]
+    train = pd.DataFrame({"round": [3], "phase": ["train"]})
+    metrics = pd.concat([metrics, train], ignore_index=True)
+    values = {  # per round: normalized accuracy, retained gain, disagreement
+        1: (0.1, -1.0, 0.9),  # warm-up: left out
+        2: (normalized, 0.5, 0.2),
+        3: (normalized + 0.1, 0.7, 0.4),
+    }
+    for round_, (norm, gain, disagree) in values.items():
+        metrics.loc[metrics["round"] == round_, "task-normalized-accuracy"] = norm
+        metrics.loc[metrics["round"] == round_, "task-retained-gain"] = gain
+        metrics.loc[metrics["round"] == round_, "task-disagreement"] = disagree
+    metrics.to_csv(run_dir / "metrics.csv", index=False)
+
+
+def test_task_columns_reach_the_table_and_the_figure_where_runs_have_them(tmp_path):
+    study = tmp_path / "s"
+    _write_study(study, {"a": [0.2, 0.4], "b": [0.3]}, "fedavg")
+    plain = summary_table(load_runs(study))
+    assert not any(c.startswith("task-") for c in plain.columns)  # no run measured them
+    assert "normalized acc." not in markdown_table(plain)
+    geometric = write_report(study, "s", tmp_path / "plain")["interference.png"]
+    _add_task_metrics(study / "a-seed0", 0.8)
+    _add_task_metrics(study / "a-seed1", 0.6)
+    table = summary_table(load_runs(study)).set_index("setting")
+    # per run the mean over its measured training rounds: 0.85 and 0.65
+    assert table.loc["a", "task-normalized-accuracy-mean"] == pytest.approx(0.75)
+    assert table.loc["a", "task-normalized-accuracy-std"] == pytest.approx(math.sqrt(0.02))
+    assert table.loc["a", "task-retained-gain-mean"] == pytest.approx(0.6)
+    assert table.loc["a", "task-disagreement-mean"] == pytest.approx(0.3)
+    assert math.isnan(table.loc["b", "task-normalized-accuracy-mean"])  # b measured none
+    text = markdown_table(table.reset_index())
+    assert text.splitlines()[0].endswith("| normalized acc. | retained gain | disagreement |")
+    assert "| 0.750 ± 0.141 | 0.600 ± 0.000 | 0.300 ± 0.000 |" in text
+    assert text.splitlines()[3].endswith("| - | - | - |")  # b
+    both = write_report(study, "s", tmp_path / "task")["interference.png"]
+    # a second row of panels: the task-arithmetic metrics under the geometric ones
+    height = matplotlib.image.imread(both).shape[0]
+    assert height == pytest.approx(2 * matplotlib.image.imread(geometric).shape[0], rel=0.02)
+
+
 def test_report_goes_to_another_folder_and_leaves_the_study_as_it_was(tmp_path):
     study = tmp_path / "fedavg"
     _write_study(study, {"iid": [0.2, 0.4]}, "fedavg")
