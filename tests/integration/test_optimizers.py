@@ -28,6 +28,7 @@ ONE_STEP = {
     "optimizer": "adamw",
     "lr": 1e-3,
     "weight_decay": 0.0,
+    "adamw_weight_decay": 0.0,
 }
 SPARSE = {
     "strategy": "sparse-fedavg",
