@@ -31,7 +31,9 @@ QUESTIONS = {
     "initial weights: what the pretrained backbone is worth",
     "heterogeneity": "how accuracy and update interference change with Nc classes per client",
     "local-steps": "more local steps, fewer rounds (J x rounds constant)",
-    "mask-strategies": "sparse FedAvg at sparsity 0.9 with each mask strategy, against dense",
+    "mask-strategies": "sparse FedAvg at sparsity 0.9 with each mask strategy, against dense, "
+    "at IID and Nc=5, with SGD momentum and with TaLoS's masked AdamW: which mask's updates "
+    "survive averaging best (normalized accuracy, disagreement per round)",
     "centralized": "the upper bound: the same model and data, trained centrally",
     "label-skew": "the same question with Dirichlet label skew (Dir(alpha) shares per "
     "class), as most federated papers report it",
@@ -50,6 +52,22 @@ SERVER_STRATEGIES: dict[str, dict[str, Any]] = {
     "fedprox": {"server-rule": "mean", "proximal-mu": FEDPROX_MU},
     **{rule: {"server-rule": rule} for rule in RULES if rule != "mean"},
 }
+
+
+# mask-strategies: the shards where clients agree (IID) and where they interfere (Nc=5), and
+# the local optimizers (SGD momentum: the seed's SparseSGDM; AdamW: TaLoS's masked AdamW),
+# crossed as (shards, optimizer) arms; docs/miniature.md gives the rule that picked them
+MASK_SHARDS = {"iid": {"sharding": "iid"}, "nc5": {"sharding": "non-iid", "classes-per-client": 5}}
+MASK_ARMS = (("iid", "sgdm"), ("nc5", "sgdm"), ("nc5", "adamw"))
+# every mask-strategies run measures task-arithmetic interference (docs/studies.md) on this
+# many validation examples per client, at the evaluation cadence of the miniature
+MASK_TASK_METRICS = {"task-metrics-examples": 500, "task-metrics-every": 4}
+# TaLoS's AdamW: lr 1e-5 for about 2,000 steps (vision/prune_finetune.py:302; Ilharco et
+# al. 2023: 2,000 iterations). An arm with fewer steps along the global model's path
+# (rounds x J) keeps lr x steps = 0.02, so the miniature's 128 get 1.5625e-4; the
+# paper's 500 x 4 keep TaLoS's 1e-5. Its head warm-up trains with SGD momentum at the
+# SGDM arm's lr, so both optimizers start sparse training from the same linear probe.
+TALOS_ADAMW_LR, TALOS_STEPS = 1e-5, 2000
 
 
 @dataclass(frozen=True)
@@ -80,11 +98,11 @@ def _gcd(a: int, b: int) -> int:
 
 
 def study_settings(study: str, base: dict[str, Any]) -> list[Setting]:
-    """The settings of ``study``; ``base`` is the federated base config (for the rounds).
+    """The settings of ``study``; ``base`` is the federated base run-config, app defaults
+    included (rounds, local steps and lr set the local-steps and AdamW settings).
 
     The same settings at both scales: what differs with ``--quick`` is the base run-config.
     """
-    sparse = {"strategy": "sparse-fedavg"}
     if study == "fedavg":
         scratch = {"sharding": "iid", "weights": "random", "pretrained-path": ""}
         return [Setting("iid", {"sharding": "iid"}), Setting("iid-random-init", scratch)]
@@ -101,8 +119,7 @@ def study_settings(study: str, base: dict[str, Any]) -> list[Setting]:
             for j in LOCAL_STEPS
         ]
     if study == "mask-strategies":
-        masks = [Setting(m, sparse | {"mask-strategy": m}) for m in MASK_STRATEGIES]
-        return [Setting("dense", {"strategy": "fedavg"}), *masks]
+        return mask_settings(base)
     if study == "centralized":
         return [Setting("centralized", {}, centralized=True)]
     if study == "label-skew":
@@ -111,6 +128,26 @@ def study_settings(study: str, base: dict[str, Any]) -> list[Setting]:
             for alpha in DIRICHLET_ALPHAS
         ]
     raise ConfigError(f"study {study!r} is not allowed: must be one of {', '.join(expand(ALL))}")
+
+
+def adamw_arm(base: dict[str, Any]) -> dict[str, Any]:
+    """The keys that turn a run into TaLoS's masked AdamW at this base's step count."""
+    steps = int(base["num-server-rounds"]) * int(base["local-steps"])
+    lr = TALOS_ADAMW_LR * TALOS_STEPS / steps
+    return {"optimizer": "adamw", "lr": lr, "head-warmup-lr": float(base["lr"])}
+
+
+def mask_settings(base: dict[str, Any]) -> list[Setting]:
+    """Dense and each mask, per (shards, optimizer) arm: ``nc5-adamw-least_sensitive``."""
+    out = []
+    for shards, optimizer in MASK_ARMS:
+        arm = MASK_SHARDS[shards] | MASK_TASK_METRICS
+        arm |= adamw_arm(base) if optimizer == "adamw" else {}
+        out.append(Setting(f"{shards}-{optimizer}-dense", arm | {"strategy": "fedavg"}))
+        for mask in MASK_STRATEGIES:
+            sparse = {"strategy": "sparse-fedavg", "mask-strategy": mask}
+            out.append(Setting(f"{shards}-{optimizer}-{mask}", arm | sparse))
+    return out
 
 
 def crossed(settings: list[Setting], strategies: list[str]) -> list[Setting]:

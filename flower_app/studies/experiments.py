@@ -69,6 +69,7 @@ from flower_app.studies.reports import (
     write_sweep_report,
 )
 from flower_app.studies.run_folders import StudyBase, check_study_folders, study_base
+from flower_app.studies.shared_runs import FinishedRuns, copy_run
 
 DEFAULT_RUN_TIMEOUT_S = 24 * 3600.0
 # the default --output-dir per scale: a paper-scale sweep never finds the miniature's runs
@@ -170,9 +171,10 @@ def plan(args: argparse.Namespace) -> list[PlannedRun]:
     wanted = [s for s in args.settings.split(",") if s]
     strategies = [s for s in args.strategies.split(",") if s]
     output_dir = output_dir_of(args)
+    defaults = app_defaults(args.app)
     runs: list[PlannedRun] = []
     for study in expand(args.study):
-        federated_base = base_config(args.app, args.quick, centralized=False)
+        federated_base = defaults | base_config(args.app, args.quick, centralized=False)
         settings = study_settings(study, federated_base | overrides)
         if wanted:
             names = [s.name for s in settings]
@@ -499,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     t_sweep = time.perf_counter()
     runner = SweepRunner(args.app, root, args.federation_config, args.run_timeout, engine)
     try:
-        failed = run_all(runs, runner, t_sweep)
+        finished = FinishedRuns.scan(root)
+        failed = run_all(runs, runner, t_sweep, finished, defaults)
     finally:
         runner.stop()
     for study in studies:
@@ -530,28 +533,55 @@ def dry_run(runs: list[PlannedRun]) -> int:
     return 0
 
 
-def run_all(runs: list[PlannedRun], runner: SweepRunner, t_sweep: float) -> int:
-    """Each run in turn (skipped when finished, resumed from a checkpoint); the failures."""
-    failed = 0
+def run_all(
+    runs: list[PlannedRun],
+    runner: SweepRunner,
+    t_sweep: float,
+    finished: FinishedRuns | None = None,
+    defaults: dict[str, Any] | None = None,
+) -> int:
+    """Each run in turn (skipped when finished, resumed from a checkpoint, copied from an
+    identical finished run of ``finished``); the failures."""
+    failed, defaults = 0, defaults or {}
     for i, run in enumerate(runs, 1):
         run.study_dir.mkdir(parents=True, exist_ok=True)
         state = prepare(run)
         t_run = time.perf_counter()
+        source = None
+        if state == "fresh" and finished is not None and not run.centralized:
+            source = finished.find(defaults | run.config)
         if state == "done":
             status, detail, ok = "skipped (finished earlier)", "", True
             record(run, "completed", 0.0, "finished before this sweep started", keep=True)
+        elif source is not None:
+            copy_run(source, run.run_dir)
+            name = f"{source.parent.name}/{source.name}"
+            status, detail, ok = f"the same run as {name}, copied", "", True
+            record(run, "completed", 0.0, f"same run as {name}", engine=engine_in(source))
         else:
             ok, detail = runner.run(run, resume=state == "resume")
             status = "FAILED" if not ok else f"{state.replace('fresh', 'run')}, completed"
             failed += not ok
             seconds = time.perf_counter() - t_run
             record(run, "completed" if ok else "failed", seconds, detail, engine=runner.engine)
+        if ok and finished is not None and not run.centralized:
+            finished.add(run.run_dir, defaults | run.config)
         seconds = time.perf_counter() - t_run
         elapsed = time.perf_counter() - t_sweep
         line = f"[{i}/{len(runs)}] {run.study}/{run.name}: {status} in {seconds:.1f} s"
         line += f" (elapsed {elapsed:.0f} s){_accuracy(run)}"
         print(line + (f" | {detail}" if not ok else ""), flush=True)
     return failed
+
+
+def engine_in(run_dir: Path) -> str:
+    """The engine that made a finished run, from its study's manifest ('' if unknown)."""
+    path = run_dir.parent / MANIFEST
+    if not path.is_file():
+        return ""
+    frame = pd.read_csv(path, keep_default_na=False)
+    rows = frame[frame["run-name"] == run_dir.name]
+    return str(rows["engine"].iloc[-1]) if len(rows) else ""
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ import pandas as pd
 
 from flower_app.runs.results import atomic_write_bytes, save_figure
 from flower_app.studies.catalog import QUESTIONS, STUDIES
+from flower_app.studies.mask_report import hypotheses, plot_mask_interference
 from flower_app.studies.run_folders import read_study_base
+from strategies.plan import HEAD_WARMUP
 
 MANIFEST = "sweep.csv"
 MANIFEST_COLUMNS = [
@@ -34,6 +36,7 @@ MANIFEST_COLUMNS = [
 ]
 RESULT_KEYS = {  # summary.json key -> table column
     "final-test-accuracy": "test-accuracy",
+    "final-val-accuracy": "final-val-accuracy",
     "best-val-accuracy": "best-val-accuracy",
     "rounds": "rounds",
     "wall-time-s": "wall-time-s",
@@ -41,6 +44,8 @@ RESULT_KEYS = {  # summary.json key -> table column
 }
 LABELS = {
     "test-accuracy": "final test acc.",
+    "probe-val-accuracy": "val. acc. after head warm-up",
+    "final-val-accuracy": "final val. acc.",
     "best-val-accuracy": "best val. acc.",
     "rounds": "rounds",
     "wall-time-s": "wall time (s)",
@@ -59,8 +64,10 @@ INTERFERENCE = (
     "task-retained-gain",
     "task-disagreement",
 )
-# columns of the table only where some run has them (runs with task-metrics-examples > 0)
+# columns of the table only where some run has them (runs with task-metrics-examples > 0;
+# sparse runs, whose head warm-up ends with a linear probe: its accuracy beside the final)
 WHERE_PRESENT = frozenset({"task-normalized-accuracy", "task-retained-gain", "task-disagreement"})
+WITH_PROBE = ("probe-val-accuracy", "final-val-accuracy")
 PANELS = (  # the interference figure: metrics.csv column, axis label
     ("update-cosine", "mean pairwise cosine of client updates"),
     ("update-norm-ratio", "||aggregated update|| / mean ||client update||"),
@@ -174,6 +181,17 @@ def calibration_bytes(run_dir: Path) -> float:
     return float(frame[columns].fillna(0.0).to_numpy().sum()) if columns else 0.0
 
 
+def probe_accuracy(run_dir: Path) -> float:
+    """Validation accuracy at the end of the head warm-up (the linear probe sparse training
+    starts from; the evaluation hook always measures a phase's last round), else NaN."""
+    path = run_dir / "metrics.csv"
+    frame = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    if "phase" not in frame or "val-accuracy" not in frame:
+        return math.nan
+    warmup = frame[frame["phase"] == HEAD_WARMUP].dropna(subset=["val-accuracy"])
+    return float(warmup["val-accuracy"].iloc[-1]) if len(warmup) else math.nan
+
+
 def training_means(run_dir: Path, columns: tuple[str, ...]) -> dict[str, float]:
     """Each column's mean over the run's training rounds (NaN when it has none: a
     centralized run, or interference metrics turned off)."""
@@ -195,6 +213,7 @@ def load_runs(study_dir: Path) -> pd.DataFrame:
             summary["bytes"] = summary.get("bytes-down", 0.0) + summary.get("bytes-up", 0.0)
             row |= {col: summary.get(key) for key, col in RESULT_KEYS.items()}
             row |= training_means(study_dir / entry["run-name"], INTERFERENCE)
+            row["probe-val-accuracy"] = probe_accuracy(study_dir / entry["run-name"])
         rows.append(row)
     return pd.DataFrame(rows, columns=["setting", "seed", "run-name", "status", *LABELS])
 
@@ -220,6 +239,8 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
         out.append(row)
     table = pd.DataFrame(out)
     absent = [c for c in WHERE_PRESENT if f"{c}-mean" in table and table[f"{c}-mean"].isna().all()]
+    if "probe-val-accuracy-mean" in table and table["probe-val-accuracy-mean"].isna().all():
+        absent += WITH_PROBE
     return table.drop(columns=[f"{c}-{stat}" for c in absent for stat in ("mean", "std")])
 
 
@@ -424,6 +445,9 @@ def write_report(study_dir: Path, study: str, out_dir: Path | None = None) -> di
     if any(has_values(metrics, column) for column, _ in PANELS):
         path = out_dir / "interference.png"
         out["interference.png"] = plot_interference(metrics, path, title, x)
+    if study == "mask-strategies" and has_values(metrics, "task-normalized-accuracy"):
+        path = out_dir / "mask_interference.png"
+        out["mask_interference.png"] = plot_mask_interference(metrics, path, title)
     return out
 
 
@@ -437,6 +461,8 @@ def findings(study_dir: Path, study: str) -> list[str]:
         cell = _cell(row["test-accuracy-mean"], row["test-accuracy-std"])
         failed = f" ({row['failed']} failed)" if row["failed"] else ""
         lines.append(f"  {row['setting']!s:<{width}}  {cell}{failed}")
+    if study == "mask-strategies":
+        lines += hypotheses(table)
     return lines
 
 
@@ -452,6 +478,7 @@ FIGURES = {
     "final_accuracy.png": "final test accuracy per setting (mean, std error bars)",
     "interference.png": "interference of the client updates per round",
     "accuracy_vs_bytes.png": "validation accuracy against MB communicated",
+    "mask_interference.png": "normalized accuracy and disagreement per round, per arm and mask",
 }
 
 
@@ -464,6 +491,8 @@ def study_section(root: Path, study: str) -> list[str]:
     lines = [f"## {study}", "", QUESTIONS.get(study, ""), ""]
     lines += [markdown_table(table, label.caption)]
     lines += [f"By final test accuracy: {ordering(table)}.", ""]
+    if study == "mask-strategies":
+        lines += ["```", *hypotheses(table), "```", ""]
     lines += [f"Run time: {seconds:.0f} s, the sum over its runs (`{study}/{MANIFEST}`).", ""]
     for name, caption in FIGURES.items():
         if (study_dir / name).is_file():

@@ -55,25 +55,45 @@ def test_scaled_rounds_refuses_what_does_not_divide():
         scaled_rounds(10, 16)
 
 
+BASE = {"num-server-rounds": 32, "local-steps": 4, "lr": 0.05}
+
+
 def test_studies_cover_the_questions():
-    names = {study: [s.name for s in study_settings(study, {})] for study in experiments.STUDIES}
+    names = {study: [s.name for s in study_settings(study, BASE)] for study in experiments.STUDIES}
     assert names["heterogeneity"] == ["nc1", "nc5", "nc10", "nc50", "iid"]
+    masks = ["least_sensitive", "most_sensitive", "lowest_magnitude", "highest_magnitude"]
+    arm = ["dense", *masks, "random"]
     assert names["mask-strategies"] == [
-        "dense",
-        "least_sensitive",
-        "most_sensitive",
-        "lowest_magnitude",
-        "highest_magnitude",
-        "random",
+        *(f"iid-sgdm-{m}" for m in arm),
+        *(f"nc5-sgdm-{m}" for m in arm),
+        *(f"nc5-adamw-{m}" for m in arm),
     ]
     assert names["fedavg"] == ["iid", "iid-random-init"]
     assert names["label-skew"] == ["dir0.05", "dir0.1", "dir0.5", "dir1", "dir100"]
     assert experiments.expand("all") == [s for s in experiments.STUDIES if s != "label-skew"]
-    sparse = study_settings("mask-strategies", {})[1:]
-    assert all(s.overrides["strategy"] == "sparse-fedavg" for s in sparse)
-    assert study_settings("centralized", {})[0].centralized
-    scratch = study_settings("fedavg", {})[1].overrides
+    assert study_settings("centralized", BASE)[0].centralized
+    scratch = study_settings("fedavg", BASE)[1].overrides
     assert scratch["weights"] == "random" and scratch["pretrained-path"] == ""
+
+
+def test_the_mask_study_arms_differ_in_shards_and_optimizer_only():
+    settings = {s.name: s.overrides for s in study_settings("mask-strategies", BASE)}
+    for name, overrides in settings.items():
+        shards, optimizer, mask = name.split("-", 2)
+        assert overrides["strategy"] == ("fedavg" if mask == "dense" else "sparse-fedavg")
+        assert overrides.get("mask-strategy", "dense") == mask
+        assert overrides["sharding"] == ("iid" if shards == "iid" else "non-iid")
+        assert overrides["task-metrics-examples"] > 0  # every run measures interference
+        assert overrides.get("optimizer", "sgdm") == optimizer
+    # TaLoS's lr x steps (1e-5 x 2,000) over the miniature's 32 x 4 steps; SGDM's warm-up lr
+    adamw = settings["nc5-adamw-least_sensitive"]
+    assert adamw["lr"] == pytest.approx(1e-5 * 2000 / 128) and adamw["head-warmup-lr"] == 0.05
+    paper = study_settings("mask-strategies", BASE | {"num-server-rounds": 500, "lr": 0.01})
+    assert [s.overrides["lr"] for s in paper if "adamw" in s.name] == [pytest.approx(1e-5)] * 6
+    sgdm = settings["nc5-sgdm-least_sensitive"]
+    assert {k: v for k, v in sgdm.items() if k != "optimizer"} == {
+        k: v for k, v in adamw.items() if k not in ("optimizer", "lr", "head-warmup-lr")
+    }
 
 
 @pytest.mark.parametrize("case", INVALID, ids=str)
@@ -577,3 +597,32 @@ def test_the_scales_write_to_their_own_default_folders(tmp_path, monkeypatch):
     for quick, folder in ((True, "miniature"), (False, "paper")):
         args = experiments.parse_args(["fedavg", "--app", str(ROOT), *(["--quick"] * quick)])
         assert experiments.output_dir_of(args) == tmp_path / "results" / folder
+
+
+def test_a_run_that_two_studies_plan_alike_is_computed_once(tmp_path, capsys, monkeypatch):
+    """fedavg's iid is heterogeneity's iid: the second study copies it (hard links) and
+    names where it came from; a setting that measures more (task metrics) runs itself."""
+    made: list[str] = []
+
+    def fake_run(self, run, resume):
+        made.append(f"{run.study}/{run.name}")
+        _made_run(run)
+        return True, "in-process"
+
+    monkeypatch.setattr(experiments.SweepRunner, "run", fake_run)
+    het = _mini(tmp_path, "--settings", "iid")
+    assert experiments.main(het) == 0
+    fedavg = ["fedavg", *het[1:]]
+    assert experiments.main(fedavg) == 0
+    out = capsys.readouterr().out
+    assert made == ["heterogeneity/iid-seed0"]
+    assert "fedavg/iid-seed0: the same run as heterogeneity/iid-seed0, copied" in out
+    source, copy = (tmp_path / "out" / s / "iid-seed0" for s in ("heterogeneity", "fedavg"))
+    assert (copy / "summary.json").stat().st_ino == (source / "summary.json").stat().st_ino
+    manifest = pd.read_csv(copy.parent / "sweep.csv", keep_default_na=False)
+    assert manifest["detail"].tolist() == ["same run as heterogeneity/iid-seed0"]
+    assert manifest["status"].tolist() == ["completed"]
+    # the same run-config measuring more (task metrics) is another run: it runs itself
+    steps = ["local-steps", "--quick", "--settings", "J4", het[4], "task-metrics-examples=100"]
+    assert experiments.main([*steps, *het[-4:]]) == 0
+    assert made == ["heterogeneity/iid-seed0", "local-steps/J4-seed0"]
