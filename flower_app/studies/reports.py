@@ -70,7 +70,7 @@ WHERE_PRESENT = frozenset({"task-normalized-accuracy", "task-retained-gain", "ta
 WITH_PROBE = ("probe-val-accuracy", "final-val-accuracy")
 PANELS = (  # the interference figure: metrics.csv column, axis label
     ("update-cosine", "mean pairwise cosine of client updates"),
-    ("update-norm-ratio", "||aggregated update|| / mean ||client update||"),
+    ("update-norm-ratio", "norm of the aggregate / mean client norm"),
     ("task-normalized-accuracy", "normalized accuracy acc(w+t) / acc(w+t_k)"),
     ("task-retained-gain", "retained gain of the clients' own gains"),
     ("task-disagreement", "disagreement of w+t_k and w+t"),
@@ -416,7 +416,7 @@ def plot_interference(metrics: pd.DataFrame, path: Path, title: str, x: str = "r
             ax.set(xlabel=x, ylabel=label)
             integer_ticks(ax)
             ax.legend(fontsize="small")
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from flower_app import client_app
 from flower_app.config import ConfigError
+from flower_app.runs import run_lock
 from flower_app.runs.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
@@ -123,6 +124,25 @@ def test_resuming_a_finished_run_changes_no_file(tmp_path, capsys):
     assert out == [
         f"run done finished already (2 rounds, results in {tmp_path / 'done'}); nothing to do"
     ]
+
+
+def test_a_second_server_app_on_a_held_run_folder_refuses_naming_the_holder(tmp_path):
+    """In process as through flwr run (tests/e2e/test_fl_run.py): the folder's holder is
+    named with its stop command, and the second ServerApp writes nothing."""
+    config = _config(tmp_path, "held", num_server_rounds=2)
+    run(config)
+    folder = tmp_path / "held"
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    lock = run_lock.acquire(folder, run_lock.holder_record(7, "/v/bin/flwr stop 7"))
+    try:
+        with pytest.raises(ConfigError) as refused:
+            run(config | {"resume": True})
+    finally:
+        lock.release()
+    message = str(refused.value)
+    assert message.startswith(f"run folder {folder} is in use by Flower run 7 (pid {os.getpid()}")
+    assert message.endswith("stop it with: /v/bin/flwr stop 7") and "\n" not in message
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
 
 
 def test_wall_time_sums_the_segments_of_a_resumed_run(tmp_path):
