@@ -50,10 +50,12 @@ def arm_lines(arm: str, rows: pd.DataFrame) -> list[str]:
     scores = {m: v for m, v in scores.items() if not math.isnan(v)}
     if not scores:
         return [f"  {arm}: no normalized accuracy measured (task-metrics-examples = 0)"]
+    if HYPOTHESIS_MASK not in scores:
+        return [f"  {arm}: no {HYPOTHESIS_MASK} run with normalized accuracy"]
     ranked = sorted(scores, key=lambda m: scores[m], reverse=True)
     order = " > ".join(f"{m} {scores[m]:.3f}" for m in ranked)
-    best, ours = ranked[0], scores.get(HYPOTHESIS_MASK, math.nan)
-    std = float(rows.loc[HYPOTHESIS_MASK, f"{NORMALIZED}-std"]) if HYPOTHESIS_MASK in scores else 0
+    best, ours = ranked[0], scores[HYPOTHESIS_MASK]
+    std = float(rows.loc[HYPOTHESIS_MASK, f"{NORMALIZED}-std"])
     if best == HYPOTHESIS_MASK:
         verdict = "holds"
     elif not math.isnan(std) and scores[best] - ours <= std:
@@ -63,13 +65,16 @@ def arm_lines(arm: str, rows: pd.DataFrame) -> list[str]:
     dense = _value(rows, DENSE, NORMALIZED)
     above = sum(v > dense for v in scores.values())
     merges = "holds" if above == len(scores) else ("does not hold" if above == 0 else "partly")
+    if math.isnan(dense):
+        merges, above = "no dense run to compare", 0
     disagree = {m: _value(rows, m, DISAGREEMENT) for m in [*masks, DENSE]}
     lowest = min((m for m in disagree if not math.isnan(disagree[m])), key=disagree.get, default="")
+    counted = f" ({above} of {len(scores)} masks above dense)" if not math.isnan(dense) else ""
     return [
         f"  {arm}: normalized accuracy {order}; dense {dense:.3f}",
         f"    {HYPOTHESIS_MASK} interferes least: {verdict}",
-        f"    sparse merges better than dense: {merges} ({above} of {len(scores)} masks above "
-        f"dense); lowest disagreement: {lowest} {disagree.get(lowest, math.nan):.3f}",
+        f"    sparse merges better than dense: {merges}{counted}; lowest disagreement: "
+        f"{lowest} {disagree.get(lowest, math.nan):.3f}",
     ]
 
 

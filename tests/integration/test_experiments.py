@@ -64,7 +64,6 @@ def test_studies_cover_the_questions():
     masks = ["least_sensitive", "most_sensitive", "lowest_magnitude", "highest_magnitude"]
     arm = ["dense", *masks, "random"]
     assert names["mask-strategies"] == [
-        *(f"iid-sgdm-{m}" for m in arm),
         *(f"nc5-sgdm-{m}" for m in arm),
         *(f"nc5-adamw-{m}" for m in arm),
     ]
@@ -89,6 +88,7 @@ def test_the_mask_study_arms_differ_in_shards_and_optimizer_only():
     adamw = settings["nc5-adamw-least_sensitive"]
     assert adamw["lr"] == pytest.approx(1e-5 * 2000 / 128) and adamw["head-warmup-lr"] == 0.05
     paper = study_settings("mask-strategies", BASE | {"num-server-rounds": 500, "lr": 0.01})
+    assert len(paper) == 12
     assert [s.overrides["lr"] for s in paper if "adamw" in s.name] == [pytest.approx(1e-5)] * 6
     sgdm = settings["nc5-sgdm-least_sensitive"]
     assert {k: v for k, v in sgdm.items() if k != "optimizer"} == {

@@ -67,3 +67,11 @@ def test_the_probe_is_the_last_evaluated_warm_up_round(tmp_path):
     assert probe_accuracy(tmp_path) == 0.6
     frame[frame["phase"] != "head-warmup"].to_csv(tmp_path / "metrics.csv", index=False)
     assert math.isnan(probe_accuracy(tmp_path))  # a dense run has no warm-up
+
+
+def test_an_arm_without_dense_or_least_sensitive_says_what_is_missing():
+    lines = hypotheses(_table("nc5-sgdm", {"least_sensitive": (0.9, math.nan)}))
+    assert lines[3].startswith("    sparse merges better than dense: no dense run to compare;")
+    assert "nan" not in lines[3]
+    lines = hypotheses(_table("nc5-sgdm", {"dense": (0.9, 0.0), "random": (0.8, 0.0)}))
+    assert lines[1:] == ["  nc5-sgdm: no least_sensitive run with normalized accuracy"]
