@@ -1,0 +1,127 @@
+"""Task addition and negation on constructed task vectors, and task-classes restriction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flower_app.data.sources import DatasetSplits, ImageSplit
+from flower_app.data.tasks import parse_task_classes, restrict_splits
+from flower_app.runs.task_arithmetic import (
+    ALPHA_GRID,
+    Task,
+    add_tasks,
+    backbone_sum,
+    edited,
+    negate_task,
+    pick_addition_alpha,
+    pick_negation_alpha,
+)
+
+
+# ---- a linear model: features = body @ x, logits = head @ features -----------------------
+def _accuracy(state, x: torch.Tensor, y: torch.Tensor) -> float:
+    logits = x @ state["body.weight"].T @ state["head.weight"].T
+    return float((logits.argmax(1) == y).float().mean())
+
+
+def _linear_task(name: str, axis: int, head: torch.Tensor) -> Task:
+    """Class 0 for x[axis] < 0, the head's last class above; scored on its own examples."""
+    g = torch.Generator().manual_seed(axis)
+    x = torch.randn(400, 2, generator=g)
+    y = (x[:, axis] > 0).long() * (len(head) - 1)
+    initial = {"body.weight": torch.zeros(2, 2), "head.weight": torch.zeros_like(head)}
+    vector = {"body.weight": torch.zeros(2, 2), "head.weight": head}
+    vector["body.weight"][axis, axis] = 1.0
+
+    def score(state, split: str) -> float:
+        return _accuracy(state, x, y)
+
+    return Task(name, initial, vector, score)
+
+
+def test_addition_sums_backbones_only_and_keeps_each_tasks_own_head():
+    # heads of different shapes (2 and 3 classes): a sum over heads would fail, and each
+    # task must be scored with its own head on its own classes
+    a = _linear_task("a", 0, torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))
+    b = _linear_task("b", 1, torch.tensor([[0.0, -1.0], [0.0, 0.0], [0.0, 1.0]]))
+    assert backbone_sum([a.vector, b.vector])["body.weight"].equal(torch.eye(2))
+    result = add_tasks([a, b])
+    # alpha 0 is the zero backbone (every logit 0: class 0); every alpha > 0 gives the same
+    # argmax, so all tie and the smallest wins
+    assert result.val_curve[0.0] < result.val_curve[0.05] == max(result.val_curve.values())
+    assert result.alpha == 0.05
+    for name in ("a", "b"):
+        scores = result.tasks[name]
+        assert scores.fine_tuned == scores.edited == 1.0 and scores.normalized == 1.0
+        assert scores.pretrained < 0.6
+
+
+def _scalar_task(name: str, score) -> Task:
+    """A backbone of one number v (w0: v = 0, tau: v = 1) and a one-entry head."""
+    initial = {"body.weight": torch.zeros(1), "head.weight": torch.zeros(1)}
+    vector = {"body.weight": torch.ones(1), "head.weight": torch.ones(1)}
+    return Task(name, initial, vector, lambda s, split: score(float(s["body.weight"]), split))
+
+
+def test_addition_alpha_maximises_mean_normalized_validation_accuracy():
+    # merged v = alpha * 2 (both vectors add 1); task a peaks at v = 0.9, b at v = 1.1,
+    # so the mean normalized accuracy peaks at v = 1.0, alpha = 0.5; test = val - 0.1
+    def peak(at: float):
+        return lambda v, split: 1.0 - (v - at) ** 2 - (0.1 if split == "test" else 0.0)
+
+    a, b = _scalar_task("a", peak(0.9)), _scalar_task("b", peak(1.1))
+    result = add_tasks([a, b])
+    assert result.alpha == 0.5
+    assert result.tasks["a"].edited == pytest.approx(1.0 - 0.01 - 0.1)
+    assert result.tasks["a"].fine_tuned == pytest.approx(1.0 - 0.01 - 0.1)  # own model: v = 1
+    assert result.absolute == pytest.approx(0.89)
+    given = add_tasks([a, b], alpha=0.25)
+    assert given.alpha == 0.25 and given.val_curve == {}
+    assert given.tasks["b"].edited == pytest.approx(1.0 - 0.36 - 0.1)
+
+
+def test_negation_alpha_is_the_largest_that_keeps_95_percent_of_control():
+    # negated v = -alpha; target accuracy 0.5 + 0.5 v falls with alpha; control
+    # 0.8 - 0.2 v^2 keeps >= 0.95 x 0.8 = 0.76 while alpha^2 <= 0.2: alpha 0.4 (0.45 fails)
+    target = _scalar_task("target", lambda v, split: 0.5 + 0.5 * max(-1.0, min(1.0, v)))
+    control = _scalar_task("control", lambda v, split: 0.8 - 0.2 * v * v)
+    result = negate_task(target, control)
+    assert result.alpha == 0.4
+    assert result.target.edited == pytest.approx(0.3) and result.target.pretrained == 0.5
+    assert result.control.edited == pytest.approx(0.8 - 0.2 * 0.16)
+    assert result.control.edited >= 0.95 * result.control.pretrained
+    assert set(result.val_curve) == set(ALPHA_GRID)
+
+
+def test_pick_rules_on_given_curves():
+    assert pick_addition_alpha({0.0: 0.5, 0.3: 0.9, 0.6: 0.9, 0.9: float("nan")}) == 0.3
+    control = {0.0: 0.8, 0.5: 0.77, 0.7: 0.75, 1.0: 0.79}  # not monotone: the largest that keeps
+    assert pick_negation_alpha(control, 0.8) == 1.0
+    assert pick_negation_alpha({0.0: 0.8, 0.05: 0.1}, 0.8) == 0.0  # alpha 0 always qualifies
+
+
+def test_edited_keeps_integer_buffers_and_dtypes():
+    initial = {"body.weight": torch.ones(2, dtype=torch.float64), "steps": torch.tensor([3])}
+    out = edited(initial, {"body.weight": torch.ones(2)}, -0.5)
+    assert out["body.weight"].dtype == torch.float64 and out["body.weight"].tolist() == [0.5, 0.5]
+    assert out["steps"].tolist() == [3]
+
+
+# ---- task-classes ----------------------------------------------------------------------
+def test_parse_task_classes():
+    assert parse_task_classes("", 4) == (0, 1, 2, 3)
+    assert parse_task_classes("5-7, 1", 10) == (5, 6, 7, 1)
+    for bad, reason in (("0-10", "below"), ("3-1", "backwards"), ("1,1", "twice"), ("x", "nei")):
+        with pytest.raises(ValueError, match=reason):
+            parse_task_classes(bad, 10)
+
+
+def test_restrict_splits_keeps_own_classes_relabelled_in_order():
+    labels = torch.tensor([0, 1, 2, 3, 2, 1], dtype=torch.int64)
+    images = torch.arange(6, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 3, 2, 2).contiguous()
+    split = ImageSplit(images, labels)
+    task = restrict_splits(DatasetSplits(split, split, split, 4), (3, 1))
+    assert task.num_classes == 2
+    assert task.test.labels.tolist() == [1, 0, 1]  # classes 1, 3, 1 -> positions 1, 0, 1
+    assert task.test.images[:, 0, 0, 0].tolist() == [1, 3, 5]
