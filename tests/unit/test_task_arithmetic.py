@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from flower_app.config import RunConfig
 from flower_app.data.sources import DatasetSplits, ImageSplit
 from flower_app.data.tasks import parse_task_classes, restrict_splits
 from flower_app.runs.task_arithmetic import (
@@ -17,6 +20,7 @@ from flower_app.runs.task_arithmetic import (
     pick_addition_alpha,
     pick_negation_alpha,
 )
+from flower_app.runs.task_runs import TaskRun, TaskVectorMismatch, check_compatible
 
 
 # ---- a linear model: features = body @ x, logits = head @ features -----------------------
@@ -125,3 +129,46 @@ def test_restrict_splits_keeps_own_classes_relabelled_in_order():
     assert task.num_classes == 2
     assert task.test.labels.tolist() == [1, 0, 1]  # classes 1, 3, 1 -> positions 1, 0, 1
     assert task.test.images[:, 0, 0, 0].tolist() == [1, 3, 5]
+
+
+# ---- mismatched task vectors ------------------------------------------------------------
+def _run(name: str, vector: dict, initial: dict | None = None, **keys) -> TaskRun:
+    config = RunConfig.from_run_config(keys, check_files=False)
+    initial = initial or {n: torch.zeros_like(v) for n, v in vector.items()}
+    return TaskRun(Path(name), config, Task(name, initial, vector, lambda s, split: 0.0))
+
+
+VECTOR = {"body.weight": torch.ones(2, 2), "head.weight": torch.ones(3, 2)}
+MISMATCHES = [
+    ({}, {}, {"model": "vit_tiny_test", "weights": "random"}, "different models", "model="),
+    ({}, {}, {"weights": "random"}, "different base weights", "weights="),
+    ({}, {}, {"strategy": "sparse-fedavg"}, "different masks", "'strategy': 'fedavg'"),
+    (
+        {"strategy": "sparse-fedavg"},
+        {},
+        {"strategy": "sparse-fedavg", "mask-strategy": "random"},
+        "different masks",
+        "least_sensitive",
+    ),
+    ({}, {"body.weight": torch.ones(2, 3)}, {}, "different shapes", "(2, 2) against (2, 3)"),
+    ({}, {"extra.weight": torch.ones(1)}, {}, "different shapes", "'extra.weight'"),
+]
+
+
+@pytest.mark.parametrize(("keys_a", "vector_b", "keys_b", "what", "detail"), MISMATCHES)
+def test_mismatched_vectors_are_refused_in_one_line(keys_a, vector_b, keys_b, what, detail):
+    a = _run("run-a", VECTOR, **keys_a)
+    b = _run("run-b", VECTOR | vector_b, **(keys_b or keys_a))  # {}: as run-a
+    with pytest.raises(TaskVectorMismatch, match=f"task vectors of {what}") as caught:
+        check_compatible([a, b])
+    assert detail in str(caught.value) and "\n" not in str(caught.value)
+    assert "run-a and run-b" in str(caught.value)
+
+
+def test_different_initial_backbones_are_refused_and_heads_may_differ():
+    a = _run("run-a", VECTOR)
+    head = {"body.weight": torch.ones(2, 2), "head.weight": torch.ones(5, 2)}  # 5 classes
+    check_compatible([a, _run("run-b", head)])  # heads are per task: no error
+    other_w0 = {"body.weight": torch.eye(2), "head.weight": torch.zeros(3, 2)}
+    with pytest.raises(TaskVectorMismatch, match=r"different base weights.*'body\.weight'"):
+        check_compatible([a, _run("run-b", VECTOR, other_w0)])

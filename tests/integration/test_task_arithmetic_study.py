@@ -1,0 +1,80 @@
+"""The task-arithmetic study in short, as CI runs it, and the command line on its runs.
+
+Short form: ``fl-experiments task-arithmetic --quick --settings dense-task0,dense-task1,
+random-task0,random-task1`` (2 tasks, dense and the random mask, seed 0, the study's own
+rounds: 4 warm-up + 16 training rounds per task), on the backbone ``fl-pretrain`` makes,
+through the in-process engine: four runs of the real ServerApp and ClientApp, K=100.
+
+On a CPU a run is a pure function of its run-config, so the numbers change only when the
+code does; the margin is what a change that keeps the algorithms intact may move them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from flower_app.cli import task_vectors as cli
+from flower_app.runs.task_arithmetic import add_tasks
+from flower_app.runs.task_runs import load_task_run
+from flower_app.studies import experiments
+from tests.conftest import ROOT
+
+SETTINGS = "dense-task0,dense-task1,random-task0,random-task1"
+# Task addition against the pretrained backbone (w0 with each task's own head), per task,
+# test accuracy, this short form at seeds 0-2 (2-core VM): see ADDITION_MARGIN's note.
+ADDITION_MARGIN = 0.0  # placeholder until measured
+
+
+@pytest.fixture(scope="module")
+def short_study(pretrained_backbone, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("arithmetic")
+    argv = [
+        "task-arithmetic",
+        "--quick",
+        "--settings",
+        SETTINGS,
+        f"pretrained-path={pretrained_backbone}",
+    ]
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = experiments.main([*argv, "--output-dir", str(out), "--app", str(ROOT)])
+    assert code == 0, buffer.getvalue()
+    return out / "task-arithmetic"
+
+
+def test_short_form_writes_its_table_and_figure(short_study):
+    table = pd.read_csv(short_study / "table.csv")
+    assert list(table["arm"])[2:] == ["dense", "random"]
+    assert table["arm"][0].startswith("TaLoS paper") and table["addition-normalized"][0] == 90.8
+    assert (short_study / "arithmetic.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (short_study / "table.md").read_text()
+    assert "miniature scale" in text and "engine in-process" in text and "1 seed (0)" in text
+    per_seed = pd.read_csv(short_study / "arithmetic_runs.csv")
+    # every arm starts its training rounds from the same linear probe (same warm-up)
+    assert per_seed["pretrained"].nunique() == 1
+
+
+def test_addition_beats_the_pretrained_backbone_on_both_tasks(short_study):
+    for arm in ("dense", "random"):
+        tasks = [load_task_run(short_study / f"{arm}-task{t}-seed0").task for t in (0, 1)]
+        result = add_tasks(tasks)
+        for name, scores in result.tasks.items():
+            assert scores.edited - scores.pretrained >= ADDITION_MARGIN, (arm, name, scores)
+
+
+def test_cli_adds_negates_and_refuses_mismatched_vectors(short_study, capsys):
+    dense = [str(short_study / f"dense-task{t}-seed0") for t in (0, 1)]
+    assert cli.main(["add", *dense, "--alpha", "0.5"]) == 0
+    assert "task addition, alpha 0.5 (given)" in capsys.readouterr().out
+    assert cli.main(["negate", dense[0], "--control", dense[1]]) == 0
+    assert "control >= 0.95 x pretrained" in capsys.readouterr().out
+    assert cli.main(["add", dense[0], str(short_study / "random-task1-seed0")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: task vectors of different masks") and err.count("\n") == 1
+    assert cli.main(["add", dense[0]]) == 2
+    assert "add needs two or more run directories" in capsys.readouterr().err
