@@ -320,6 +320,8 @@ class RunConfig:
             f"K={self.num_clients}, C={self.fraction_train:g}, J={self.local_steps}, "
             f"{self.shards_name}"
         )
+        if self.task_classes.strip():
+            federation += f", classes {self.task_classes}"
         parts = [", ".join(what) or "FedAvg", scale, federation, f"seed {self.seed}"]
         return f"{run_name}: " + "; ".join(parts)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flower_app.config import RunConfig
+from flower_app.config import ConfigError, RunConfig
 from flower_app.data.sources import DatasetSplits, ImageSplit
 from flower_app.data.tasks import parse_task_classes, restrict_splits
 from flower_app.runs.task_arithmetic import (
@@ -21,6 +21,7 @@ from flower_app.runs.task_arithmetic import (
     pick_negation_alpha,
 )
 from flower_app.runs.task_runs import TaskRun, TaskVectorMismatch, check_compatible
+from flower_app.studies.catalog import ARITHMETIC_ARMS, arm_and_task, study_settings
 
 
 # ---- a linear model: features = body @ x, logits = head @ features -----------------------
@@ -172,3 +173,24 @@ def test_different_initial_backbones_are_refused_and_heads_may_differ():
     other_w0 = {"body.weight": torch.eye(2), "head.weight": torch.zeros(3, 2)}
     with pytest.raises(TaskVectorMismatch, match=r"different base weights.*'body\.weight'"):
         check_compatible([a, _run("run-b", VECTOR, other_w0)])
+
+
+# ---- the study's settings ------------------------------------------------------------------
+def test_study_settings_are_arm_by_task_with_rounds_by_the_passes_rule():
+    base = {"dataset": "synthetic", "num-server-rounds": 32, "head-warmup-rounds": 8}
+    settings = study_settings("task-arithmetic", base)
+    assert [s.name for s in settings[:3]] == ["dense-task0", "dense-task1", "least_sensitive-task0"]
+    assert len(settings) == 2 * len(ARITHMETIC_ARMS) == 12
+    assert {s.overrides["task-classes"] for s in settings} == {"0-49", "50-99"}
+    assert {s.overrides["num-server-rounds"] for s in settings} == {16}  # 32 / 2 tasks
+    assert {s.overrides["head-warmup-rounds"] for s in settings} == {4}
+    # every arm: sparse FedAvg with the head frozen after the same warm-up; dense = full mask
+    assert all(s.overrides["strategy"] == "sparse-fedavg" for s in settings)
+    assert all(s.overrides["head"] == "frozen" for s in settings)
+    assert settings[0].overrides["sparsity"] == 0.0
+    three = study_settings("task-arithmetic", base, tasks=3)
+    assert [s.overrides["task-classes"] for s in three[:3]] == ["0-32", "33-65", "66-99"]
+    assert three[0].overrides["num-server-rounds"] == 11  # ceil(32 / 3)
+    assert arm_and_task("least_sensitive-task1") == ("least_sensitive", 1)
+    with pytest.raises(ConfigError, match=r"--tasks 1 is not allowed: must be in 2\.\.50"):
+        study_settings("task-arithmetic", base, tasks=1)
