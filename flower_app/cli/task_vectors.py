@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from flower_app.config import ConfigError
-from flower_app.runs.task_arithmetic import add_tasks, edited, negate_task
+from flower_app.runs.task_arithmetic import add_tasks, negate_task
 from flower_app.runs.task_runs import TaskRun, TaskVectorMismatch, check_compatible, load_task_run
 
 
@@ -90,8 +90,8 @@ def _negate(args: argparse.Namespace) -> list[str]:
 def _evaluate(args: argparse.Namespace) -> list[str]:
     (run,) = _load([args.run], args.device)
     task = run.task
-    pretrained = task.score(edited(task.initial, {}, 0.0, task.own_head()), "test")
-    fine_tuned = task.score(task.fine_tuned(), "test")
+    pretrained = task.reference("pretrained", "test")
+    fine_tuned = task.reference("fine_tuned", "test")
     classes = run.config.task_classes or f"all {run.config.num_classes}"
     return [
         f"{task.name}: classes {classes}, test accuracy",

@@ -23,7 +23,7 @@ linear model; loading runs is ``flower_app.runs.task_runs``. Choices and their s
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -47,6 +47,10 @@ class Task:
     initial: State
     vector: State
     score: Scorer
+    # accuracies of the pretrained and the fine-tuned model per split, computed once
+    _references: dict[tuple[str, str], float] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def own_head(self) -> dict[str, torch.Tensor]:
         """The head the task's run ended with: initial head + the vector's head part."""
@@ -59,6 +63,17 @@ class Task:
     def fine_tuned(self) -> dict[str, torch.Tensor]:
         """w0 + tau: the task's own fine-tuned model."""
         return edited(self.initial, self.vector, 1.0, self.own_head())
+
+    def pretrained(self) -> dict[str, torch.Tensor]:
+        """w0 with the task's own head: the model before its backbone was fine-tuned."""
+        return edited(self.initial, {}, 0.0, self.own_head())
+
+    def reference(self, which: str, split: str) -> float:
+        """Accuracy of the ``pretrained`` or ``fine_tuned`` model on ``split``, once."""
+        key = (which, split)
+        if key not in self._references:
+            self._references[key] = self.score(getattr(self, which)(), split)
+        return self._references[key]
 
 
 @dataclass(frozen=True)
@@ -178,7 +193,7 @@ def add_tasks(
 
     curve: dict[float, float] = {}
     if alpha is None:
-        own = {t.name: t.score(t.fine_tuned(), "val") for t in tasks}
+        own = {t.name: t.reference("fine_tuned", "val") for t in tasks}
         for a in grid:
             ratios = [_ratio(t.score(merged(t, a), "val"), own[t.name]) for t in tasks]
             curve[a] = sum(ratios) / len(ratios)
@@ -208,7 +223,7 @@ def negate_task(
     curve: dict[float, tuple[float, float]] = {}
     if alpha is None:
         curve = {a: pair(a, "val") for a in grid}
-        pretrained_control = pair(0.0, "val")[1]
+        pretrained_control = (curve[0.0] if 0.0 in curve else pair(0.0, "val"))[1]
         alpha = pick_negation_alpha({a: c for a, (_, c) in curve.items()}, pretrained_control, keep)
     return Negation(
         alpha,
