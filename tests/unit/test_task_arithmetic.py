@@ -194,3 +194,19 @@ def test_study_settings_are_arm_by_task_with_rounds_by_the_passes_rule():
     assert arm_and_task("least_sensitive-task1") == ("least_sensitive", 1)
     with pytest.raises(ConfigError, match=r"--tasks 1 is not allowed: must be in 2\.\.50"):
         study_settings("task-arithmetic", base, tasks=1)
+
+
+def test_a_client_process_trains_each_run_on_its_own_task():
+    # the in-process engine runs a study's tasks one after another in one process: the
+    # client's data cache must not hand task 0 the images of task 1
+    from flower_app import client_app
+    from flower_app.runs.runtime import run_splits
+
+    keys = {"dataset": "synthetic", "synthetic-train-per-class": 10, "num-clients": 5}
+    keys |= {"model": "vit_tiny_test", "weights": "random", "image-size": 32, "device": "cpu"}
+    for classes in ("50-99", "0-49"):
+        cfg = RunConfig.from_run_config(keys | {"task-classes": classes}, check_files=False)
+        runtime = client_app.get_runtime(cfg, 0)
+        expected = run_splits(cfg).train
+        assert torch.equal(runtime.train.images.cpu(), expected.images)
+        assert runtime.train.labels.max() == 49 and runtime.model.head.out_features == 50
