@@ -111,7 +111,7 @@ class Negation:
     alpha: float
     target: TaskScores  # test split
     control: TaskScores  # test split
-    val_curve: dict[float, tuple[float, float]]  # alpha -> (target, control) val accuracy
+    val_curve: dict[float, float]  # alpha -> control validation accuracy
 
 
 def is_head(name: str) -> bool:
@@ -214,17 +214,14 @@ def negate_task(
     delta = backbone_sum([target.vector])
     target_head, control_head = target.own_head(), control.own_head()
 
-    def pair(a: float, split: str) -> tuple[float, float]:
-        return (
-            target.score(edited(target.initial, delta, -a, target_head), split),
-            control.score(edited(control.initial, delta, -a, control_head), split),
-        )
+    def control_accuracy(a: float) -> float:
+        return control.score(edited(control.initial, delta, -a, control_head), "val")
 
-    curve: dict[float, tuple[float, float]] = {}
-    if alpha is None:
-        curve = {a: pair(a, "val") for a in grid}
-        pretrained_control = (curve[0.0] if 0.0 in curve else pair(0.0, "val"))[1]
-        alpha = pick_negation_alpha({a: c for a, (_, c) in curve.items()}, pretrained_control, keep)
+    curve: dict[float, float] = {}
+    if alpha is None:  # the rule needs the control curve only
+        curve = {a: control_accuracy(a) for a in grid}
+        pretrained_control = control.reference("pretrained", "val")
+        alpha = pick_negation_alpha(curve, pretrained_control, keep)
     return Negation(
         alpha,
         _scores(target, edited(target.initial, delta, -alpha, target_head), "test"),

@@ -60,6 +60,20 @@ def arm_seed_result(run_dirs: list[Path]) -> dict[str, float]:
     }
 
 
+def _cached(path: Path, run_dirs: list[Path], arm: str, seed: int) -> dict | None:
+    """The row ``path`` already holds for (arm, seed), if written after all its runs ended
+    (the runner writes a report after every sweep into the study folder; rows of runs
+    that have not changed since are not computed again)."""
+    if not path.is_file():
+        return None
+    written = path.stat().st_mtime
+    if any((d / "summary.json").stat().st_mtime > written for d in run_dirs):
+        return None
+    frame = pd.read_csv(path)
+    rows = frame[(frame["arm"] == arm) & (frame["seed"] == seed)].to_dict("records")
+    return rows[0] if rows and set(COLUMNS) <= set(rows[0]) else None
+
+
 def per_seed_results(study_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
     """One row per arm and seed whose every task run completed."""
     done = runs[runs["status"] == "completed"].copy()
@@ -70,9 +84,10 @@ def per_seed_results(study_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
     for (arm, seed), group in done.groupby(["arm", "seed"], sort=False):
         if set(group["task"]) != tasks_planned:
             continue  # a task's run failed: no arithmetic for this arm and seed
-        group = group.sort_values("task")
-        result = arm_seed_result([study_dir / name for name in group["run-name"]])
-        rows.append({"arm": arm, "seed": int(seed)} | result)
+        run_dirs = [study_dir / name for name in group.sort_values("task")["run-name"]]
+        cached = _cached(study_dir / PER_SEED, run_dirs, arm, int(seed))
+        result = cached if cached is not None else arm_seed_result(run_dirs)
+        rows.append(result | {"arm": arm, "seed": int(seed)})
     frame = pd.DataFrame(rows, columns=["arm", "seed", *COLUMNS])
     order = frame["arm"].map({arm: i for i, arm in enumerate(ARITHMETIC_ARMS)})
     return frame.assign(order=order).sort_values(["order", "seed"]).drop(columns="order")
