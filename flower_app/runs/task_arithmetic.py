@@ -68,6 +68,13 @@ class Task:
         """w0 with the task's own head: the model before its backbone was fine-tuned."""
         return edited(self.initial, {}, 0.0, self.own_head())
 
+    def remember(self, which: str, split: str, accuracy: float) -> None:
+        """An accuracy of the pretrained or fine-tuned model known without scoring it."""
+        self._references[(which, split)] = accuracy
+
+    def known(self, which: str, split: str) -> float | None:
+        return self._references.get((which, split))
+
     def reference(self, which: str, split: str) -> float:
         """Accuracy of the ``pretrained`` or ``fine_tuned`` model on ``split``, once."""
         key = (which, split)

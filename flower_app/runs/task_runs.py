@@ -9,6 +9,8 @@ tensors; anything else is a one-line ``TaskVectorMismatch``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +54,45 @@ def load_task_run(run_dir: str | Path, device: str = "cpu") -> TaskRun:
     def score(state: State, split: str) -> float:
         return evaluator(state, getattr(splits, split))[1]
 
-    return TaskRun(run_dir, config, Task(run_dir.name, initial, vector, score))
+    task = Task(run_dir.name, initial, vector, score)
+    # the run tested its own final model (w0 + tau) on this test split already
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if summary.get("final-test-accuracy") is not None:
+        task.remember("fine_tuned", "test", float(summary["final-test-accuracy"]))
+    key = _pretrained_key(config, task)
+    for split in ("val", "test"):
+        if (key, split) in _PRETRAINED:
+            task.remember("pretrained", split, _PRETRAINED[key, split])
+    return TaskRun(run_dir, config, task)
+
+
+# Accuracy of w0 with a given head on a task's split, shared between runs: in the study
+# every arm of one seed and task warms up the same head, so its pretrained model is one
+_PRETRAINED: dict[tuple[str, str], float] = {}
+_DATA_KEYS = ("dataset", "seed", "val-fraction", "synthetic-train-per-class", "task-classes")
+_MODEL_KEYS = ("model", "image-size", "weights", "pretrained-path", "eval-batch-size")
+
+
+def _pretrained_key(config: RunConfig, task: Task) -> str:
+    """The identity of (w0 with this head, this task's data): the keys that decide them and
+    a digest of the head's bytes."""
+    values = config.to_dict()
+    digest = hashlib.sha256(repr([values[k] for k in (*_DATA_KEYS, *_MODEL_KEYS)]).encode())
+    for name, tensor in sorted(task.own_head().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def remember_pretrained(runs: Sequence[TaskRun]) -> None:
+    """Keep the runs' pretrained accuracies for later runs with the same head and data."""
+    for run in runs:
+        key = _pretrained_key(run.config, run.task)
+        for split in ("val", "test"):
+            value = run.task.known("pretrained", split)
+            if value is not None:
+                _PRETRAINED[key, split] = value
 
 
 def _mask_rule(cfg: dict) -> dict:

@@ -15,7 +15,7 @@ import pandas as pd
 
 from flower_app.runs.results import atomic_write_bytes, save_figure
 from flower_app.runs.task_arithmetic import add_tasks, negate_task
-from flower_app.runs.task_runs import check_compatible, load_task_run
+from flower_app.runs.task_runs import check_compatible, load_task_run, remember_pretrained
 from flower_app.studies.catalog import ARITHMETIC_ARMS, arm_and_task
 
 PER_SEED = "arithmetic_runs.csv"
@@ -48,6 +48,7 @@ def arm_seed_result(run_dirs: list[Path]) -> dict[str, float]:
     tasks = [r.task for r in runs]
     added = add_tasks(tasks)
     negation = negate_task(tasks[0], tasks[1])
+    remember_pretrained(runs)
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     return {
         "single-task": mean([s.fine_tuned for s in added.tasks.values()]),
