@@ -50,7 +50,12 @@ def arm_seed_result(run_dirs: list[Path]) -> dict[str, float]:
     negation = negate_task(tasks[0], tasks[1])
     remember_pretrained(runs)
     mean = lambda values: sum(values) / len(values)  # noqa: E731
-    return {
+    per_task = {}  # each task's own numbers (kept in arithmetic_runs.csv, not in the table)
+    for t, scores in enumerate(added.tasks.values()):
+        per_task[f"task{t}-pretrained"] = scores.pretrained
+        per_task[f"task{t}-added"] = scores.edited
+        per_task[f"task{t}-normalized"] = scores.normalized
+    return per_task | {
         "single-task": mean([s.fine_tuned for s in added.tasks.values()]),
         "pretrained": mean([s.pretrained for s in added.tasks.values()]),
         "addition-absolute": added.absolute,
@@ -90,7 +95,8 @@ def per_seed_results(study_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
         cached = _cached(study_dir / PER_SEED, run_dirs, arm, int(seed))
         result = cached if cached is not None else arm_seed_result(run_dirs)
         rows.append(result | {"arm": arm, "seed": int(seed)})
-    frame = pd.DataFrame(rows, columns=["arm", "seed", *COLUMNS])
+    per_task = sorted({k for row in rows for k in row if k.startswith("task")})
+    frame = pd.DataFrame(rows, columns=["arm", "seed", *COLUMNS, *per_task])
     order = frame["arm"].map({arm: i for i, arm in enumerate(ARITHMETIC_ARMS)})
     return frame.assign(order=order).sort_values(["order", "seed"]).drop(columns="order")
 

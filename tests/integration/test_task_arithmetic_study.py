@@ -19,15 +19,24 @@ import pandas as pd
 import pytest
 
 from flower_app.cli import task_vectors as cli
-from flower_app.runs.task_arithmetic import add_tasks
-from flower_app.runs.task_runs import load_task_run
 from flower_app.studies import experiments
 from tests.conftest import ROOT
 
 SETTINGS = "dense-task0,dense-task1,random-task0,random-task1"
-# Task addition against the pretrained backbone (w0 with each task's own head), per task,
-# test accuracy, this short form at seeds 0-2 (2-core VM): see ADDITION_MARGIN's note.
-ADDITION_MARGIN = 0.0  # placeholder until measured
+# Task addition (alpha on validation) per task, test accuracy, this short form at seeds 0-2
+# (the study's own runs, 2-core VM, load average about 2, 2026-12-06): normalized accuracy
+# and gain over the pretrained backbone (w0 with the task's own head, its linear probe):
+#   (task 0, task 1)  dense                        random
+#   seed 0   0.9683 / -0.0128, 0.9860 / +0.0184   0.9933 / +0.0022, 0.9886 / +0.0026
+#   seed 1   1.0055 / -0.0006, 1.0046 / -0.0022   1.0091 / -0.0006, 0.9984 / -0.0018
+#   seed 2   0.9759 / +0.0114, 0.9993 / +0.0022   0.9888 / -0.0026, 0.9936 / +0.0016
+# Normalized accuracy 0.968-1.009 (std 0.013): the margin is the lowest minus three stds.
+# Addition does NOT beat the pretrained backbone on both tasks at every seed: the training
+# rounds gain -0.8 to +3.3 points over the linear probe the warm-up leaves, so the merged
+# model lands within 1.3 points of it either way; the test bounds the loss at twice the
+# largest measured (a broken merge, such as mixed heads or a wrong sign, falls to chance).
+NORMALIZED_AT_LEAST = 0.93
+LOSS_AT_MOST = 0.026
 
 
 @pytest.fixture(scope="module")
@@ -59,20 +68,21 @@ def test_short_form_writes_its_table_and_figure(short_study):
     assert per_seed["pretrained"].nunique() == 1
 
 
-def test_addition_beats_the_pretrained_backbone_on_both_tasks(short_study):
-    for arm in ("dense", "random"):
-        tasks = [load_task_run(short_study / f"{arm}-task{t}-seed0").task for t in (0, 1)]
-        result = add_tasks(tasks)
-        for name, scores in result.tasks.items():
-            assert scores.edited - scores.pretrained >= ADDITION_MARGIN, (arm, name, scores)
+def test_addition_keeps_each_task_and_stays_near_the_pretrained_backbone(short_study):
+    per_seed = pd.read_csv(short_study / "arithmetic_runs.csv")
+    assert list(per_seed["arm"]) == ["dense", "random"]
+    for row in per_seed.to_dict("records"):
+        for t in (0, 1):
+            assert row[f"task{t}-normalized"] >= NORMALIZED_AT_LEAST, row
+            assert row[f"task{t}-added"] - row[f"task{t}-pretrained"] >= -LOSS_AT_MOST, row
 
 
 def test_cli_adds_negates_and_refuses_mismatched_vectors(short_study, capsys):
     dense = [str(short_study / f"dense-task{t}-seed0") for t in (0, 1)]
     assert cli.main(["add", *dense, "--alpha", "0.5"]) == 0
     assert "task addition, alpha 0.5 (given)" in capsys.readouterr().out
-    assert cli.main(["negate", dense[0], "--control", dense[1]]) == 0
-    assert "control >= 0.95 x pretrained" in capsys.readouterr().out
+    assert cli.main(["negate", dense[0], "--control", dense[1], "--alpha", "1"]) == 0
+    assert "task negation, alpha 1 (given)" in capsys.readouterr().out
     assert cli.main(["add", dense[0], str(short_study / "random-task1-seed0")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: task vectors of different masks") and err.count("\n") == 1
