@@ -115,7 +115,7 @@ def get_runtime(cfg: RunConfig, partition_id: int, node_data_dir: str = "") -> C
         train = _DATA[key]
         return ClientRuntime(model, train, torch.arange(len(train)), device, bf16, step_model)
     data_key = (cfg.dataset, str(cfg.data_path), cfg.val_fraction, cfg.seed)
-    data_key += (cfg.synthetic_train_per_class, str(device))
+    data_key += (cfg.synthetic_train_per_class, cfg.task_class_ids, str(device))
     if data_key not in _DATA:
         splits = run_splits(cfg)
         _DATA[data_key] = ImageSplit(splits.train.images.to(device), splits.train.labels.to(device))

@@ -22,6 +22,8 @@ from clients.fisher import FISHER_LABEL_MODES, FISHER_SCORES
 from clients.optimizers import OPTIMIZERS, OptimizerSettings
 from flower_app.data.partitioning import partition_feasibility_error
 from flower_app.data.sources import NUM_CLASSES_BY_DATASET, cifar100_files_present
+from flower_app.data.tasks import ALLOWED as TASK_CLASSES_ALLOWED
+from flower_app.data.tasks import parse_task_classes
 from flower_app.models.backbone_cache import make_command
 from flower_app.models.factory import MODEL_SPECS
 from strategies.masks import CALIBRATION_SCHEDULES, MASK_SCOPES, MASK_STRATEGIES
@@ -58,6 +60,8 @@ class RunConfig:
     data_dir: str = "~/.cache/fl-task-arithmetic/data"
     download: bool = True
     synthetic_train_per_class: int = 500
+    # a task: only these classes (flower_app/data/tasks.py), relabelled 0..n-1, n head outputs
+    task_classes: str = ""
     model: str = "vit_small_patch16_224.dino"
     weights: str = "pretrained"
     pretrained_path: str = ""
@@ -183,8 +187,24 @@ class RunConfig:
 
     # ---- derived values -------------------------------------------------------------
     @property
-    def num_classes(self) -> int:
+    def dataset_classes(self) -> int:
+        """Classes of the whole data set."""
         return NUM_CLASSES_BY_DATASET[self.dataset]
+
+    @property
+    def task_class_ids(self) -> tuple[int, ...]:
+        """The data set's classes this run trains and tests on (``task-classes``)."""
+        return parse_task_classes(self.task_classes, self.dataset_classes)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the run's task: its head's outputs (all the data set's by default)."""
+        return len(self.task_class_ids) if self.task_classes.strip() else self.dataset_classes
+
+    @property
+    def classes_text(self) -> str:
+        """Whose classes ``num_classes`` counts, for messages."""
+        return f"task-classes={self.task_classes!r}" if self.task_classes.strip() else self.dataset
 
     @property
     def data_path(self) -> Path:
@@ -300,6 +320,8 @@ class RunConfig:
             f"K={self.num_clients}, C={self.fraction_train:g}, J={self.local_steps}, "
             f"{self.shards_name}"
         )
+        if self.task_classes.strip():
+            federation += f", classes {self.task_classes}"
         parts = [", ".join(what) or "FedAvg", scale, federation, f"seed {self.seed}"]
         return f"{run_name}: " + "; ".join(parts)
 
@@ -312,6 +334,7 @@ class RunConfig:
         coordinator reads are checked only with ``check_files``.
         """
         self._validate_choices()
+        self._validate_task_classes()
         self._validate_sparse()
         self._validate_training()
         self._validate_reliability()
@@ -320,7 +343,7 @@ class RunConfig:
             raise _err(
                 "classes-per-client",
                 self.classes_per_client,
-                f"must be in 1..{self.num_classes} (classes of {self.dataset})",
+                f"must be in 1..{self.num_classes} (classes of {self.classes_text})",
             )
         self._validate_model()
         self._validate_partition()
@@ -348,6 +371,15 @@ class RunConfig:
         _choice("wandb-mode", self.wandb_mode, WANDB_MODES)
         if not self.wandb_project.strip():
             raise _err("wandb-project", self.wandb_project, "must be a non-empty W&B project name")
+
+    def _validate_task_classes(self) -> None:
+        try:
+            classes = self.task_class_ids
+        except ValueError as exc:
+            raise _err("task-classes", self.task_classes, str(exc)) from None
+        if len(classes) < 2:
+            allowed = f"a task needs >= 2 classes; {TASK_CLASSES_ALLOWED}"
+            raise _err("task-classes", self.task_classes, allowed)
 
     def _validate_sparse(self) -> None:
         """Sparse fine-tuning and centralized-epoch keys, in the order they always were
@@ -538,7 +570,7 @@ class RunConfig:
                 "task-metrics-examples",
                 budget,
                 f"must be 0 (off) or >= {self.num_classes}, one validation example for each "
-                f"class of {self.dataset}",
+                f"class of {self.classes_text}",
             )
         if self.val_fraction == 0.0:
             raise _err(

@@ -51,6 +51,16 @@ INVALID = [
     Invalid("classes-per-client", 0, "must be in 1..100"),
     Invalid("classes-per-client", 101, "must be in 1..100"),
     Invalid("classes-per-client", 5, "cover", {"num-clients": 10, "sharding": "non-iid"}),
+    Invalid("task-classes", "0-100", "not below the data set's 100 classes"),
+    Invalid("task-classes", "7", "a task needs >= 2 classes"),
+    Invalid("task-classes", "0-9,5", "class 5 is listed twice"),
+    # Nc within a task: 10 classes of the task, not the data set's 100
+    Invalid(
+        "classes-per-client",
+        11,
+        "must be in 1..10 (classes of task-classes='0-9')",
+        {"task-classes": "0-9", "sharding": "non-iid"},
+    ),
     Invalid("dataset", "mnist", "must be one of cifar100, synthetic"),
     Invalid("model", "resnet18", "must be one of"),
     # the miniature presets name a pretrained-path; these cases need none

@@ -12,6 +12,7 @@ from clients.training import evaluate, predict
 from flower_app.config import RunConfig
 from flower_app.data.preprocessing import batch_preprocessor
 from flower_app.data.sources import DatasetSplits, ImageSplit, load_splits
+from flower_app.data.tasks import restrict_splits
 from flower_app.models.factory import create_initial_model
 from flower_app.runs.worker_gpus import auto_device
 
@@ -32,8 +33,10 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 
 def run_splits(cfg: RunConfig) -> DatasetSplits:
-    """The run-config's train/validation/test splits (the same on every side of a run)."""
-    return load_splits(
+    """The run-config's train/validation/test splits (the same on every side of a run),
+    restricted to its ``task-classes``: the validation split is carved out of all classes
+    first, so every task's validation examples are those of the full run."""
+    splits = load_splits(
         cfg.dataset,
         cfg.data_path,
         cfg.download,
@@ -41,6 +44,7 @@ def run_splits(cfg: RunConfig) -> DatasetSplits:
         cfg.seed,
         cfg.synthetic_train_per_class,
     )
+    return restrict_splits(splits, cfg.task_class_ids)
 
 
 def initial_model(cfg: RunConfig) -> nn.Module:

@@ -34,15 +34,23 @@ def load_task_vector(run_dir: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def saved_run_config(run_dir: str | Path) -> RunConfig:
+    """The run-config a run saved in its ``config.json``."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in {Path(run_dir)}: is it a run directory?")
+    config = json.loads(path.read_text())
+    for key in NOT_RUN_CONFIG:
+        config.pop(key, None)
+    return RunConfig.from_run_config(config)
+
+
 def initial_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
     """The run's round-0 weights, rebuilt from its ``config.json`` (same factory and seed).
 
     Pretrained weights are loaded as the run loaded them (``weights``, ``pretrained-path``).
     """
-    config = json.loads((Path(run_dir) / "config.json").read_text())
-    for key in NOT_RUN_CONFIG:
-        config.pop(key, None)
-    return initial_model(RunConfig.from_run_config(config)).state_dict()
+    return initial_model(saved_run_config(run_dir)).state_dict()
 
 
 def apply_task_vector(

@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from flower_app.config import ConfigError, load_preset
+from flower_app.data.sources import NUM_CLASSES_BY_DATASET
 from strategies.masks import MASK_STRATEGIES
 from strategies.server_rules import RULES
 
-# the seed study's questions (what ``all`` runs), then this project's extensions
+# the seed study's questions, then this project's extensions; ``all`` runs the seed's and
+# the study's own question under the lens of task arithmetic (task addition and negation)
 PAPER_STUDIES = ("fedavg", "heterogeneity", "local-steps", "mask-strategies", "centralized")
-STUDIES = (*PAPER_STUDIES, "label-skew")
+ALL_STUDIES = (*PAPER_STUDIES, "task-arithmetic")
+STUDIES = (*PAPER_STUDIES, "label-skew", "task-arithmetic")
 ALL = "all"
 CLASSES_PER_CLIENT = (1, 5, 10, 50)
 # label-skew: Dir(alpha) shards from near one class (0.05) to near IID (100), the range
@@ -37,7 +40,17 @@ QUESTIONS = {
     "centralized": "the upper bound: the same model and data, trained centrally",
     "label-skew": "the same question with Dirichlet label skew (Dir(alpha) shares per "
     "class), as most federated papers report it",
+    "task-arithmetic": "one federation per task (disjoint class blocks), dense and with each "
+    "mask: does task addition of the federations' task vectors keep each task, and does "
+    "negation forget one task and keep the other (Ilharco et al. 2023; TaLoS)",
 }
+# task-arithmetic: the arms (dense, then each mask) and the default number of tasks. Dense is
+# sparse FedAvg at sparsity 0 (a full mask, no calibration): the same head warm-up, then the
+# head frozen, as in every masked arm, so all arms start from the same linear probe and
+# differ only in which backbone entries train
+DEFAULT_TASKS = 2
+ARITHMETIC_ARMS = ("dense", *MASK_STRATEGIES)
+TASK_SUFFIX = "-task"
 # --quick: the miniature of every study (configs/miniature*.toml, each departure from the
 # paper explained there): synthetic data, the tiny ViT pretrained by fl-pretrain, K=100,
 # C=0.1, J=4
@@ -98,9 +111,49 @@ def _gcd(a: int, b: int) -> int:
     return a
 
 
-def study_settings(study: str, base: dict[str, Any]) -> list[Setting]:
+def task_blocks(num_classes: int, tasks: int) -> list[str]:
+    """``tasks`` disjoint blocks of consecutive classes as ``task-classes`` values."""
+    if not 2 <= tasks <= num_classes // 2:
+        raise ConfigError(
+            f"--tasks {tasks} is not allowed: must be in 2..{num_classes // 2} (disjoint "
+            f"blocks of at least 2 of the {num_classes} classes)"
+        )
+    edges = [t * num_classes // tasks for t in range(tasks + 1)]
+    return [f"{edges[t]}-{edges[t + 1] - 1}" for t in range(tasks)]
+
+
+def arithmetic_settings(base: dict[str, Any], tasks: int) -> list[Setting]:
+    """Arm x task. Rounds per task: the base's rounds (and head warm-up) divided by the
+    number of tasks, rounded up, so each federation makes as many passes over its own
+    task's data as the base run over all data (a task holds 1/tasks of the images)."""
+    blocks = task_blocks(NUM_CLASSES_BY_DATASET[base.get("dataset", "cifar100")], tasks)
+    rounds = -(-int(base.get("num-server-rounds", 500)) // tasks)
+    warmup = -(-int(base.get("head-warmup-rounds", 20)) // tasks)
+    shared = {
+        "strategy": "sparse-fedavg",
+        "head": "frozen",
+        "num-server-rounds": rounds,
+        "head-warmup-rounds": warmup,
+    }
+    arms = {"dense": {"sparsity": 0.0, "mask-strategy": "random"}}
+    arms |= {m: {"mask-strategy": m} for m in MASK_STRATEGIES}
+    return [
+        Setting(f"{arm}{TASK_SUFFIX}{t}", shared | keys | {"task-classes": block})
+        for arm, keys in arms.items()
+        for t, block in enumerate(blocks)
+    ]
+
+
+def arm_and_task(setting: str) -> tuple[str, int]:
+    """``least_sensitive-task1`` -> (``least_sensitive``, 1)."""
+    arm, _, task = setting.rpartition(TASK_SUFFIX)
+    return arm, int(task)
+
+
+def study_settings(study: str, base: dict[str, Any], tasks: int = DEFAULT_TASKS) -> list[Setting]:
     """The settings of ``study``; ``base`` is the federated base run-config, app defaults
-    included (rounds, local steps and lr set the local-steps and AdamW settings).
+    included (rounds, local steps and lr set the local-steps and AdamW settings);
+    ``tasks`` the number of tasks of ``task-arithmetic``.
 
     The same settings at both scales: what differs with ``--quick`` is the base run-config.
     """
@@ -128,6 +181,8 @@ def study_settings(study: str, base: dict[str, Any]) -> list[Setting]:
             Setting(f"dir{alpha:g}", {"sharding": "dirichlet", "dirichlet-alpha": alpha})
             for alpha in DIRICHLET_ALPHAS
         ]
+    if study == "task-arithmetic":
+        return arithmetic_settings(base, tasks)
     raise ConfigError(f"study {study!r} is not allowed: must be one of {', '.join(expand(ALL))}")
 
 
@@ -174,8 +229,9 @@ def crossed(settings: list[Setting], strategies: list[str]) -> list[Setting]:
 
 
 def expand(study: str) -> list[str]:
-    """``all`` is the seed study's every question; any other name is itself."""
-    return list(PAPER_STUDIES) if study == ALL else [study]
+    """``all`` is every question of the seed study and task arithmetic; any other name is
+    itself (``label-skew`` runs only when named)."""
+    return list(ALL_STUDIES) if study == ALL else [study]
 
 
 def base_config(app_dir: Path, quick: bool, centralized: bool) -> dict[str, Any]:

@@ -51,6 +51,7 @@ from flower_app.runs.results import atomic_write_bytes, result_line
 from flower_app.server_app import plan_for
 from flower_app.studies.catalog import (
     ALL,
+    DEFAULT_TASKS,
     STUDIES,
     Setting,
     base_config,
@@ -120,6 +121,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="the miniature: synthetic data, the tiny ViT of fl-pretrain (a CPU)",
     )
+    parser.add_argument(
+        "--tasks",
+        type=int,
+        default=DEFAULT_TASKS,
+        help="task-arithmetic: disjoint class blocks, one federation each (default 2 halves)",
+    )
     parser.add_argument("--settings", default="", help="only these settings (comma separated)")
     parser.add_argument(
         "--strategies",
@@ -175,7 +182,7 @@ def plan(args: argparse.Namespace) -> list[PlannedRun]:
     runs: list[PlannedRun] = []
     for study in expand(args.study):
         federated_base = defaults | base_config(args.app, args.quick, centralized=False)
-        settings = study_settings(study, federated_base | overrides)
+        settings = study_settings(study, federated_base | overrides, args.tasks)
         if wanted:
             names = [s.name for s in settings]
             unknown = [w for w in wanted if w not in names]

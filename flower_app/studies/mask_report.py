@@ -89,13 +89,18 @@ def hypotheses(table: pd.DataFrame) -> list[str]:
 def plot_mask_interference(metrics: pd.DataFrame, path: Path, title: str) -> Path:
     """Per round, one column per arm: normalized accuracy (top) and disagreement (bottom),
     one line per mask (mean over seeds)."""
-    from flower_app.studies.reports import _figure, integer_ticks
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     frame = metrics.dropna(subset=[NORMALIZED]).copy()
     frame["arm"] = [split_setting(s)[0] for s in frame["setting"]]
     frame["mask"] = [split_setting(s)[1] for s in frame["setting"]]
     names = list(dict.fromkeys(frame["arm"]))
-    fig, axes = _figure(max(len(names), 1), 2)
+    ncols = max(len(names), 1)
+    fig, axes = plt.subplots(2, ncols, figsize=(6 * ncols, 8), squeeze=False)
     for c, arm in enumerate(names):
         rows = frame[frame["arm"] == arm]
         for r, (column, label) in enumerate(
@@ -108,7 +113,7 @@ def plot_mask_interference(metrics: pd.DataFrame, path: Path, title: str) -> Pat
                 ax.plot(stats.index, stats.to_numpy(), style, marker="o", ms=2, label=mask)
             ax.set(xlabel="round", ylabel=label)
             ax.set_title(arm, fontsize=10)
-            integer_ticks(ax)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole rounds
             ax.legend(fontsize="x-small")
     fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)

@@ -18,12 +18,14 @@ import numpy as np
 import pandas as pd
 
 from flower_app.runs.results import atomic_write_bytes, save_figure
+from flower_app.studies.arithmetic_report import arithmetic_findings, write_arithmetic_report
 from flower_app.studies.catalog import QUESTIONS, STUDIES
 from flower_app.studies.mask_report import hypotheses, plot_mask_interference
 from flower_app.studies.run_folders import read_study_base
 from strategies.plan import HEAD_WARMUP
 
 MANIFEST = "sweep.csv"
+ARITHMETIC = "task-arithmetic"  # the study whose table is made of task arithmetic
 MANIFEST_COLUMNS = [
     "study",
     "setting",
@@ -430,9 +432,15 @@ def write_report(study_dir: Path, study: str, out_dir: Path | None = None) -> di
     runs = load_runs(study_dir)
     table = summary_table(runs)
     label = study_label(study_dir, study, runs)
-    out = {"table.csv": out_dir / "table.csv", "table.md": out_dir / "table.md"}
-    atomic_write_bytes(out["table.csv"], table.to_csv(index=False).encode())
-    atomic_write_bytes(out["table.md"], markdown_table(table, label.caption).encode())
+    if study == ARITHMETIC:  # its table is per arm; the per-setting one is runs_table.*
+        out = write_arithmetic_report(study_dir, out_dir, runs, label.caption, label.title)
+        names = {"table.csv": "runs_table.csv", "table.md": "runs_table.md"}
+    else:
+        out, names = {}, {"table.csv": "table.csv", "table.md": "table.md"}
+    out[names["table.csv"]] = out_dir / names["table.csv"]
+    out[names["table.md"]] = out_dir / names["table.md"]
+    atomic_write_bytes(out[names["table.csv"]], table.to_csv(index=False).encode())
+    atomic_write_bytes(out[names["table.md"]], markdown_table(table, label.caption).encode())
     metrics = load_metrics(study_dir, runs)
     if metrics.empty:
         return out
@@ -455,6 +463,8 @@ def findings(study_dir: Path, study: str) -> list[str]:
     """The study's final test accuracy per setting, one line each, for a reader at a glance."""
     runs = load_runs(study_dir)
     table, label = summary_table(runs), study_label(study_dir, study, runs)
+    if study == ARITHMETIC:
+        return arithmetic_findings(study_dir, label.caption)
     lines = [f"{label.caption.split(';')[0]}: final test accuracy, mean ± std over seeds"]
     width = max((len(str(s)) for s in table["setting"]), default=0)
     for row in table.to_dict("records"):
@@ -479,6 +489,7 @@ FIGURES = {
     "interference.png": "interference of the client updates per round",
     "accuracy_vs_bytes.png": "validation accuracy against MB communicated",
     "mask_interference.png": "normalized accuracy and disagreement per round, per arm and mask",
+    "arithmetic.png": "task addition (normalized accuracy) and negation (target, control)",
 }
 
 
@@ -489,8 +500,12 @@ def study_section(root: Path, study: str) -> list[str]:
     table, label = summary_table(runs), study_label(study_dir, study, runs)
     seconds = read_manifest(study_dir)["seconds"].astype(float).sum()
     lines = [f"## {study}", "", QUESTIONS.get(study, ""), ""]
-    lines += [markdown_table(table, label.caption)]
-    lines += [f"By final test accuracy: {ordering(table)}.", ""]
+    if study == ARITHMETIC and (study_dir / "table.md").is_file():
+        lines += [(study_dir / "table.md").read_text()]
+        lines += ["Single-task runs:", "", markdown_table(table, label.caption)]
+    else:
+        lines += [markdown_table(table, label.caption)]
+        lines += [f"By final test accuracy: {ordering(table)}.", ""]
     if study == "mask-strategies":
         lines += ["```", *hypotheses(table), "```", ""]
     lines += [f"Run time: {seconds:.0f} s, the sum over its runs (`{study}/{MANIFEST}`).", ""]

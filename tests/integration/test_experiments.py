@@ -69,6 +69,7 @@ def test_studies_cover_the_questions():
     ]
     assert names["fedavg"] == ["iid", "iid-random-init"]
     assert names["label-skew"] == ["dir0.05", "dir0.1", "dir0.5", "dir1", "dir100"]
+    # label-skew is this project's extension; task arithmetic is the study's own question
     assert experiments.expand("all") == [s for s in experiments.STUDIES if s != "label-skew"]
     assert study_settings("centralized", BASE)[0].centralized
     scratch = study_settings("fedavg", BASE)[1].overrides
