@@ -80,8 +80,11 @@ def test_the_mask_study_arms_differ_in_shards_and_optimizer_only():
     settings = {s.name: s.overrides for s in study_settings("mask-strategies", BASE)}
     for name, overrides in settings.items():
         shards, optimizer, mask = name.split("-", 2)
-        assert overrides["strategy"] == ("fedavg" if mask == "dense" else "sparse-fedavg")
-        assert overrides.get("mask-strategy", "dense") == mask
+        assert overrides["strategy"] == "sparse-fedavg"  # the same warm-up, a frozen head
+        if mask == "dense":
+            assert overrides["sparsity"] == 0.0 and overrides["mask-strategy"] == "random"
+        else:
+            assert overrides["mask-strategy"] == mask and "sparsity" not in overrides
         assert overrides["sharding"] == ("iid" if shards == "iid" else "non-iid")
         assert overrides["task-metrics-examples"] > 0  # every run measures interference
         assert overrides.get("optimizer", "sgdm") == optimizer
