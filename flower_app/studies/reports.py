@@ -314,8 +314,31 @@ def integer_ticks(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+MANY_SETTINGS = 6  # beyond this, a figure's legend goes beside the axes
+
+
+def legend(ax, metrics: pd.DataFrame) -> None:
+    """The settings' legend: inside the axes for a few, beside them for many (a study of
+    12 settings would cover its own lines)."""
+    if metrics["setting"].nunique() > MANY_SETTINGS:
+        ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+        fig = ax.figure
+        if not getattr(fig, "widened_for_legends", False):  # once: 2.5 in a column
+            columns = ax.get_subplotspec().get_gridspec().ncols
+            width, height = fig.get_size_inches()
+            fig.set_size_inches(width + 2.5 * columns, height)
+            fig.widened_for_legends = True
+    else:
+        ax.legend(fontsize="small")
+
+
 def _lines(ax, metrics: pd.DataFrame, x: str, y: str) -> None:
-    """One line per setting: the mean over seeds, and a band of ± one std where seeds > 1."""
+    """One line per setting: the mean over seeds, and a band of ± one std where seeds > 1;
+    20 distinct colours where there are more settings than the default cycle's 10."""
+    if metrics["setting"].nunique() > 10:
+        import matplotlib.pyplot as plt
+
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     for setting in dict.fromkeys(metrics["setting"]):
         rows = metrics[(metrics["setting"] == setting)].dropna(subset=[y])
         if rows.empty:
@@ -342,7 +365,7 @@ def plot_accuracy(metrics: pd.DataFrame, path: Path, title: str, x: str = "round
     ax.set(xlabel=xlabel, ylabel="validation accuracy")
     ax.set_title(title, fontsize=10)
     integer_ticks(ax)
-    ax.legend(fontsize="small")
+    legend(ax, metrics)
     return save_figure(fig, path)
 
 
@@ -371,7 +394,11 @@ def plot_final_accuracy(table: pd.DataFrame, path: Path, title: str) -> Path:
                 ha="center",
                 fontsize="small",
             )
-    ax.set_xticks(positions, names)
+    if len(names) > 5:  # long setting names (nc5-adamw-least_sensitive): room and a slant
+        fig.set_size_inches(max(6.0, 1.1 * len(names)), 5.5)
+        ax.set_xticks(positions, names, rotation=30, ha="right", fontsize="small")
+    else:
+        ax.set_xticks(positions, names)
     ax.set_ylim(0, min(1.0, np.nanmax(means + np.nan_to_num(stds)) * 1.15) if len(means) else 1)
     ax.set(xlabel="setting", ylabel="final test accuracy")
     ax.set_title(title, fontsize=10)
@@ -389,7 +416,7 @@ def plot_accuracy_vs_bytes(metrics: pd.DataFrame, path: Path, title: str) -> Pat
         ax.plot(stats["mb"], stats["val-accuracy"], marker="o", ms=2, label=str(setting))
     ax.set(xlabel="MB communicated (down + up)", ylabel="validation accuracy")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize="small")
+    legend(ax, metrics)
     return save_figure(fig, path)
 
 
@@ -417,7 +444,7 @@ def plot_interference(metrics: pd.DataFrame, path: Path, title: str, x: str = "r
             _lines(ax, metrics, x, column)
             ax.set(xlabel=x, ylabel=label)
             integer_ticks(ax)
-            ax.legend(fontsize="small")
+            legend(ax, metrics)
     fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
 
