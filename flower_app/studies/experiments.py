@@ -128,6 +128,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="task-arithmetic: disjoint class blocks, one federation each (default 2 halves)",
     )
     parser.add_argument("--settings", default="", help="only these settings (comma separated)")
+    add_run_options(parser)
+    parser.add_argument("overrides", nargs="*", help="run-config key=value for every run")
+    return parser.parse_intermixed_args(argv)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """How the sweep runs its plan: strategies, engine, federation, folders, limits."""
     parser.add_argument(
         "--strategies",
         default="",
@@ -156,8 +163,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="move study and run folders made with another run-config into moved-aside/ "
         "(without it such a folder stops the sweep before any run)",
     )
-    parser.add_argument("overrides", nargs="*", help="run-config key=value for every run")
-    return parser.parse_intermixed_args(argv)
 
 
 def check_app_dir(app: Path) -> Path:
