@@ -183,23 +183,25 @@ def calibration_bytes(run_dir: Path) -> float:
     return float(frame[columns].fillna(0.0).to_numpy().sum()) if columns else 0.0
 
 
-def probe_accuracy(run_dir: Path) -> float:
+def read_metrics(run_dir: Path) -> pd.DataFrame:
+    """A run's ``metrics.csv`` (empty when it has none), read once for every column taken."""
+    path = run_dir / "metrics.csv"
+    return pd.read_csv(path) if path.is_file() else pd.DataFrame()
+
+
+def probe_accuracy(metrics: pd.DataFrame) -> float:
     """Validation accuracy at the end of the head warm-up (the linear probe sparse training
     starts from; the evaluation hook always measures a phase's last round), else NaN."""
-    path = run_dir / "metrics.csv"
-    frame = pd.read_csv(path) if path.is_file() else pd.DataFrame()
-    if "phase" not in frame or "val-accuracy" not in frame:
+    if "phase" not in metrics or "val-accuracy" not in metrics:
         return math.nan
-    warmup = frame[frame["phase"] == HEAD_WARMUP].dropna(subset=["val-accuracy"])
+    warmup = metrics[metrics["phase"] == HEAD_WARMUP].dropna(subset=["val-accuracy"])
     return float(warmup["val-accuracy"].iloc[-1]) if len(warmup) else math.nan
 
 
-def training_means(run_dir: Path, columns: tuple[str, ...]) -> dict[str, float]:
+def training_means(metrics: pd.DataFrame, columns: tuple[str, ...]) -> dict[str, float]:
     """Each column's mean over the run's training rounds (NaN when it has none: a
     centralized run, or interference metrics turned off)."""
-    path = run_dir / "metrics.csv"
-    frame = pd.read_csv(path) if path.is_file() else pd.DataFrame()
-    train = frame[frame["phase"] == "train"] if "phase" in frame else frame
+    train = metrics[metrics["phase"] == "train"] if "phase" in metrics else metrics
     return {c: float(train[c].mean()) if c in train else math.nan for c in columns}
 
 
@@ -214,8 +216,9 @@ def load_runs(study_dir: Path) -> pd.DataFrame:
             # the summary counts every phase's traffic (calibration included)
             summary["bytes"] = summary.get("bytes-down", 0.0) + summary.get("bytes-up", 0.0)
             row |= {col: summary.get(key) for key, col in RESULT_KEYS.items()}
-            row |= training_means(study_dir / entry["run-name"], INTERFERENCE)
-            row["probe-val-accuracy"] = probe_accuracy(study_dir / entry["run-name"])
+            metrics = read_metrics(study_dir / entry["run-name"])
+            row |= training_means(metrics, INTERFERENCE)
+            row["probe-val-accuracy"] = probe_accuracy(metrics)
         rows.append(row)
     return pd.DataFrame(rows, columns=["setting", "seed", "run-name", "status", *LABELS])
 

@@ -17,8 +17,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from flower_app.config import RunConfig
 from flower_app.runs.run_lock import LOCK_NAME
-from flower_app.studies.run_folders import result_identity
+from flower_app.runs.task_vectors import NOT_RUN_CONFIG
 
 # keys outside the result identity that decide what a run's files hold
 MEASURED = ("update-metrics", "task-metrics-examples", "task-metrics-every")
@@ -26,12 +27,10 @@ MEASURED = ("update-metrics", "task-metrics-examples", "task-metrics-every")
 
 def run_key(config: Mapping[str, Any]) -> str:
     """What a federated run computes and measures, as one comparable string."""
-    from flower_app.config import RunConfig
-
-    identity = result_identity(config)
-    given = {k: v for k, v in config.items() if k not in ("run-name", "mode")}
-    measured = RunConfig.from_run_config(given, check_files=False).to_dict()
-    identity |= {key: measured[key] for key in MEASURED}
+    given = {k: v for k, v in config.items() if k not in NOT_RUN_CONFIG}
+    cfg = RunConfig.from_run_config(given, check_files=False)
+    values = cfg.to_dict()
+    identity = cfg.experiment_identity() | {key: values[key] for key in MEASURED}
     return json.dumps(identity, sort_keys=True, default=str)
 
 

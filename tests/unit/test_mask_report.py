@@ -7,7 +7,7 @@ import math
 import pandas as pd
 
 from flower_app.studies.mask_report import hypotheses, split_setting
-from flower_app.studies.reports import probe_accuracy
+from flower_app.studies.reports import probe_accuracy, read_metrics
 
 MASKS = ("least_sensitive", "most_sensitive", "random")
 
@@ -64,9 +64,9 @@ def test_the_probe_is_the_last_evaluated_warm_up_round(tmp_path):
         }
     )
     frame.to_csv(tmp_path / "metrics.csv", index=False)
-    assert probe_accuracy(tmp_path) == 0.6
+    assert probe_accuracy(read_metrics(tmp_path)) == 0.6
     frame[frame["phase"] != "head-warmup"].to_csv(tmp_path / "metrics.csv", index=False)
-    assert math.isnan(probe_accuracy(tmp_path))  # a dense run has no warm-up
+    assert math.isnan(probe_accuracy(read_metrics(tmp_path)))  # a dense run: no warm-up
 
 
 def test_an_arm_without_dense_or_least_sensitive_says_what_is_missing():
