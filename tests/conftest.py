@@ -4,11 +4,14 @@ ClientApp in process)."""
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
+import torch
+from filelock import FileLock
 from flwr.app import Message
 from flwr.clientapp import ClientApp
 
@@ -17,6 +20,13 @@ from flower_app.studies.in_process import PushPull, server_context, set_task_ide
 
 ROOT = Path(__file__).resolve().parents[1]
 TIERS = ("unit", "integration", "e2e")
+
+# pytest-xdist runs the suite in workers side by side (pyproject's addopts): each worker and
+# the processes it starts (ServerApps, Ray workers) use one torch thread, so two workers share
+# the two cores instead of four thread pools contending for them
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -65,12 +75,23 @@ def identity() -> None:
 @pytest.fixture(scope="session")
 def pretrained_backbone(tmp_path_factory) -> Path:
     """The miniature's backbone (``fl-pretrain``'s recipe, seed 0), made once per session in
-    a temporary folder: tests never write into the user's cache."""
+    a temporary folder: tests never write into the user's cache. Under pytest-xdist the
+    workers share one (the folder above each worker's own; the first makes it, under a lock)."""
     from flower_app.centralized.pretrain import ensure_backbone
     from flower_app.models.backbone_cache import default_backbone_path
 
-    path = tmp_path_factory.mktemp("backbone") / default_backbone_path(0).name
-    return ensure_backbone(path, 0, log=lambda line: None)
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder = root / "backbone"
+    folder.mkdir(exist_ok=True)
+    threads = torch.get_num_threads()
+    with FileLock(folder / "make.lock"):
+        torch.set_num_threads(os.cpu_count() or 1)  # the other workers mostly wait for it
+        try:
+            return ensure_backbone(folder / default_backbone_path(0).name, 0, log=lambda _: None)
+        finally:
+            torch.set_num_threads(threads)
 
 
 __all__ = [

@@ -51,7 +51,8 @@ def test_train_changes_weights_and_reports_num_examples():
     assert "head.weight" in changed and "blocks.0.attn.qkv.weight" in changed
 
 
-def test_same_round_same_result_and_cached_model_reused():
+def test_same_round_same_result_and_cached_model_reused(monkeypatch):
+    monkeypatch.setattr(client_app, "_MODELS", {})  # as in a fresh worker process
     grid = InProcessGrid(client_app.app, CONFIG, num_nodes=4)
     state = _initial_state()
     (a,) = grid.send_and_receive([_train_message(state, server_round=2)])
