@@ -30,6 +30,8 @@ from typing import Any
 
 import psutil
 
+from flower_app.cli.app_stage import stage_app
+
 TIMED_OUT = "timeout"  # RunOutcome.status of a run stopped by run_to_end's timeout
 
 
@@ -376,11 +378,14 @@ class LocalSuperLink:
     ) -> int:
         """``flwr run APP [CONNECTION] --run-config FILE [--federation-config ...]``.
 
-        Returns the run id; raises RuntimeError when ``flwr run`` started no run.
+        The app's packaged files are staged in FLWR_HOME/app first (``app_stage``: the same
+        FAB without walking a ``.venv`` in APP). Returns the run id; raises RuntimeError when
+        ``flwr run`` started no run.
         """
+        staged = stage_app(app_dir, self.home / "app")
         out = self.flwr(
             "run",
-            str(app_dir),
+            str(staged),
             *_target(connection),
             "--format",
             "json",
@@ -455,23 +460,33 @@ class LocalSuperLink:
     ) -> dict:
         """The run's entry in ``flwr ls`` once its status is ``finished:*``.
 
-        Each ``flwr ls`` is a new Python process, which on a small machine competes with
-        the run itself, so the poll interval grows from 1 s to 5 s. In between, the runs'
-        own processes are watched (``run_process_pids``) every ``WATCH_S``: when
-        one ends, ``flwr ls`` is asked at once, so a finished run is seen without waiting
-        for the next poll.
+        Each ``flwr ls`` is a new Python process (about a CPU-second), which on a small
+        machine competes with the run itself. So the runs' own processes are watched
+        (``run_process_pids``) every ``WATCH_S`` instead: ``flwr ls`` is asked at once when
+        one ends; while one runs, only every ``ALIVE_POLL_S``; while none runs (the run is
+        starting, or ended unseen), at intervals growing from 1 s to 5 s.
         """
         deadline = time.monotonic() + timeout
-        interval = 1.0
-        while time.monotonic() < deadline:
-            for run in self.runs(app_dir, connection):
-                if int(run["run-id"]) == run_id and run["status"].startswith("finished"):
-                    return run
-            if on_poll is not None:
+        interval, next_ls, next_tick = 1.0, 0.0, 0.0
+        seen = run_process_pids(self.marker)
+        while (now := time.monotonic()) < deadline:
+            if now >= next_ls:
+                for run in self.runs(app_dir, connection):
+                    if int(run["run-id"]) == run_id and run["status"].startswith("finished"):
+                        return run
+                alive = bool(seen)
+                next_ls = time.monotonic() + (ALIVE_POLL_S if alive else interval)
+                interval = min(5.0, interval * 1.5)
+            if on_poll is not None and now >= next_tick:
                 on_poll()
-            wait = min(interval, deadline - time.monotonic())
-            ended = _watch_until_one_ends(self.marker, wait)
-            interval = 1.0 if ended else min(5.0, interval * 1.5)
+                next_tick = now + 1.0
+            time.sleep(WATCH_S)
+            current = run_process_pids(self.marker)
+            if seen - current:  # a run process ended: ask now
+                next_ls, interval = 0.0, 1.0
+                seen = current
+            else:
+                seen |= current
         raise TimeoutError(f"run {run_id} did not finish within {timeout} s")
 
     def stop(self) -> None:
@@ -495,19 +510,7 @@ class LocalSuperLink:
 
 
 WATCH_S = 0.25  # how often wait_for_run looks for an ended run process
-
-
-def _watch_until_one_ends(marker: bytes, seconds: float) -> bool:
-    """Sleep up to ``seconds``; return early (True) when a run process seen meanwhile ends."""
-    deadline = time.monotonic() + seconds
-    seen = run_process_pids(marker)
-    while time.monotonic() < deadline:
-        time.sleep(max(0.0, min(WATCH_S, deadline - time.monotonic())))
-        now = run_process_pids(marker)
-        if seen - now:
-            return True
-        seen |= now
-    return False
+ALIVE_POLL_S = 30.0  # flwr ls while a run process is alive: a fallback, the watch decides
 
 
 def _json_field(out: subprocess.CompletedProcess, key: str, failed: str) -> Any:

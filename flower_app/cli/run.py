@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from flower_app.cli.app_stage import stage_app
 from flower_app.cli.local_superlink import RAY_ENV, flower_executable
 from flower_app.config import (
     ConfigError,
@@ -303,10 +304,13 @@ def prepare(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 def submit(
     app: Path, config: dict[str, Any], federation: str, connection: str, lines: list[str]
 ) -> int:
-    """Write the run-config to a temp TOML (flwr reads it at once) and stream the run."""
+    """Write the run-config to a temp TOML (flwr reads it at once) and stream the run of the
+    app's packaged files, staged beside it (``app_stage``: no walk through a ``.venv``)."""
     with tempfile.TemporaryDirectory(prefix="fl-run-") as tmp:
         toml = write_run_config(Path(tmp) / "run-config.toml", config)
-        return flwr_run(flwr_run_command(app, toml, federation, connection), child_env(), lines)
+        staged = stage_app(app, Path(tmp) / "app")
+        command = flwr_run_command(staged, toml, federation, connection)
+        return flwr_run(command, child_env(), lines)
 
 
 def stop_command(run_id: int, connection: str) -> list[str]:

@@ -9,23 +9,42 @@ from __future__ import annotations
 
 import subprocess
 import zipfile
+from pathlib import Path
 
+import pytest
+from flwr.cli.build import build_fab_from_disk
+
+from flower_app.cli.app_stage import stage_app
 from flower_app.cli.local_superlink import flower_executable
 from tests.conftest import ROOT
 
 PACKAGES = ("flower_app", "clients", "strategies")
 
 
-def test_the_fab_holds_every_tracked_module_of_the_app(tmp_path):
+@pytest.fixture(scope="module")
+def fab(tmp_path_factory) -> Path:
+    """``flwr build --app ROOT``, as a user would build the checkout's app."""
+    out = tmp_path_factory.mktemp("fab")
     built = subprocess.run(
         [flower_executable("flwr"), "build", "--app", str(ROOT)],
-        cwd=tmp_path,
+        cwd=out,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert built.returncode == 0, built.stdout + built.stderr
-    (fab,) = tmp_path.glob("*.fab")
+    (path,) = out.glob("*.fab")
+    return path
+
+
+def test_the_staged_app_builds_the_same_fab_as_the_checkout(fab, tmp_path):
+    """``flwr run`` submissions (fl-run, the sweeps, the tests) go through ``stage_app``."""
+    staged = stage_app(ROOT, tmp_path / "app")
+    assert not (staged / ".venv").exists() and (staged / "pyproject.toml").is_file()
+    assert build_fab_from_disk(staged) == fab.read_bytes()
+
+
+def test_the_fab_holds_every_tracked_module_of_the_app(fab):
     with zipfile.ZipFile(fab) as archive:
         held = set(archive.namelist())
     tracked = subprocess.run(

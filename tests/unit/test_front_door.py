@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,9 @@ def flwr(monkeypatch):
 
     def fake_run(command, env, lines):
         seen["command"], seen["env"] = command, env
+        app = Path(command[2])  # the app's packaged files, staged for this submission
+        seen["staged"] = {p.relative_to(app).as_posix() for p in app.rglob("*") if p.is_file()}
+        seen["staged-pyproject"] = (app / "pyproject.toml").read_bytes()
         with open(command[command.index("--run-config") + 1], "rb") as f:
             seen["config"] = tomllib.load(f)
         flag = "--federation-config"
@@ -55,6 +59,14 @@ def no_processes(monkeypatch):
     monkeypatch.setattr(subprocess, "Popen", refuse)
 
 
+def _assert_staged_from_root(seen: dict) -> None:
+    """``flwr run`` was given a copy of the checkout's app (``app_stage``), not the checkout."""
+    assert seen["command"][2] != str(ROOT)
+    assert seen["staged-pyproject"] == (ROOT / "pyproject.toml").read_bytes()
+    assert {"flower_app/server_app.py", "flower_app/client_app.py"} <= seen["staged"]
+    assert not any(p.startswith((".venv/", "results/")) for p in seen["staged"])
+
+
 def _main(*args: str) -> int:
     return run.main([*args, "--app", str(ROOT)])
 
@@ -67,7 +79,8 @@ def test_preset_and_overrides_are_merged_and_num_supernodes_follows_num_clients(
     assert config["momentum"] == 0.9 and config["weight-decay"] == 0.0001
     assert config["eval-every"] == 2 and config["checkpoint-every"] == 10  # preset, default
     assert flwr["federation"].split()[0] == "num-supernodes=20"
-    assert flwr["command"][1:4] == ["run", str(ROOT), "--stream"]
+    assert flwr["command"][1] == "run" and flwr["command"][3] == "--stream"
+    _assert_staged_from_root(flwr)
 
 
 def test_connection_sends_the_run_to_a_deployment_without_local_checks(flwr, monkeypatch):
@@ -75,7 +88,8 @@ def test_connection_sends_the_run_to_a_deployment_without_local_checks(flwr, mon
     coordinator_files = ["dataset=cifar100", "data-dir=/coordinator/data", "download=false"]
     assert _main(QUICK, "num-clients=3", *coordinator_files, "--connection", "lab") == 0
     command = flwr["command"]
-    assert command[2:5] == [str(ROOT), "lab", "--stream"]
+    assert command[3:5] == ["lab", "--stream"]
+    _assert_staged_from_root(flwr)
     assert "--federation-config" not in command  # the federation is the joined SuperNodes
     assert flwr["config"]["num-clients"] == 3
 

@@ -1,4 +1,5 @@
-"""Waiting for a run: its process is watched in /proc, so its end is seen at once."""
+"""Waiting for a run: its process is watched in /proc, so its end is seen at once and
+``flwr ls`` (a CPU-second each) is asked only when it tells something."""
 
 from __future__ import annotations
 
@@ -54,35 +55,55 @@ def test_only_run_processes_with_the_marker_are_found(spawn, tmp_path):
     assert _eventually(lambda: run_process_pids(marker.encode()) == wanted)
 
 
-def test_watch_returns_as_soon_as_a_run_process_ends(spawn, tmp_path):
+class _Link(local_superlink.LocalSuperLink):
+    """A LocalSuperLink without processes whose ``flwr ls`` answers from ``finished()`` and
+    counts how often it was asked."""
+
+    def __init__(self, home: Path, finished) -> None:
+        super().__init__(home, {}, None, 0)  # type: ignore[arg-type]
+        self.finished = finished
+        self.asked = 0
+
+    def runs(self, app_dir: Path, connection: str = "") -> list[dict]:
+        self.asked += 1
+        status = "finished:completed" if self.finished() else "running"
+        return [{"run-id": 7, "status": status}]
+
+
+def test_flwr_ls_is_asked_as_soon_as_a_run_process_ends_and_not_while_it_runs(spawn, tmp_path):
     marker = f"FLWR_HOME={tmp_path / 'home'}"
     server = spawn("flwr-serverapp", marker)
     assert _eventually(lambda: run_process_pids(marker.encode()) == {server.pid})
+    link = _Link(tmp_path / "home", lambda: server.poll() is not None)
 
-    kill_later = f"import os, time; time.sleep(0.5); os.kill({server.pid}, 9)"
+    kill_later = f"import os, time; time.sleep(1.5); os.kill({server.pid}, 9)"
     killer = subprocess.Popen([sys.executable, "-c", kill_later])
     start = time.monotonic()
-    ended = local_superlink._watch_until_one_ends(marker.encode(), 30.0)
+    run = link.wait_for_run(7, tmp_path, timeout=30.0)
     waited = time.monotonic() - start
     killer.wait()
-    server.wait()
-    assert ended is True
-    assert waited < 0.5 + 5 * local_superlink.WATCH_S  # not the 30 s it was given
+    assert run["status"] == "finished:completed"
+    assert link.asked == 2  # once at the start, once when the process ended: no polling between
+    assert waited < 1.5 + 5 * local_superlink.WATCH_S  # not the 30 s fallback
 
 
-def test_watch_sleeps_its_time_when_nothing_ends(spawn, tmp_path):
+def test_while_a_run_process_lives_flwr_ls_waits_for_the_fallback(spawn, tmp_path):
     marker = f"FLWR_HOME={tmp_path / 'home'}"
-    spawn("flwr-simulation", marker)
+    server = spawn("flwr-simulation", marker)
+    assert _eventually(lambda: run_process_pids(marker.encode()) == {server.pid})
+    link = _Link(tmp_path / "home", lambda: False)
     start = time.monotonic()
-    assert local_superlink._watch_until_one_ends(marker.encode(), 0.6) is False
-    assert time.monotonic() - start >= 0.6
+    with pytest.raises(TimeoutError, match=r"run 7 did not finish within 2\.0 s"):
+        link.wait_for_run(7, tmp_path, timeout=2.0)
+    assert time.monotonic() - start >= 2.0
+    assert link.asked == 1 and local_superlink.ALIVE_POLL_S > 2.0
 
 
-def test_watch_without_any_run_process_sleeps_its_time(tmp_path):
-    start = time.monotonic()
-    marker = f"FLWR_HOME={tmp_path / 'nobody'}".encode()
-    assert local_superlink._watch_until_one_ends(marker, 0.3) is False
-    assert time.monotonic() - start >= 0.3
+def test_without_a_run_process_flwr_ls_is_asked_at_growing_intervals(tmp_path):
+    link = _Link(tmp_path / "nobody", lambda: False)
+    with pytest.raises(TimeoutError):
+        link.wait_for_run(7, tmp_path, timeout=3.0)
+    assert 2 <= link.asked <= 3  # at 0 s, ~1 s and ~2.5 s: a run that has not started yet
 
 
 def test_names_are_the_commands_flower_starts_for_runs():
