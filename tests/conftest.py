@@ -29,9 +29,38 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+# The files that take longest (docs/performance.md, "The slowest tests"), longest first, so
+# the two workers end together instead of one finishing a long file alone (pyproject's
+# --no-loadscope-reorder keeps this order; xdist would otherwise start the files with most
+# tests first, which put these few-test, long files last). A worker takes the next file
+# when it is almost done with its own; the backbone's first user comes first, its other users
+# after two files that need none, so they rarely wait for its lock.
+LONGEST_FIRST = (
+    "e2e/test_sweeps.py",
+    "e2e/test_deployment.py",
+    "integration/test_reliability.py",
+    "integration/test_task_arithmetic_study.py",
+    "integration/test_miniature.py",
+    "e2e/test_fl_run.py",
+    "e2e/test_flwr_run.py",
+    "e2e/test_ray_gpus.py",
+    "e2e/test_deployment_security.py",
+    "integration/test_sparse_fedavg.py",
+    "e2e/test_ray_cluster.py",
+    "e2e/test_compiled_round.py",
+)
+
+
+def _start_rank(item: pytest.Item) -> int:
+    name = f"{item.path.parent.name}/{item.path.name}"
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Each test carries its folder's tier as a marker; ``perf`` tests are skipped unless the
-    ``-m`` expression names ``perf`` (so ``-m "not e2e"`` skips them too)."""
+    ``-m`` expression names ``perf`` (so ``-m "not e2e"`` skips them too). The longest files
+    come first (``LONGEST_FIRST``), the rest in their usual order."""
+    items.sort(key=_start_rank)  # stable: each file's tests keep their order
     run_perf = "perf" in (config.getoption("markexpr") or "")
     for item in items:
         tier = item.path.parent.name
