@@ -24,24 +24,22 @@ def stage_app(app_dir: Path, dest: Path) -> Path:
 
     app_dir = app_dir.expanduser().resolve()
     patterns = load_gitignore_patterns(app_dir / ".gitignore")
+    # a negated pattern could re-include a file below an ignored folder: then walk everything
+    prune = not any(p.lstrip().startswith("!") for p in patterns)
     with warnings.catch_warnings():  # pathspec deprecates the pattern kind Flower 1.42 names
         warnings.simplefilter("ignore", DeprecationWarning)
-        # a negated pattern could re-include a file below an ignored folder: walk everything
         ignored = build_pathspec([*patterns, *APP_PUBLISH_EXCLUDE_PATTERNS])
-    prune = not any(p.lstrip().startswith("!") for p in patterns)
-    files: dict[str, Path | bytes] = {}
-    for dirpath, dirnames, filenames in os.walk(app_dir, followlinks=False):
-        folder = Path(dirpath)
-        relative = folder.relative_to(app_dir).as_posix()
-        prefix = "" if relative == "." else f"{relative}/"
-        if prune:
-            dirnames[:] = [d for d in dirnames if not ignored.match_file(f"{prefix}{d}/x")]
-        for name in filenames:
-            path = folder / name
-            if not path.is_symlink():  # Flower skips symlinks too
-                files[f"{prefix}{name}"] = path
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
+        files: dict[str, Path | bytes] = {}
+        for dirpath, dirnames, filenames in os.walk(app_dir, followlinks=False):
+            folder = Path(dirpath)
+            relative = folder.relative_to(app_dir).as_posix()
+            prefix = "" if relative == "." else f"{relative}/"
+            if prune:
+                dirnames[:] = [d for d in dirnames if not ignored.match_file(f"{prefix}{d}/x")]
+            for name in filenames:
+                path = folder / name
+                if not path.is_symlink():  # Flower skips symlinks too
+                    files[f"{prefix}{name}"] = path
         kept = filter_paths_for_publish(files)
     if dest.exists():
         shutil.rmtree(dest)
