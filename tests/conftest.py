@@ -29,6 +29,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def one_sweep_run_at_a_time(monkeypatch):
+    """``fl-experiments`` in a test runs one run at a time unless the test passes ``--jobs``:
+    the suite's own workers already keep the cores busy, and the tests that replace
+    ``SweepRunner.run`` need it to run in the test's process."""
+    from flower_app.studies import experiments
+
+    monkeypatch.setattr(experiments, "DEFAULT_JOBS", "1")
+
+
 # The files that take longest (docs/performance.md, "The slowest tests"), longest first, so
 # the two workers end together instead of one finishing a long file alone (pyproject's
 # --no-loadscope-reorder keeps this order; xdist would otherwise start the files with most

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,9 +71,11 @@ from flower_app.studies.reports import (
     write_sweep_report,
 )
 from flower_app.studies.run_folders import StudyBase, check_study_folders, study_base
-from flower_app.studies.shared_runs import FinishedRuns, copy_run
+from flower_app.studies.run_pool import AUTO, ProcessPool, SerialPool, make_pool, parse_jobs
+from flower_app.studies.shared_runs import FinishedRuns, copy_run, run_key
 
 DEFAULT_RUN_TIMEOUT_S = 24 * 3600.0
+DEFAULT_JOBS = AUTO  # --jobs: one run per core in-process (flower_app/studies/run_pool.py)
 # the default --output-dir per scale: a paper-scale sweep never finds the miniature's runs
 DEFAULT_OUTPUT = {True: Path("results/miniature"), False: Path("results/paper")}
 
@@ -153,6 +156,12 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         "--federation-config",
         default="",
         help='added to "num-supernodes=K"; default: the resources fl-run picks (docs/gpu.md)',
+    )
+    parser.add_argument(
+        "--jobs",
+        default=DEFAULT_JOBS,
+        help="runs side by side (in-process engine), each with its share of the cores; "
+        "auto (default): one per core in-process, one at a time with flwr",
     )
     parser.add_argument("--app", type=Path, default=Path.cwd(), help="the Flower app folder")
     parser.add_argument("--run-timeout", type=float, default=DEFAULT_RUN_TIMEOUT_S)
@@ -346,9 +355,11 @@ def prepare(run: PlannedRun) -> str:
 
 class RunProgress:
     """Prints a running run's latest round from its ``metrics.csv`` (written every round),
-    so a sweep shows where a run is, not only when it ends."""
+    so a sweep shows where a run is, not only when it ends; named, as runs may run side by
+    side."""
 
     def __init__(self, run: PlannedRun, write: Callable[[str], None] = print) -> None:
+        self.name = run.name
         self.path = run.run_dir / "metrics.csv"
         self.total = plan_for(RunConfig.from_run_config(run.config, check_files=False)).total_rounds
         self.write = write
@@ -364,7 +375,7 @@ class RunProgress:
         self.last = int(row["round"])
         accuracy = row.get("val-accuracy")
         shown = f" | val-accuracy {accuracy:.4f}" if pd.notna(accuracy) else ""
-        self.write(f"    round {self.last}/{self.total} ({row['phase']}){shown}")
+        self.write(f"    {self.name}: round {self.last}/{self.total} ({row['phase']}){shown}")
 
 
 class SweepRunner:
@@ -490,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.app = check_app_dir(args.app)
         runs = plan(args)
+        jobs = parse_jobs(args.jobs, engine_of(args))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -497,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     studies = list(dict.fromkeys(r.study for r in runs))
     print(
         f"{len(runs)} runs in {', '.join(studies)} -> {root} (scale: {scale_of(args)}, "
-        f"engine: {engine})",
+        f"engine: {engine}{f', {jobs} at a time' if jobs > 1 else ''})",
         flush=True,
     )
     if args.dry_run:
@@ -514,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     runner = SweepRunner(args.app, root, args.federation_config, args.run_timeout, engine)
     try:
         finished = FinishedRuns.scan(root)
-        failed = run_all(runs, runner, t_sweep, finished, defaults)
+        failed = run_all(runs, runner, t_sweep, finished, defaults, make_pool(jobs))
     finally:
         runner.stop()
     for study in studies:
@@ -545,45 +557,139 @@ def dry_run(runs: list[PlannedRun]) -> int:
     return 0
 
 
+@dataclass
+class Outcome:
+    """How one planned run ended: the line's status, its detail and seconds."""
+
+    ok: bool
+    status: str
+    detail: str = ""
+    seconds: float = 0.0
+    source: Path | None = None  # the finished run it is a copy of
+
+
 def run_all(
     runs: list[PlannedRun],
     runner: SweepRunner,
     t_sweep: float,
     finished: FinishedRuns | None = None,
     defaults: dict[str, Any] | None = None,
+    pool: SerialPool | ProcessPool | None = None,
 ) -> int:
-    """Each run in turn (skipped when finished, resumed from a checkpoint, copied from an
-    identical finished run of ``finished``); the failures."""
-    failed, defaults = 0, defaults or {}
-    for i, run in enumerate(runs, 1):
-        run.study_dir.mkdir(parents=True, exist_ok=True)
-        state = prepare(run)
-        t_run = time.perf_counter()
+    """Each run (skipped when finished, resumed from a checkpoint, copied from an identical
+    finished run of ``finished``), up to ``pool.jobs`` at a time; the failures.
+
+    A run identical to one under way waits for it and is then copied. Lines and
+    ``sweep.csv`` rows come in plan order, whatever order the runs end in.
+    """
+    pool, defaults = pool or SerialPool(), defaults or {}
+    keys = [_key(run, finished, defaults) for run in runs]
+    waiting, running = list(range(len(runs))), {}  # running: future -> (index, state)
+    ended: dict[int, Outcome] = {}
+    shown = failed = 0
+
+    def show_ended() -> None:
+        nonlocal shown, failed
+        while shown in ended:
+            outcome = ended.pop(shown)
+            failed += not outcome.ok
+            _report(runs[shown], outcome, shown + 1, len(runs), t_sweep, runner)
+            shown += 1
+
+    try:
+        while waiting or running:
+            for i in list(waiting):
+                if len(running) >= pool.jobs:
+                    break
+                if keys[i] is not None and keys[i] in {keys[j] for j, _ in running.values()}:
+                    continue  # its twin is under way: copied once that one ends
+                waiting.remove(i)
+                run = runs[i]
+                run.study_dir.mkdir(parents=True, exist_ok=True)
+                state = prepare(run)
+                outcome = _at_hand(run, state, finished, defaults)
+                if outcome is None:
+                    show_ended()  # a serial pool runs it now: earlier lines first
+                    running[pool.submit(runner.run, run, state == "resume")] = (i, state)
+                else:
+                    ended[i] = outcome
+            if running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    i, state = running.pop(future)
+                    ended[i] = _ended(runs[i], state, future, finished, defaults)
+            show_ended()
+    finally:
+        pool.shutdown()
+        for i in sorted(ended):  # after an interrupt: what ended is still recorded
+            _report(runs[i], ended[i], i + 1, len(runs), t_sweep, runner)
+    return failed
+
+
+def _key(run: PlannedRun, finished: FinishedRuns | None, defaults: dict[str, Any]) -> str | None:
+    """What the run computes, when identical runs are shared (``finished`` given)."""
+    if finished is None or run.centralized:
+        return None
+    return run_key(defaults | run.config)
+
+
+def _at_hand(
+    run: PlannedRun, state: str, finished: FinishedRuns | None, defaults: dict[str, Any]
+) -> Outcome | None:
+    """The outcome of a run that needs no computing (finished earlier, or a copy of an
+    identical finished run); None when it must run."""
+    if state == "done":
+        outcome = Outcome(True, "skipped (finished earlier)")
+    else:
         source = None
         if state == "fresh" and finished is not None and not run.centralized:
             source = finished.find(defaults | run.config)
-        if state == "done":
-            status, detail, ok = "skipped (finished earlier)", "", True
-            record(run, "completed", 0.0, "finished before this sweep started", keep=True)
-        elif source is not None:
-            copy_run(source, run.run_dir)
-            name = f"{source.parent.name}/{source.name}"
-            status, detail, ok = f"the same run as {name}, copied", "", True
-            record(run, "completed", 0.0, f"same run as {name}", engine=engine_in(source))
-        else:
-            ok, detail = runner.run(run, resume=state == "resume")
-            status = "FAILED" if not ok else f"{state.replace('fresh', 'run')}, completed"
-            failed += not ok
-            seconds = time.perf_counter() - t_run
-            record(run, "completed" if ok else "failed", seconds, detail, engine=runner.engine)
-        if ok and finished is not None and not run.centralized:
-            finished.add(run.run_dir, defaults | run.config)
-        seconds = time.perf_counter() - t_run
-        elapsed = time.perf_counter() - t_sweep
-        line = f"[{i}/{len(runs)}] {run.study}/{run.name}: {status} in {seconds:.1f} s"
-        line += f" (elapsed {elapsed:.0f} s){_accuracy(run)}"
-        print(line + (f" | {detail}" if not ok else ""), flush=True)
-    return failed
+        if source is None:
+            return None
+        t_copy = time.perf_counter()
+        copy_run(source, run.run_dir)
+        name = f"{source.parent.name}/{source.name}"
+        seconds = time.perf_counter() - t_copy
+        outcome = Outcome(True, f"the same run as {name}, copied", seconds=seconds, source=source)
+    if finished is not None and not run.centralized:
+        finished.add(run.run_dir, defaults | run.config)
+    return outcome
+
+
+def _ended(
+    run: PlannedRun,
+    state: str,
+    future: Future,
+    finished: FinishedRuns | None,
+    defaults: dict[str, Any],
+) -> Outcome:
+    """The outcome of a run that was under way; a completed one joins ``finished``."""
+    try:
+        ok, detail, seconds = future.result()
+    except Exception as exc:  # its worker process died (memory, a signal)
+        ok, detail, seconds = False, f"{type(exc).__name__}: {exc}", 0.0
+    status = "FAILED" if not ok else f"{state.replace('fresh', 'run')}, completed"
+    if ok and finished is not None and not run.centralized:
+        finished.add(run.run_dir, defaults | run.config)
+    return Outcome(ok, status, detail, seconds)
+
+
+def _report(
+    run: PlannedRun, outcome: Outcome, i: int, n: int, t_sweep: float, runner: SweepRunner
+) -> None:
+    """The run's ``sweep.csv`` row and its line."""
+    if outcome.status.startswith("skipped"):
+        record(run, "completed", 0.0, "finished before this sweep started", keep=True)
+    elif outcome.source is not None:
+        name = f"{outcome.source.parent.name}/{outcome.source.name}"
+        record(run, "completed", 0.0, f"same run as {name}", engine=engine_in(outcome.source))
+    else:
+        status = "completed" if outcome.ok else "failed"
+        record(run, status, outcome.seconds, outcome.detail, engine=runner.engine)
+    elapsed = time.perf_counter() - t_sweep
+    line = f"[{i}/{n}] {run.study}/{run.name}: {outcome.status} in {outcome.seconds:.1f} s"
+    line += f" (elapsed {elapsed:.0f} s){_accuracy(run)}"
+    print(line + (f" | {outcome.detail}" if not outcome.ok else ""), flush=True)
 
 
 def engine_in(run_dir: Path) -> str:

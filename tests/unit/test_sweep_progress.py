@@ -27,6 +27,6 @@ def test_progress_prints_each_new_round_once(tmp_path):
     progress()
     total = 2 + 4 + 8  # warm-up, calibration (pyproject default), quick training rounds
     assert lines == [
-        f"    round 0/{total} (initial) | val-accuracy 0.0100",
-        f"    round 1/{total} (head-warmup)",
+        f"    least_sensitive-seed0: round 0/{total} (initial) | val-accuracy 0.0100",
+        f"    least_sensitive-seed0: round 1/{total} (head-warmup)",
     ]
