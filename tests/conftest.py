@@ -5,6 +5,7 @@ ClientApp in process)."""
 from __future__ import annotations
 
 import os
+import sys
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,10 +34,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 def one_sweep_run_at_a_time(monkeypatch):
     """``fl-experiments`` in a test runs one run at a time unless the test passes ``--jobs``:
     the suite's own workers already keep the cores busy, and the tests that replace
-    ``SweepRunner.run`` need it to run in the test's process."""
-    from flower_app.studies import experiments
-
-    monkeypatch.setattr(experiments, "DEFAULT_JOBS", "1")
+    ``SweepRunner.run`` need it to run in the test's process. (Patched where a collected test
+    module imported the runner, so a unit test alone does not pay for its imports.)"""
+    experiments = sys.modules.get("flower_app.studies.experiments")
+    if experiments is not None:
+        monkeypatch.setattr(experiments, "DEFAULT_JOBS", "1")
 
 
 # The files that take longest (docs/performance.md, "The slowest tests"), longest first, so

@@ -69,8 +69,8 @@ SERVER_STRATEGIES: dict[str, dict[str, Any]] = {
 
 # mask-strategies: (shards, optimizer) arms. Nc=5 is where clients interfere (update cosine
 # 0.06 against 0.22 at IID in the miniature); SGD momentum is the seed's SparseSGDM, AdamW
-# TaLoS's masked AdamW. Two arms fit the miniature study's 20 minutes at 3 seeds (one arm of
-# six runs is about 10 minutes); ("iid", "sgdm") is the next one to add (docs/studies.md).
+# TaLoS's masked AdamW. Two arms fit the miniature study's 20 minutes at 3 seeds (18 min 40 s
+# on 2 cores, two runs at a time); ("iid", "sgdm") is the next one to add (docs/studies.md).
 MASK_SHARDS = {"iid": {"sharding": "iid"}, "nc5": {"sharding": "non-iid", "classes-per-client": 5}}
 MASK_ARMS = (("nc5", "sgdm"), ("nc5", "adamw"))
 # every mask-strategies run measures task-arithmetic interference (docs/studies.md) on this
