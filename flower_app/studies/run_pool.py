@@ -4,9 +4,10 @@ cores.
 A miniature run trains a model so small that a second torch thread does not halve its
 time: on the 2-core development machine one run took 44-49 s with two threads, and two runs
 with one thread each 71-73 s side by side (docs/performance.md#sweeps-side-by-side). So the
-in-process engine runs one run per core by default. Each worker is a fresh process (``spawn``: torch's thread pools do
-not survive ``fork``) that sets its torch threads before its first run; runs that differ
-only in their thread count agree to float rounding, not bit for bit. Only the sweep's own
+in-process engine runs one run per core by default. Each worker is a fresh process
+(``spawn``: torch's thread pools do not survive ``fork``) that sets its torch threads before
+its first run; runs that differ only in their thread count agree to float rounding, not bit
+for bit. Only the sweep's own
 process writes a study's files (``sweep.csv``, tables); each worker writes the run folder
 of the run it was given, as ``flwr run`` would.
 """
