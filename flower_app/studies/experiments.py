@@ -8,7 +8,8 @@ FLWR_HOME and stops by PID at the end; each run's status is read back from ``flw
 run counts as a result only when Flower says it completed and its ``summary.json`` exists.
 With ``--engine in-process`` (the default with ``--quick``, the miniature study) the same
 ServerApp and ClientApp run in this process (``flower_app.studies.in_process``; the two engines
-compute the same numbers). The centralized baseline runs as its console script (in this
+compute the same numbers), by default one run per core side by side (``--jobs``,
+``flower_app.studies.run_pool``). The centralized baseline runs as its console script (in this
 process with ``in-process``). A backbone of ``fl-pretrain`` that a run names and that is
 missing is made first. Before any run starts, every run's prerequisites (data, weights,
 output folder) are checked as ``fl-run`` checks them, and every folder the sweep would reuse
@@ -262,7 +263,7 @@ def run_federation(given: str, num_clients: int) -> str:
     with CUDA and no client resources given, those ``fl-run`` picks (two workers per GPU,
     docs/gpu.md). On a CPU the sweep keeps Flower's default of 2 CPUs per client: its
     workers then compute with the threads of the in-process engine on a 2-core machine,
-    so both engines give the same bits."""
+    so both engines give the same bits (in-process with ``--jobs 1``)."""
     import torch
 
     items = [given] if given.strip() else []
