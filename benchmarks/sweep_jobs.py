@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = [
     "mask-strategies",
@@ -34,11 +36,11 @@ SWEEP = [
 ]
 
 
-def cpu_ticks() -> tuple[int, int]:
-    """(busy, total) clock ticks of all cores since boot, from /proc/stat."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return sum(fields) - idle, sum(fields)
+def cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of all cores since boot (psutil's ``cpu_times``)."""
+    times = psutil.cpu_times()
+    total = sum(times)
+    return total - times.idle - getattr(times, "iowait", 0.0), total
 
 
 def one_sweep(sweep: list[str], jobs: str) -> tuple[float, float]:
@@ -46,14 +48,14 @@ def one_sweep(sweep: list[str], jobs: str) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as out:
         argv = [sys.executable, "-m", "flower_app.studies.experiments", *sweep]
         argv += ["--output-dir", out, "--jobs", jobs, "--app", str(ROOT)]
-        busy0, total0 = cpu_ticks()
+        busy0, total0 = cpu_seconds()
         start = time.perf_counter()
         proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - start
-        busy1, total1 = cpu_ticks()
+        busy1, total1 = cpu_seconds()
     if proc.returncode != 0:
         sys.exit(f"the sweep with --jobs {jobs} failed:\n{proc.stdout[-2000:]}{proc.stderr}")
-    return wall, (busy1 - busy0) / max(1, total1 - total0)
+    return wall, (busy1 - busy0) / max(1e-9, total1 - total0)
 
 
 def main(argv: list[str] | None = None) -> int:

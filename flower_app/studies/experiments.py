@@ -560,13 +560,26 @@ def dry_run(runs: list[PlannedRun]) -> int:
 
 @dataclass
 class Outcome:
-    """How one planned run ended: the line's status, its detail and seconds."""
+    """How one planned run ended. ``state``: ``done`` (finished before this sweep), ``copy``
+    (of the identical finished run ``source``), or ``fresh``/``resume`` (run by this sweep)."""
 
-    ok: bool
-    status: str
+    state: str
+    ok: bool = True
     detail: str = ""
     seconds: float = 0.0
-    source: Path | None = None  # the finished run it is a copy of
+    source: Path | None = None
+
+    @property
+    def status(self) -> str:
+        if self.state == "done":
+            return "skipped (finished earlier)"
+        if self.state == "copy":
+            return f"the same run as {_run_label(self.source)}, copied"
+        return f"{self.state.replace('fresh', 'run')}, completed" if self.ok else "FAILED"
+
+
+def _run_label(run_dir: Path | None) -> str:
+    return f"{run_dir.parent.name}/{run_dir.name}" if run_dir is not None else ""
 
 
 def run_all(
@@ -583,114 +596,121 @@ def run_all(
     A run identical to one under way waits for it and is then copied. Lines and
     ``sweep.csv`` rows come in plan order, whatever order the runs end in.
     """
-    pool, defaults = pool or SerialPool(), defaults or {}
-    keys = [_key(run, finished, defaults) for run in runs]
-    waiting, running = list(range(len(runs))), {}  # running: future -> (index, state)
-    ended: dict[int, Outcome] = {}
-    shown = failed = 0
-
-    def show_ended() -> None:
-        nonlocal shown, failed
-        while shown in ended:
-            outcome = ended.pop(shown)
-            failed += not outcome.ok
-            _report(runs[shown], outcome, shown + 1, len(runs), t_sweep, runner)
-            shown += 1
-
+    sweep = _Sweep(runs, runner, t_sweep, finished, defaults or {}, pool or SerialPool())
     try:
-        while waiting or running:
-            for i in list(waiting):
-                if len(running) >= pool.jobs:
-                    break
-                if keys[i] is not None and keys[i] in {keys[j] for j, _ in running.values()}:
-                    continue  # its twin is under way: copied once that one ends
-                waiting.remove(i)
-                run = runs[i]
-                run.study_dir.mkdir(parents=True, exist_ok=True)
-                state = prepare(run)
-                outcome = _at_hand(run, state, finished, defaults)
-                if outcome is None:
-                    show_ended()  # a serial pool runs it now: earlier lines first
-                    running[pool.submit(runner.run, run, state == "resume")] = (i, state)
-                else:
-                    ended[i] = outcome
-            if running:
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    i, state = running.pop(future)
-                    ended[i] = _ended(runs[i], state, future, finished, defaults)
-            show_ended()
+        while sweep.waiting or sweep.running:
+            sweep.start_what_fits()
+            sweep.collect()
+            sweep.report_in_order()
     finally:
-        pool.shutdown()
-        for i in sorted(ended):  # after an interrupt: what ended is still recorded
-            _report(runs[i], ended[i], i + 1, len(runs), t_sweep, runner)
-    return failed
+        sweep.pool.shutdown()
+        sweep.report_the_rest()
+    return sweep.failed
 
 
-def _key(run: PlannedRun, finished: FinishedRuns | None, defaults: dict[str, Any]) -> str | None:
-    """What the run computes, when identical runs are shared (``finished`` given)."""
-    if finished is None or run.centralized:
-        return None
-    return run_key(defaults | run.config)
+class _Sweep:
+    """``run_all``'s state: runs waiting, under way (future -> index, state) and ended but
+    not yet reported (an earlier one is still under way)."""
 
+    def __init__(
+        self,
+        runs: list[PlannedRun],
+        runner: SweepRunner,
+        t_sweep: float,
+        finished: FinishedRuns | None,
+        defaults: dict[str, Any],
+        pool: SerialPool | ProcessPool,
+    ) -> None:
+        self.runs, self.runner, self.t_sweep = runs, runner, t_sweep
+        self.finished, self.pool = finished, pool
+        # what each run computes, where identical runs are shared (None: never shared)
+        self.keys = [
+            None if finished is None or run.centralized else run_key(defaults | run.config)
+            for run in runs
+        ]
+        self.waiting = list(range(len(runs)))
+        self.running: dict[Future, tuple[int, str]] = {}
+        self.ended: dict[int, Outcome] = {}
+        self.shown = self.failed = 0
 
-def _at_hand(
-    run: PlannedRun, state: str, finished: FinishedRuns | None, defaults: dict[str, Any]
-) -> Outcome | None:
-    """The outcome of a run that needs no computing (finished earlier, or a copy of an
-    identical finished run); None when it must run."""
-    if state == "done":
-        outcome = Outcome(True, "skipped (finished earlier)")
-    else:
+    def start_what_fits(self) -> None:
+        """Waiting runs in plan order while a slot is free; one whose twin is under way
+        stays waiting (it is copied once that one ends)."""
+        for i in list(self.waiting):
+            if len(self.running) >= self.pool.jobs:
+                return
+            busy = {self.keys[j] for j, _ in self.running.values()}
+            if self.keys[i] is None or self.keys[i] not in busy:
+                self.waiting.remove(i)
+                self.start(i)
+
+    def start(self, i: int) -> None:
+        """Skip, copy or submit run ``i``."""
+        run, key = self.runs[i], self.keys[i]
+        run.study_dir.mkdir(parents=True, exist_ok=True)
+        state = prepare(run)
         source = None
-        if state == "fresh" and finished is not None and not run.centralized:
-            source = finished.find(defaults | run.config)
-        if source is None:
-            return None
-        t_copy = time.perf_counter()
-        copy_run(source, run.run_dir)
-        name = f"{source.parent.name}/{source.name}"
-        seconds = time.perf_counter() - t_copy
-        outcome = Outcome(True, f"the same run as {name}, copied", seconds=seconds, source=source)
-    if finished is not None and not run.centralized:
-        finished.add(run.run_dir, defaults | run.config)
-    return outcome
+        if state == "fresh" and key is not None and self.finished is not None:
+            source = self.finished.find_key(key)
+        if state == "done":
+            self.end(i, Outcome("done"))
+        elif source is not None:
+            t_copy = time.perf_counter()
+            copy_run(source, run.run_dir)
+            self.end(i, Outcome("copy", seconds=time.perf_counter() - t_copy, source=source))
+        else:
+            self.report_in_order()  # a serial pool runs it now: earlier lines first
+            self.running[self.pool.submit(self.runner.run, run, state == "resume")] = (i, state)
 
+    def collect(self) -> None:
+        """Wait for at least one run under way to end (none when nothing is under way)."""
+        if not self.running:
+            return
+        done, _ = wait(self.running, return_when=FIRST_COMPLETED)
+        for future in done:
+            i, state = self.running.pop(future)
+            try:
+                ok, detail, seconds = future.result()
+            except Exception as exc:  # its worker process died (memory, a signal)
+                ok, detail, seconds = False, f"{type(exc).__name__}: {exc}", 0.0
+            self.end(i, Outcome(state, ok, detail, seconds))
 
-def _ended(
-    run: PlannedRun,
-    state: str,
-    future: Future,
-    finished: FinishedRuns | None,
-    defaults: dict[str, Any],
-) -> Outcome:
-    """The outcome of a run that was under way; a completed one joins ``finished``."""
-    try:
-        ok, detail, seconds = future.result()
-    except Exception as exc:  # its worker process died (memory, a signal)
-        ok, detail, seconds = False, f"{type(exc).__name__}: {exc}", 0.0
-    status = "FAILED" if not ok else f"{state.replace('fresh', 'run')}, completed"
-    if ok and finished is not None and not run.centralized:
-        finished.add(run.run_dir, defaults | run.config)
-    return Outcome(ok, status, detail, seconds)
+    def end(self, i: int, outcome: Outcome) -> None:
+        """Keep the outcome for its turn; a completed run joins the finished ones."""
+        self.ended[i] = outcome
+        key = self.keys[i]
+        if outcome.ok and key is not None and self.finished is not None:
+            self.finished.add_key(key, self.runs[i].run_dir)
 
+    def report_in_order(self) -> None:
+        while self.shown in self.ended:
+            outcome = self.ended.pop(self.shown)
+            self.failed += not outcome.ok
+            self.report(self.shown, outcome)
+            self.shown += 1
 
-def _report(
-    run: PlannedRun, outcome: Outcome, i: int, n: int, t_sweep: float, runner: SweepRunner
-) -> None:
-    """The run's ``sweep.csv`` row and its line."""
-    if outcome.status.startswith("skipped"):
-        record(run, "completed", 0.0, "finished before this sweep started", keep=True)
-    elif outcome.source is not None:
-        name = f"{outcome.source.parent.name}/{outcome.source.name}"
-        record(run, "completed", 0.0, f"same run as {name}", engine=engine_in(outcome.source))
-    else:
-        status = "completed" if outcome.ok else "failed"
-        record(run, status, outcome.seconds, outcome.detail, engine=runner.engine)
-    elapsed = time.perf_counter() - t_sweep
-    line = f"[{i}/{n}] {run.study}/{run.name}: {outcome.status} in {outcome.seconds:.1f} s"
-    line += f" (elapsed {elapsed:.0f} s){_accuracy(run)}"
-    print(line + (f" | {outcome.detail}" if not outcome.ok else ""), flush=True)
+    def report_the_rest(self) -> None:
+        """After an interrupt: what ended is still recorded, out of order if it must be."""
+        for i in sorted(self.ended):
+            self.report(i, self.ended.pop(i))
+
+    def report(self, i: int, outcome: Outcome) -> None:
+        """The run's ``sweep.csv`` row and its line."""
+        run = self.runs[i]
+        if outcome.state == "done":
+            record(run, "completed", 0.0, "finished before this sweep started", keep=True)
+        elif outcome.state == "copy":
+            detail, engine = f"same run as {_run_label(outcome.source)}", ""
+            if outcome.source is not None:
+                engine = engine_in(outcome.source)
+            record(run, "completed", 0.0, detail, engine=engine)
+        else:
+            status = "completed" if outcome.ok else "failed"
+            record(run, status, outcome.seconds, outcome.detail, engine=self.runner.engine)
+        elapsed = time.perf_counter() - self.t_sweep
+        line = f"[{i + 1}/{len(self.runs)}] {run.study}/{run.name}: {outcome.status} in "
+        line += f"{outcome.seconds:.1f} s (elapsed {elapsed:.0f} s){_accuracy(run)}"
+        print(line + (f" | {outcome.detail}" if not outcome.ok else ""), flush=True)
 
 
 def engine_in(run_dir: Path) -> str:

@@ -7,9 +7,8 @@ with one thread each 71-73 s side by side (docs/performance.md#sweeps-side-by-si
 in-process engine runs one run per core by default. Each worker is a fresh process
 (``spawn``: torch's thread pools do not survive ``fork``) that sets its torch threads before
 its first run; runs that differ only in their thread count agree to float rounding, not bit
-for bit. Only the sweep's own
-process writes a study's files (``sweep.csv``, tables); each worker writes the run folder
-of the run it was given, as ``flwr run`` would.
+for bit. Only the sweep's own process writes a study's files (``sweep.csv``, tables); each
+worker writes the run folder of the run it was given, as ``flwr run`` would.
 """
 
 from __future__ import annotations

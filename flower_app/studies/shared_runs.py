@@ -57,12 +57,16 @@ class FinishedRuns:
 
     def add(self, run_dir: Path, config: Mapping[str, Any]) -> None:
         try:
-            self.by_key.setdefault(run_key(config), run_dir)
+            self.add_key(run_key(config), run_dir)
         except ValueError:  # a config.json of another version: never a match
             return
 
-    def find(self, config: Mapping[str, Any]) -> Path | None:
-        return self.by_key.get(run_key(config))
+    def add_key(self, key: str, run_dir: Path) -> None:
+        """``run_dir`` computed ``key`` (``run_key``); the first one named stays the source."""
+        self.by_key.setdefault(key, run_dir)
+
+    def find_key(self, key: str) -> Path | None:
+        return self.by_key.get(key)
 
 
 def copy_run(source: Path, target: Path) -> None:
