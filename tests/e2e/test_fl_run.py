@@ -50,12 +50,24 @@ def test_fl_run_runs_the_quick_preset_through_flwr_run(superlink, tmp_path):
     assert last.endswith(f"; results in {results / 'front-door'}")
 
 
+# a run that outlives the test but costs little while it waits: one client a round, one step
+# on a small shard, no evaluation (the quick preset's rounds kept both cores busy throughout)
+LIGHT_LONG_RUN = {
+    "num-server-rounds": 100_000,
+    "checkpoint-every": 5,
+    "fraction-train": 0.1,
+    "local-steps": 1,
+    "synthetic-train-per-class": 10,
+    "eval-every": 100_000,
+}
+
+
 def test_one_writer_per_run_folder_and_ctrl_c_stops_the_run(superlink, tmp_path):
     """While fl-run runs ``long``: fl-run refuses to resume it in one line, a ServerApp
     submitted with plain ``flwr run`` refuses the folder; SIGINT then stops the run
     through Flower and leaves no process of it."""
     results = tmp_path / "results"
-    config = ["configs/quick.toml", "num-server-rounds=200", "checkpoint-every=1"]
+    config = ["configs/quick.toml", *(f"{k}={v}" for k, v in LIGHT_LONG_RUN.items())]
     config += [f"output-dir={results}", "run-name=long"]
     log = open(tmp_path / "fl-run.out", "w")  # noqa: SIM115 - closed after the process
     err = tmp_path / "fl-run.err"
@@ -88,6 +100,7 @@ def test_one_writer_per_run_folder_and_ctrl_c_stops_the_run(superlink, tmp_path)
         toml = write_run_config(
             tmp_path / "resume.toml",
             load_preset(ROOT / "configs" / "quick.toml")
+            | LIGHT_LONG_RUN
             | {"output-dir": str(results), "run-name": "long", "resume": True},
         )
         second = superlink.run_to_end(ROOT, toml, "num-supernodes=10", timeout=240)
