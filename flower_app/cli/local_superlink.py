@@ -282,6 +282,7 @@ class LocalSuperLink:
         connection_args: Sequence[str] | None = None,
         auth_private_key: Path | None = None,
         cwd: Path | None = None,
+        command: Sequence[str] | None = None,
     ) -> subprocess.Popen:
         """A SuperNode process connected to this SuperLink (like a separate machine).
 
@@ -289,7 +290,8 @@ class LocalSuperLink:
         should be refused); ``auth_private_key`` is its ``--auth-supernode-private-key``.
         Its output goes to ``supernode-<index>.out`` in FLWR_HOME (see ``supernode_log``);
         ``cwd`` (default FLWR_HOME) is its working directory, so relative paths in a
-        run-config can name files that only the coordinator's processes see.
+        run-config can name files that only the coordinator's processes see; ``command``
+        replaces ``flower-supernode`` (it gets the same arguments).
         """
         index = len(self.supernodes)
         log = open(self.home / f"supernode-{index}.out", "wb")  # noqa: SIM115
@@ -298,7 +300,7 @@ class LocalSuperLink:
         auth = ["--auth-supernode-private-key", str(auth_private_key)] if auth_private_key else []
         process = subprocess.Popen(
             [
-                flower_executable("flower-supernode"),
+                *(command or [flower_executable("flower-supernode")]),
                 *connection_args,
                 *auth,
                 "--superlink",

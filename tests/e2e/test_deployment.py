@@ -4,7 +4,10 @@ Each SuperNode is a separate process with a node-local ``data-dir`` (its private
 shard, written by ``python -m flower_app.data.node_data``), like separate machines. One
 SuperNode is killed after the first round; the run must go on with the other two,
 record the failures and finish. That run also measures task-arithmetic interference on
-the server's validation split, which no node holds or is sent.
+the server's validation split, which no node holds or is sent. The SuperLink, the shards
+and the SuperNodes are made once for the module's two tests that need them; the SuperNodes
+declare a 10 s heartbeat (``quick_heartbeat_supernode.py``), so a killed one is given up
+after 20 s instead of a minute.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -32,15 +37,43 @@ from flower_app.models.factory import build_model
 from flower_app.runs.runtime import run_splits
 from flower_app.runs.task_metrics import COLUMNS
 from tests.conftest import ROOT
+from tests.e2e.quick_heartbeat_supernode import COMMAND as QUICK_HEARTBEAT_SUPERNODE
 
 RECIPE = ROOT / "scripts" / "deployment_loopback.sh"
+PARTITIONS = 3
 
 
-@pytest.fixture
-def deployment(tmp_path):
-    link = LocalSuperLink.start(tmp_path / "flwr-home", simulation=False)
+@dataclass
+class Nodes:
+    """A SuperLink and one SuperNode per partition, each with its private shard in
+    ``data``, started in ``machine`` (a working directory apart from the SuperLink's)."""
+
+    link: LocalSuperLink
+    data: Path
+    machine: Path
+    by_partition: dict[int, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, partition: int) -> None:
+        """(Re)start the SuperNode of ``partition``: a new node id, the same shard."""
+        shard = self.data / f"partition-{partition}"
+        config = f'partition-id={partition} num-partitions={PARTITIONS} data-dir="{shard}"'
+        self.by_partition[partition] = self.link.start_supernode(
+            config, cwd=self.machine, command=QUICK_HEARTBEAT_SUPERNODE
+        )
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory) -> Iterator[Nodes]:
+    root = tmp_path_factory.mktemp("deployment")
+    link = LocalSuperLink.start(root / "flwr-home", simulation=False)
     try:
-        yield link
+        nodes = Nodes(link, root / "node-data", root / "node-machine")
+        nodes.machine.mkdir()
+        _write_node_data(link, nodes.data)
+        for partition in range(PARTITIONS):
+            nodes.start(partition)
+        link.add_connection("loopback")
+        yield nodes
     finally:
         link.stop()
 
@@ -91,25 +124,17 @@ def _wait_for_round(metrics_csv: Path, round_: int, deployment: LocalSuperLink) 
     pytest.fail(f"round {round_} did not finish: {deployment.log()[-3000:]}")
 
 
-def test_supernodes_with_private_data_survive_a_killed_node_that_comes_back(deployment, tmp_path):
-    nodes, node_machine = tmp_path / "node-data", tmp_path / "node-machine"
-    node_machine.mkdir()
-    _write_node_data(deployment, nodes)
-    configs = [
-        f'partition-id={i} num-partitions=3 data-dir="{nodes / f"partition-{i}"}"' for i in range(3)
-    ]
-    for node_config in configs:
-        deployment.start_supernode(node_config, cwd=node_machine)
-    deployment.add_connection("loopback")
+def test_supernodes_with_private_data_survive_a_killed_node_that_comes_back(nodes, tmp_path):
+    deployment = nodes.link
     results = tmp_path / "results"
     run_config = _write_run_config(tmp_path, _coordinator_only_weights(deployment), results)
     metrics_csv = results / "deployed" / "metrics.csv"
 
     def kill_node_2_then_restart_it(run_id: int) -> None:
         _wait_for_round(metrics_csv, 1, deployment)
-        os.killpg(deployment.supernodes[2].pid, signal.SIGKILL)
+        os.killpg(nodes.by_partition[2].pid, signal.SIGKILL)
         _wait_for_round(metrics_csv, 2, deployment)
-        deployment.start_supernode(configs[2], cwd=node_machine)  # same partition, new id
+        nodes.start(2)  # same partition, new id
 
     run = deployment.run_to_end(
         ROOT,
@@ -129,7 +154,7 @@ def test_supernodes_with_private_data_survive_a_killed_node_that_comes_back(depl
     assert "partition 2 is now on node" in run.log
     summary = json.loads((results / "deployed" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds"] == 4
-    assert_task_metrics_from_server_data_only(deployment, metrics, nodes, run_config)
+    assert_task_metrics_from_server_data_only(deployment, metrics, nodes.data, run_config)
 
 
 def assert_task_metrics_from_server_data_only(
@@ -159,14 +184,8 @@ def assert_task_metrics_from_server_data_only(
         assert len(own) == 3000 and not own & val
 
 
-def test_a_restarted_serverapp_resumes_against_the_running_supernodes(deployment, tmp_path):
-    nodes = tmp_path / "node-data"
-    _write_node_data(deployment, nodes)
-    for i in range(3):
-        deployment.start_supernode(
-            f'partition-id={i} num-partitions=3 data-dir="{nodes / f"partition-{i}"}"'
-        )
-    deployment.add_connection("loopback")
+def test_a_restarted_serverapp_resumes_against_the_running_supernodes(nodes, tmp_path):
+    deployment = nodes.link
     results = tmp_path / "results"
     with open(ROOT / "configs" / "quick.toml", "rb") as f:
         base = tomllib.load(f) | {
