@@ -176,10 +176,11 @@ def _ratio(accuracy: float, own: float) -> float:
 
 
 def _scores(task: Task, state: State, split: str) -> TaskScores:
-    pretrained = edited(task.initial, {}, 0.0, task.own_head())
+    """The edited model scored; the pretrained and fine-tuned ones once per task and split
+    (addition and negation both report them, on the same test split)."""
     return TaskScores(
-        task.score(pretrained, split),
-        task.score(task.fine_tuned(), split),
+        task.reference("pretrained", split),
+        task.reference("fine_tuned", split),
         task.score(state, split),
     )
 

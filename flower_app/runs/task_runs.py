@@ -10,7 +10,6 @@ tensors; anything else is a one-line ``TaskVectorMismatch``.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,11 +54,6 @@ def load_task_run(run_dir: str | Path, device: str = "cpu") -> TaskRun:
         return evaluator(state, getattr(splits, split))[1]
 
     task = Task(run_dir.name, initial, vector, score)
-    # the run tested its own final model (w0 + tau) on this test split already
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    if summary.get("final-test-accuracy") is not None:
-        task.remember("fine_tuned", "test", float(summary["final-test-accuracy"]))
     key = _pretrained_key(config, task)
     for split in ("val", "test"):
         if (key, split) in _PRETRAINED:

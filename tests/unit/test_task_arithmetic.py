@@ -99,6 +99,32 @@ def test_negation_alpha_is_the_largest_that_keeps_95_percent_of_control():
     assert set(result.val_curve) == set(ALPHA_GRID)
 
 
+def test_the_pretrained_and_fine_tuned_models_are_scored_once_per_task_and_split():
+    """Addition and negation both report them on the test split; scoring a model is a pass
+    over that split, so each is scored once (the edited models at every alpha, of course,
+    each time)."""
+    calls: list[tuple[str, float, str]] = []
+
+    def counted(name: str):
+        def score(v: float, split: str) -> float:
+            calls.append((name, v, split))
+            return 0.5 + 0.1 * v
+
+        return score
+
+    a, b = _scalar_task("a", counted("a")), _scalar_task("b", counted("b"))
+    added, negated = add_tasks([a, b], alpha=0.25), negate_task(a, b, alpha=0.5)
+    assert added.tasks["a"].pretrained == negated.target.pretrained == 0.5
+    assert added.tasks["b"].fine_tuned == negated.control.fine_tuned == pytest.approx(0.6)
+    for name in ("a", "b"):  # v = 0: pretrained, v = 1: fine-tuned (0.5 and -0.5: edited)
+        assert sorted(v for n, v, split in calls if n == name and split == "test") == [
+            -0.5,
+            0.0,
+            0.5,
+            1.0,
+        ]
+
+
 def test_pick_rules_on_given_curves():
     assert pick_addition_alpha({0.0: 0.5, 0.3: 0.9, 0.6: 0.9, 0.9: float("nan")}) == 0.3
     control = {0.0: 0.8, 0.5: 0.77, 0.7: 0.75, 1.0: 0.79}  # not monotone: the largest that keeps
