@@ -1,7 +1,8 @@
-"""End to end: ``flwr run .`` runs that must fail, on a local simulation SuperLink (Ray).
+"""End to end: ``flwr run .`` runs that must fail, and the federation set once on the
+SuperLink, on a local simulation SuperLink (Ray).
 
 Runs that complete through ``flwr run`` (dense and sparse) are the quick sweep of
-``tests/integration/test_experiments.py``.
+``tests/e2e/test_sweeps.py``.
 """
 
 from __future__ import annotations
