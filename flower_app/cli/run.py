@@ -1,11 +1,10 @@
 """``fl-run``: one front door for a federated run (``python -m flower_app.cli.run``).
 
 ``fl-run [PRESET] [key=value ...] [--federation-config "..." | --connection NAME] [--app DIR]``
-merges the
-app's defaults, a preset and overrides, validates them with ``RunConfig`` before anything
-starts, derives ``num-supernodes`` (and client resources) from them, streams ``flwr run``
-and exits with the run's real outcome: ``flwr run`` itself exits 0 even when the run
-failed, so the status is read back with ``flwr ls``.
+merges the app's defaults, a preset and overrides, validates them with ``RunConfig`` before
+anything starts, derives ``num-supernodes`` (and client resources) from them, streams
+``flwr run`` and exits with the run's real outcome: ``flwr run`` itself exits 0 even when
+the run failed, so the status is read back with ``flwr ls``.
 
 Exit codes: 0 the run completed (the last line names its final test accuracy), 1 it
 failed (one line ``run ID STATUS: last error`` on stderr), 2 the command or its run-config
