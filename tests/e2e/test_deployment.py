@@ -81,7 +81,7 @@ def nodes(tmp_path_factory) -> Iterator[Nodes]:
 def _write_node_data(deployment: LocalSuperLink, nodes: Path) -> None:
     quick = str(ROOT / "configs" / "quick.toml")
     command = [sys.executable, "-m", "flower_app.data.node_data", "--out", str(nodes)]
-    command += ["--run-config", quick, "num-clients=3"]
+    command += ["--run-config", quick, f"num-clients={PARTITIONS}"]
     subprocess.run(command, check=True, cwd=ROOT, env=deployment.env, timeout=300)
 
 
@@ -100,7 +100,7 @@ def _write_run_config(tmp_path: Path, weights: str, results: Path) -> Path:
         config = tomllib.load(f) | {
             "weights": "pretrained",
             "pretrained-path": weights,
-            "num-clients": 3,
+            "num-clients": PARTITIONS,
             "fraction-train": 1.0,
             "num-server-rounds": 4,
             "local-steps": 2,  # what is tested is who trains, not how much
@@ -189,7 +189,7 @@ def test_a_restarted_serverapp_resumes_against_the_running_supernodes(nodes, tmp
     results = tmp_path / "results"
     with open(ROOT / "configs" / "quick.toml", "rb") as f:
         base = tomllib.load(f) | {
-            "num-clients": 3,
+            "num-clients": PARTITIONS,
             "fraction-train": 1.0,
             "num-server-rounds": 2,
             "local-steps": 2,
