@@ -28,6 +28,7 @@ from flower_app.models.backbone_cache import make_command
 from flower_app.models.factory import MODEL_SPECS
 from strategies.masks import CALIBRATION_SCHEDULES, MASK_SCOPES, MASK_STRATEGIES
 from strategies.server_rules import RULES as SERVER_RULES
+from strategies.server_rules import rule_options
 
 STRATEGIES = ("fedavg", "sparse-fedavg")
 HEAD_MODES = ("train", "frozen")
@@ -138,20 +139,9 @@ class RunConfig:
     # FedProx's proximal term on the clients; defaults: Flower 1.42's (flwr.serverapp.strategy)
     server_rule: str = "mean"
     proximal_mu: float = 0.0  # FedProx(proximal_mu=0.0)
-    fedavgm_server_lr: float = 1.0  # FedAvgM(server_learning_rate=1.0)
-    fedavgm_momentum: float = 0.0  # FedAvgM(server_momentum=0.0)
-    fedadam_eta: float = 0.1  # FedAdam(eta=1e-1, beta_1=0.9, beta_2=0.99, tau=1e-3)
-    fedadam_beta_1: float = 0.9
-    fedadam_beta_2: float = 0.99
-    fedadam_tau: float = 1e-3
-    fedyogi_eta: float = 0.01  # FedYogi(eta=1e-2, beta_1=0.9, beta_2=0.99, tau=1e-3)
-    fedyogi_beta_1: float = 0.9
-    fedyogi_beta_2: float = 0.99
-    fedyogi_tau: float = 1e-3
-    fedadagrad_eta: float = 0.1  # FedAdagrad(eta=1e-1, tau=1e-3)
-    fedadagrad_tau: float = 1e-3
-    trimmed_beta: float = 0.2  # FedTrimmedAvg(beta=0.2)
-    krum_malicious: int = 0  # Krum(num_malicious_nodes=0)
+    # every registered rule's options by run-config key (fedadam-eta, ...); a key not set
+    # has its registry default: strategies/server_rules.py names each option once
+    rule_values: tuple[tuple[str, Any], ...] = ()
     # centralized baseline (flower_app/centralized/baseline.py); the federated app ignores them
     epochs: int = 50
     warmup_epochs: int = 0
@@ -160,7 +150,8 @@ class RunConfig:
     @classmethod
     def keys(cls) -> list[str]:
         """All run-config keys (kebab-case), as in ``[tool.flwr.app.config]``."""
-        return [f.name.replace("_", "-") for f in dataclasses.fields(cls)]
+        own = [f.name.replace("_", "-") for f in dataclasses.fields(cls) if f.name != "rule_values"]
+        return own + list(rule_options())
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any], check_files: bool = True) -> RunConfig:
@@ -170,20 +161,30 @@ class RunConfig:
         ``pretrained-path``): a SuperNode uses neither, so in a deployment where they
         exist on the coordinator only, the nodes must not refuse the run for them.
         """
-        known = {f.name: f for f in dataclasses.fields(cls)}
+        known = {f.name: f for f in dataclasses.fields(cls) if f.name != "rule_values"}
+        options = rule_options()
         values: dict[str, Any] = {}
+        rule_values = []
         for key, raw in run_config.items():
             name = key.replace("-", "_")
-            if name not in known or "_" in key:
+            if key in options:
+                rule_values.append((key, _coerce(key, raw, options[key].default)))
+            elif name not in known or "_" in key:
                 raise ConfigError(unknown_key_message(key))
-            values[name] = _coerce(key, raw, known[name].default)
-        cfg = cls(**values)
+            else:
+                values[name] = _coerce(key, raw, known[name].default)
+        cfg = cls(**values, rule_values=tuple(sorted(rule_values)))
         cfg.validate(check_files)
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config with kebab-case keys (what results/config.json holds)."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+        own = {
+            f.name.replace("_", "-"): getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "rule_values"
+        }
+        return own | self.server_rule_values()
 
     # ---- derived values -------------------------------------------------------------
     @property
@@ -242,30 +243,10 @@ class RunConfig:
         }
         return {k: v for k, v in self.to_dict().items() if k not in operational}
 
-    def server_rule_options(self) -> dict[str, float]:
-        """The chosen server rule's keyword arguments for its Flower 1.42 class."""
-        options = {
-            "fedavgm": {
-                "server_learning_rate": self.fedavgm_server_lr,
-                "server_momentum": self.fedavgm_momentum,
-            },
-            "fedadam": {
-                "eta": self.fedadam_eta,
-                "beta_1": self.fedadam_beta_1,
-                "beta_2": self.fedadam_beta_2,
-                "tau": self.fedadam_tau,
-            },
-            "fedyogi": {
-                "eta": self.fedyogi_eta,
-                "beta_1": self.fedyogi_beta_1,
-                "beta_2": self.fedyogi_beta_2,
-                "tau": self.fedyogi_tau,
-            },
-            "fedadagrad": {"eta": self.fedadagrad_eta, "tau": self.fedadagrad_tau},
-            "fedtrimmedavg": {"beta": self.trimmed_beta},
-            "krum": {"num_malicious_nodes": self.krum_malicious},
-        }
-        return options.get(self.server_rule, {})
+    def server_rule_values(self) -> dict[str, Any]:
+        """Every registered rule option's value by run-config key (set, or its default)."""
+        given = dict(self.rule_values)
+        return {key: given.get(key, o.default) for key, o in rule_options().items()}
 
     def optimizer_settings(self, lr: float | None = None, name: str = "") -> OptimizerSettings:
         """The local optimizer's settings, at ``lr`` (a round's scheduled lr) or ``lr``;
@@ -494,32 +475,17 @@ class RunConfig:
 
     def _validate_server_rule(self) -> None:
         """The server rule and every rule's options (all are checked, whichever is chosen)."""
-        _choice("server-rule", self.server_rule, SERVER_RULES)
+        _choice("server-rule", self.server_rule, tuple(SERVER_RULES))
         if not (self.proximal_mu >= 0.0 and math.isfinite(self.proximal_mu)):
             raise _err("proximal-mu", self.proximal_mu, "must be a finite number >= 0")
-        positive = ["fedavgm-server-lr", "fedadam-eta", "fedadam-tau", "fedyogi-eta"]
-        positive += ["fedyogi-tau", "fedadagrad-eta", "fedadagrad-tau"]
-        for key in positive:
-            value = getattr(self, key.replace("-", "_"))
-            if not (value > 0.0 and math.isfinite(value)):
-                raise _err(key, value, "must be a finite number > 0")
-        for key in ["fedavgm-momentum", "fedadam-beta-1", "fedadam-beta-2", "fedyogi-beta-1"]:
-            value = getattr(self, key.replace("-", "_"))
-            if not 0.0 <= value < 1.0:
-                raise _err(key, value, "must be in [0, 1)")
-        if not 0.0 <= self.fedyogi_beta_2 < 1.0:
-            raise _err("fedyogi-beta-2", self.fedyogi_beta_2, "must be in [0, 1)")
-        if not 0.0 <= self.trimmed_beta < 0.5:
-            raise _err("trimmed-beta", self.trimmed_beta, "must be in [0, 0.5) (cut per side)")
-        _at_least("krum-malicious", self.krum_malicious, 0)
-        most = self.clients_per_round - 3  # Krum scores each reply by its n - f - 2 closest
-        if self.server_rule == "krum" and self.krum_malicious > most:
-            raise _err(
-                "krum-malicious",
-                self.krum_malicious,
-                f"Krum needs clients per round - krum-malicious - 2 >= 1: at most {most} "
-                f"with {self.clients_per_round} clients per round",
-            )
+        values = self.server_rule_values()
+        for key, option in rule_options().items():
+            if not option.bound.test(values[key]):
+                raise _err(key, values[key], f"must be {option.bound.message}")
+        fits = SERVER_RULES[self.server_rule].fits
+        problem = fits(values, self.clients_per_round) if fits else None
+        if problem:
+            raise _err(problem[0], values[problem[0]], problem[1])
 
     def _validate_model(self) -> None:
         spec = MODEL_SPECS[self.model]

@@ -83,6 +83,7 @@ from strategies.rounds import (
     RetryPolicy,
     RoundHook,
     client_error_text,
+    run_plan,
 )
 from strategies.seeds import derive_seed
 from strategies.server_rules import build_rule
@@ -187,9 +188,8 @@ def build_strategy(
         "lr_at": functools.partial(lr_at_round, cfg=cfg),
         "retry": RetryPolicy(cfg.min_train_clients, cfg.max_round_retries, cfg.round_timeout),
         "update_metrics": cfg.update_metrics,
-        "rejoin_timeout": cfg.node_wait_timeout,
         "carrier": carrier,
-        "server_rule": build_rule(cfg.server_rule, cfg.server_rule_options()),
+        "server_rule": build_rule(cfg.server_rule, cfg.server_rule_values()),
         "task_rounds": TaskRounds(cfg.task_metrics_every) if cfg.task_metrics_examples else None,
     }
     if cfg.strategy == "fedavg":
@@ -586,10 +586,18 @@ def main(grid: Grid, context: Context) -> None:
                 return
             tracker.start(resolved_config(cfg, run_path))
             try:
-                result = run.components.strategy.start(grid, run.start, hooks=run.hooks)
+                strategy = run.components.strategy
+                final = run_plan(
+                    strategy,
+                    run.components.clock,
+                    grid,
+                    run.start,
+                    run.hooks,
+                    cfg.node_wait_timeout,
+                )
             except InsufficientRepliesError as exc:
                 message = explain_insufficient_replies(str(exc), cfg)
                 raise InsufficientRepliesError(message) from exc
         finally:
             carrier.close()  # no file of the run outlives it (a killed run's: the next start)
-        finish(run, result.arrays)
+        finish(run, final)

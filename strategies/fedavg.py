@@ -1,4 +1,4 @@
-"""Weighted FedAvg that decides and aggregates; the network is used in strategies/rounds.py.
+"""Weighted FedAvg that configures, checks and aggregates; the loop is strategies/rounds.py.
 
 Flower's FedAvg samples with the global ``random`` and sums replies in arrival order,
 so two runs with one seed differ. Here clients are sampled by partition id with a seed
@@ -12,21 +12,18 @@ order, float32. ``weighted_average`` (float64) is the mean of calibration statis
 from __future__ import annotations
 
 import functools
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result, Strategy
 
 from strategies import protocol
 from strategies.interference import SplitGram
 from strategies.plan import TRAIN, RoundClock, RoundPosition
 from strategies.record import ClientModel, RoundRecord, TaskModels
 from strategies.reply_checks import Layout, dense_layout, train_metrics_problem
-from strategies.rounds import RetryPolicy, RoundHook, run_plan, send_with_retries
+from strategies.rounds import CheckedReply, RetryPolicy, RoundRequest
 from strategies.seeds import sample_partitions
 from strategies.server_rules import ServerRule
 from strategies.transport.carrier import WeightCarrier
@@ -65,35 +62,27 @@ def weighted_average(
     return out
 
 
-def mean_loss(replies: Sequence[Message]) -> MetricRecord:
+def mean_loss(replies: Sequence[CheckedReply]) -> dict[str, float]:
     """The example-weighted mean training loss of the replies, and their examples."""
     weights = example_weights(replies)
-    losses = [float(r.content[protocol.METRICS][protocol.TRAIN_LOSS]) for r in replies]
+    losses = [float(r.metrics[protocol.TRAIN_LOSS]) for r in replies]
     total = sum(weights)
     loss = sum(w * x for w, x in zip(weights, losses, strict=True)) / total
-    return MetricRecord({protocol.TRAIN_LOSS: loss, protocol.NUM_EXAMPLES: total})
+    return {protocol.TRAIN_LOSS: loss, protocol.NUM_EXAMPLES: total}
 
 
-def in_partition_order(replies: Iterable[Message]) -> list[Message]:
-    return sorted(replies, key=lambda r: int(r.content[protocol.METRICS][protocol.PARTITION_ID]))
-
-
-def decoded(reply: Message) -> dict[str, torch.Tensor]:
-    """The tensors a training reply carries (all weights, or a sparse update's values)."""
-    return reply.content[protocol.ARRAYS].to_torch_state_dict()
-
-
-def example_weights(replies: Sequence[Message]) -> list[float]:
+def example_weights(replies: Sequence[CheckedReply]) -> list[float]:
     """The FedAvg weight of each reply: the client's ``num-examples``."""
-    return [float(r.content[protocol.METRICS][protocol.NUM_EXAMPLES]) for r in replies]
+    return [r.examples for r in replies]
 
 
-class OrderedFedAvg(Strategy):
+class OrderedFedAvg:
     """FedAvg weighted by ``num-examples``, reproducible for a seed, over a plan of rounds.
 
-    A Flower ``Strategy``: ``configure_train`` and ``aggregate_train`` keep Flower's
-    signatures (and do no network I/O); ``start`` runs the plan. The global model is
-    evaluated on the server (a hook), so Flower's client evaluation is not used.
+    Flower's ``Strategy`` shape without its base class: the loop (``strategies/rounds.py``)
+    owns sending, retries and checks, which Flower's ``start`` would own; here a strategy
+    configures a round, checks a reply and aggregates. The global model is evaluated on
+    the server (a hook), so there is no client evaluation.
     """
 
     def __init__(
@@ -107,7 +96,6 @@ class OrderedFedAvg(Strategy):
         retry: RetryPolicy = NO_RETRIES,
         update_metrics: bool = True,
         shard_sizes: Mapping[int, int] | None = None,
-        rejoin_timeout: float | None = None,
         carrier: WeightCarrier | None = None,
         server_rule: ServerRule | None = None,
         task_rounds: Callable[[RoundPosition], bool] | None = None,
@@ -116,16 +104,12 @@ class OrderedFedAvg(Strategy):
         self.node_to_partition = {node: pid for pid, node in self.partition_to_node.items()}
         # examples per partition (the partition query): the only FedAvg weight a reply may claim
         self.shard_sizes = dict(shard_sizes or {})
-        # replies decoded while checked, reused by the aggregation: id -> (reply, tensors)
-        self.checked: dict[int, tuple[Message, dict[str, torch.Tensor]]] = {}
         self.clients_per_round = clients_per_round
         self.seed = seed
         self.clock = clock
         self.lr_at = lr_at
         self.retry = retry
         self.update_metrics = update_metrics
-        # seconds to wait for a node that joined mid-run to say its partition (None: never ask)
-        self.rejoin_timeout = rejoin_timeout
         # how weights reach each node (by reference or in the message); message-only by default
         self.carrier = carrier or WeightCarrier()
         # how the training phase's updates are combined: the mean, or one of Flower's rules
@@ -204,56 +188,41 @@ class OrderedFedAvg(Strategy):
         pids = self.sample(position, self.clients_per_round, attempt)
         return [self.message_for(pid, arrays, config, protocol.TRAIN) for pid in pids]
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Flower's entry point: the messages of global round ``server_round``."""
-        attempt = int(config.get(protocol.ATTEMPT, 0))
-        return self.train_messages(self.clock.position(server_round), arrays, attempt)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """No client evaluation: the server evaluates the global model (a round hook)."""
-        return []
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return None
-
-    def summary(self) -> None:
-        """Flower logs this at start; the ServerApp prints the plan instead."""
+    def configure(
+        self, position: RoundPosition, arrays: ArrayRecord, record: RoundRecord
+    ) -> RoundRequest:
+        """A training round: each attempt's messages and the check of a reply."""
+        record.add({"lr": self.lr(position)})
+        layout = self.train_layout(position, arrays)
+        return RoundRequest(
+            lambda attempt: self.train_messages(position, arrays, attempt),
+            lambda reply: self.check_train_reply(reply, layout),
+        )
 
     # ---- aggregating ---------------------------------------------------------------------
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Flower's signature over the rounds' arithmetic: the example-weighted mean of whole
-        replies (``mean_update`` from zeros: no sent weights are needed) and of the
-        losses, in partition order. Rounds use ``aggregate_round``."""
-        replies = in_partition_order(replies)
-        if not replies:
-            return None, None
-        states = [decoded(r) for r in replies]
-        zeros = {name: torch.zeros_like(tensor) for name, tensor in states[0].items()}
-        mean = self.mean_update(zeros, states, example_weights(replies), None)
-        return ArrayRecord(mean), mean_loss(replies)
+    def aggregate(
+        self,
+        position: RoundPosition,
+        arrays: ArrayRecord,
+        replies: Sequence[CheckedReply],
+        record: RoundRecord,
+    ) -> ArrayRecord:
+        """The next global weights from ``arrays`` (what was sent) and the usable replies."""
+        return self.aggregate_round(arrays, replies, record)
 
     def aggregate_round(
-        self, base: ArrayRecord, replies: Sequence[Message], record: RoundRecord
+        self, base: ArrayRecord, replies: Sequence[CheckedReply], record: RoundRecord
     ) -> ArrayRecord:
-        """The next global weights from ``base`` (what was sent) and the usable replies.
-
-        Each reply is decoded once and read once per tensor (``mean_update``).
-        """
-        replies = in_partition_order(replies)
+        """The next global weights from ``base`` (what was sent) and the usable replies,
+        in partition order; each reply's tensors (decoded by its check) are read once per
+        tensor (``mean_update``)."""
+        replies = sorted(replies, key=lambda r: r.partition)
         if not replies:
             raise ValueError(f"round {record.round}: no replies to aggregate")
-        states = [self.reply_state(r) for r in replies]
+        states = [r.tensors for r in replies]
         weights = example_weights(replies)
-        record.add({key: float(value) for key, value in mean_loss(replies).items()})
-        metrics = [r.content[protocol.METRICS] for r in replies]
+        record.add(mean_loss(replies))
+        metrics = [r.metrics for r in replies]
         record.add(client_compute_metrics(metrics))
         record.clients.extend(client_placements(metrics))
         base_state = self.tensors_of(base)
@@ -272,14 +241,14 @@ class OrderedFedAvg(Strategy):
         self,
         base: Mapping[str, torch.Tensor],
         merged: ArrayRecord,
-        replies: Sequence[Message],
+        replies: Sequence[CheckedReply],
         states: Sequence[Mapping[str, torch.Tensor]],
     ) -> TaskModels:
         """References for the task-arithmetic hook: w (sent), w + t (``merged``, after the
         server rule) and per aggregated client a builder of w + t_k from its reply's
         tensors; no tensor is copied here. Read before the next round (the sparse mask
         that places a reply's values may change then)."""
-        pids = [int(r.content[protocol.METRICS][protocol.PARTITION_ID]) for r in replies]
+        pids = [r.partition for r in replies]
         clients = [
             ClientModel(pid, functools.partial(self.merged_state, base, state))
             for pid, state in zip(pids, states, strict=True)
@@ -363,37 +332,28 @@ class OrderedFedAvg(Strategy):
         """What a training reply must hold: dense FedAvg, every sent tensor as sent."""
         return dense_layout(arrays)
 
-    def check_train_reply(self, reply: Message, layout: Layout) -> str:
-        """Why a training reply must not be aggregated ("" when it may); decodes it once.
+    def check_train_reply(self, reply: Message, layout: Layout) -> CheckedReply | str:
+        """A training reply with its tensors decoded once, or why it must not be aggregated.
 
         Its metrics must name the partition the message went to and that partition's shard
-        size; its arrays must fit ``layout`` and be finite. The decoded tensors are kept
-        for the aggregation (``reply_state``).
+        size; its arrays must fit ``layout`` and be finite.
         """
         pid = self.node_to_partition.get(reply.metadata.src_node_id)
         metrics = reply.content.metric_records.get(protocol.METRICS)
         problem = train_metrics_problem(metrics, pid, self.shard_sizes.get(pid))
         if problem:
             return rejected(reply, pid, problem)
-        return self.keep_checked(reply, protocol.ARRAYS, layout, pid)
+        return self.checked_reply(reply, protocol.ARRAYS, layout, pid)
 
-    def keep_checked(
+    def checked_reply(
         self, reply: Message, key: str, layout: Layout, pid: int | None, nonnegative: bool = False
-    ) -> str:
-        """Decode and check the reply's tensors ``key`` (in the message or by reference);
-        keep them if they fit."""
-        state, problem = self.carrier.reply_state(reply, key, layout, nonnegative)
+    ) -> CheckedReply | str:
+        """The reply with its tensors ``key`` (in the message or by reference) decoded and
+        checked against ``layout``, or why they do not fit."""
+        tensors, problem = self.carrier.reply_tensors(reply, key, layout, nonnegative)
         if problem:
             return rejected(reply, pid, problem)
-        self.checked[id(reply)] = (reply, state)
-        return ""
-
-    def reply_state(self, reply: Message, key: str = protocol.ARRAYS) -> dict[str, torch.Tensor]:
-        """The tensors of a reply: as decoded by its check, else decoded now."""
-        kept = self.checked.get(id(reply))
-        if kept is not None and kept[0] is reply:
-            return kept[1]
-        return reply.content[key].to_torch_state_dict()
+        return CheckedReply(reply, tensors)
 
     # ---- the plan ------------------------------------------------------------------------
     def enter_phase(self, position: RoundPosition, arrays: ArrayRecord) -> None:
@@ -402,39 +362,9 @@ class OrderedFedAvg(Strategy):
     def on_client_failure(self, node_id: int) -> None:
         """Called for each failed reply (sparse strategies forget the node's mask)."""
 
-    def run_round(
-        self, grid: Grid, position: RoundPosition, arrays: ArrayRecord, record: RoundRecord
-    ) -> ArrayRecord:
-        """A training round: messages, replies (with retries), the aggregate."""
-        record.add({"lr": self.lr(position)})
-        layout = self.train_layout(position, arrays)
-        try:
-            replies = send_with_retries(
-                grid,
-                lambda attempt: self.train_messages(position, arrays, attempt),
-                self.retry,
-                record,
-                self.on_client_failure,
-                lambda reply: self.check_train_reply(reply, layout),
-            )
-            return self.timed_aggregate(arrays, replies, record)
-        finally:
-            self.end_round()
-
     def end_round(self) -> None:
-        """What a round (training or calibration) leaves: decoded replies live for one
-        round, and so do its shared weight files."""
-        self.checked.clear()
+        """What a round (training or calibration) leaves: its shared weight files."""
         self.carrier.end_round()
-
-    def timed_aggregate(
-        self, base: ArrayRecord, replies: Sequence[Message], record: RoundRecord
-    ) -> ArrayRecord:
-        """``aggregate_round`` with its wall time in the record's ``seconds-aggregate``."""
-        t0 = time.perf_counter()
-        arrays = self.aggregate_round(base, replies, record)
-        record.count("seconds-aggregate", time.perf_counter() - t0)
-        return arrays
 
     # ---- Saveable ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -444,27 +374,6 @@ class OrderedFedAvg(Strategy):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """The server rule's state (a checkpoint of an older version has none: the mean)."""
         self.server_rule.load_state_dict(state.get("server-rule", {}))
-
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int | None = None,
-        timeout: float | None = None,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: object = None,
-        hooks: Sequence[RoundHook] = (),
-    ) -> Result:
-        """Run the rest of the clock's plan; ``hooks`` run after every round (see rounds.py).
-
-        The plan, not ``num_rounds``, says how many rounds run; the retry policy, not
-        ``timeout``, how long a round waits. Flower's client evaluation is not used.
-        """
-        if num_rounds is not None and num_rounds != self.clock.total_rounds - self.clock.completed:
-            raise ValueError(f"num_rounds={num_rounds} disagrees with the plan's remaining rounds")
-        arrays = run_plan(self, self.clock, grid, initial_arrays, hooks, self.rejoin_timeout)
-        return Result(arrays=arrays)
 
 
 def rejected(reply: Message, pid: int | None, problem: str) -> str:

@@ -1,8 +1,11 @@
-"""Where the network is used: one send-with-retries for every kind of round, and the run loop.
+"""Where the network is used: the one loop over rounds of every kind, as in Flower's
+``Strategy.start``.
 
-As in Flower's own ``Strategy.start``, strategies only decide (which clients, which
-messages) and aggregate (arithmetic over replies); sending, waiting and retrying happen
-here. Training, head warm-up and calibration rounds all go through ``send_with_retries``.
+A round is configure, send and receive, aggregate (``run_round``). The strategy
+configures (a ``RoundRequest``: the messages of each attempt and the check of a reply),
+checks each reply (its tensors, decoded once, or why it must not be aggregated) and
+aggregates the ``CheckedReply``s (arithmetic only); sending, waiting, retrying and
+checking happen here. Training, head warm-up and calibration rounds are all this loop.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-from flwr.app import ArrayRecord, Message, RecordDict
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from strategies import protocol
@@ -69,12 +73,41 @@ def content_bytes(content: RecordDict) -> int:
     )
 
 
-ReplyCheck = Callable[[Message], str]  # "" when a reply may be aggregated, else the reason
+@dataclass(frozen=True)
+class CheckedReply:
+    """A usable reply and the tensors its check decoded: what an aggregation reads."""
+
+    message: Message
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def metrics(self) -> MetricRecord:
+        return self.message.content[protocol.METRICS]
+
+    @property
+    def partition(self) -> int:
+        return int(self.metrics[protocol.PARTITION_ID])
+
+    @property
+    def examples(self) -> float:
+        """The reply's FedAvg weight: its ``num-examples``."""
+        return float(self.metrics[protocol.NUM_EXAMPLES])
 
 
-def accept_all(reply: Message) -> str:
-    """The default check: every reply without a Flower error is usable."""
-    return ""
+ReplyCheck = Callable[[Message], CheckedReply | str]  # the checked reply, or why it is not
+
+
+def accept_all(reply: Message) -> CheckedReply:
+    """The default check: every reply without a Flower error is usable (no tensors read)."""
+    return CheckedReply(reply, {})
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """What a strategy configures for a round: each attempt's messages, a reply's check."""
+
+    build: Callable[[int], list[Message]]
+    check: ReplyCheck = accept_all
 
 
 CHECK_THREADS = 4  # replies checked at once: hashing and reading mapped files scale to ~4
@@ -86,7 +119,7 @@ class Exchange:
     """The replies to one set of messages, in arrival order, with each one's verdict."""
 
     replies: list[Message]
-    reasons: list[str]  # "" for a usable reply, else why it is not (a Flower error too)
+    verdicts: list[CheckedReply | str]  # the checked reply, or why it is not (a Flower error too)
     seconds_clients: float  # from the push to the last reply: transport and client work
     seconds_decode: float  # checks still running after the last reply
 
@@ -122,32 +155,32 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, check: ReplyCh
             if not pending or time.perf_counter() >= deadline:
                 break
             time.sleep(interval)
-        reasons = [verdict.result() for verdict in verdicts]
-    return Exchange(replies, reasons, last - t_sent, time.perf_counter() - last)
+        checked = [verdict.result() for verdict in verdicts]
+    return Exchange(replies, checked, last - t_sent, time.perf_counter() - last)
 
 
-def _verdict(reply: Message, check: ReplyCheck) -> str:
+def _verdict(reply: Message, check: ReplyCheck) -> CheckedReply | str:
     return reply.error.reason if reply.has_error() else check(reply)
 
 
 def usable_replies(
     done: Exchange, record: RoundRecord, on_failure: Callable[[int], None]
-) -> list[Message]:
+) -> list[CheckedReply]:
     """The usable replies of an exchange, in partition order.
 
     A Flower error and a rejected reply are the same to a round: a failed client, counted
     with its one-line reason (printed and kept in the record for the CSVs).
     """
     valid = []
-    for reply, reason in zip(done.replies, done.reasons, strict=True):
-        if reason:
-            reason = client_error_text(reason)  # one line, whatever the client sent
-            on_failure(reply.metadata.src_node_id)
-            record.failure_reasons.append(reason)
-            print(f"round {record.round}: client failed: {reason}", flush=True)
-        else:
-            valid.append(reply)
-    valid.sort(key=lambda r: int(r.content[protocol.METRICS][protocol.PARTITION_ID]))
+    for reply, verdict in zip(done.replies, done.verdicts, strict=True):
+        if isinstance(verdict, CheckedReply):
+            valid.append(verdict)
+            continue
+        reason = client_error_text(verdict)  # one line, whatever the client sent
+        on_failure(reply.metadata.src_node_id)
+        record.failure_reasons.append(reason)
+        print(f"round {record.round}: client failed: {reason}", flush=True)
+    valid.sort(key=lambda r: r.partition)
     return valid
 
 
@@ -158,10 +191,11 @@ def send_with_retries(
     record: RoundRecord,
     on_failure: Callable[[int], None] = lambda node_id: None,
     check: ReplyCheck = accept_all,
-) -> list[Message]:
+) -> list[CheckedReply]:
     """Send ``build(0)``; while too few replies are usable, send ``build(k)``, k = 1, 2, ...
 
-    A reply is usable when it carries no error and ``check`` finds no reason to reject it.
+    A reply is usable when it carries no error and ``check`` returns it checked, not a
+    reason to reject it.
     Fills the record's ``bytes-down``, ``bytes-up``, ``clients``, ``failures``,
     ``seconds-send`` (building the messages, writing shared weights), ``seconds-clients``
     (from sending to the last reply: transport and client work) and ``seconds-decode``
@@ -188,7 +222,7 @@ def send_with_retries(
             flush=True,
         )
     record.add({"clients": float(len(valid)), "failures": float(failures)})
-    record.add({"bytes-up": float(sum(content_bytes(r.content) for r in valid))})
+    record.add({"bytes-up": float(sum(content_bytes(r.message.content) for r in valid))})
     if len(valid) < policy.min_replies:
         raise InsufficientRepliesError(
             f"round {record.round} ({record.phase}): {len(valid)} usable replies, fewer than "
@@ -199,18 +233,54 @@ def send_with_retries(
 
 
 class PlannedStrategy(Protocol):
-    """What ``run_plan`` needs of a strategy."""
+    """What the loop needs of a strategy: configure, check (in the request), aggregate."""
 
     node_to_partition: dict[int, int]
     carrier: WeightCarrier
+    retry: RetryPolicy
 
     def adopt(self, node_id: int, partition_id: int, num_examples: int) -> str: ...
 
     def enter_phase(self, position: RoundPosition, arrays: ArrayRecord) -> None: ...
 
-    def run_round(
-        self, grid: Grid, position: RoundPosition, arrays: ArrayRecord, record: RoundRecord
+    def configure(
+        self, position: RoundPosition, arrays: ArrayRecord, record: RoundRecord
+    ) -> RoundRequest: ...
+
+    def aggregate(
+        self,
+        position: RoundPosition,
+        arrays: ArrayRecord,
+        replies: Sequence[CheckedReply],
+        record: RoundRecord,
     ) -> ArrayRecord: ...
+
+    def on_client_failure(self, node_id: int) -> None: ...
+
+    def end_round(self) -> None: ...
+
+
+def run_round(
+    strategy: PlannedStrategy,
+    grid: Grid,
+    position: RoundPosition,
+    arrays: ArrayRecord,
+    record: RoundRecord,
+) -> ArrayRecord:
+    """One round of any kind: configure, send and receive (with retries and checks),
+    aggregate (its wall time is the record's ``seconds-aggregate``). What the round
+    decoded and wrote lives until it ends, failed or not (``end_round``)."""
+    request = strategy.configure(position, arrays, record)
+    try:
+        replies = send_with_retries(
+            grid, request.build, strategy.retry, record, strategy.on_client_failure, request.check
+        )
+        t0 = time.perf_counter()
+        arrays = strategy.aggregate(position, arrays, replies, record)
+        record.count("seconds-aggregate", time.perf_counter() - t0)
+        return arrays
+    finally:
+        strategy.end_round()
 
 
 def adopt_new_nodes(grid: Grid, strategy: PlannedStrategy, timeout: float) -> None:
@@ -263,7 +333,7 @@ def run_plan(
             adopt_new_nodes(grid, strategy, rejoin_timeout)
         if position.phase_round == 1:
             strategy.enter_phase(position, arrays)
-        arrays = strategy.run_round(grid, position, arrays, record)
+        arrays = run_round(strategy, grid, position, arrays, record)
         clock.complete(position)
         for hook in hooks:
             hook(record, arrays)

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.serverapp import Grid
 
 from strategies import protocol
 from strategies.fedavg import OrderedFedAvg, example_weights, rejected, weighted_average
@@ -36,7 +35,7 @@ from strategies.masks import (
 from strategies.plan import CALIBRATION, HEAD_WARMUP, TRAIN, RoundPosition
 from strategies.record import RoundRecord
 from strategies.reply_checks import Layout, fisher_metrics_problem, head_layout, masked_layout
-from strategies.rounds import send_with_retries
+from strategies.rounds import CheckedReply, RoundRequest
 from strategies.seeds import derive_seed
 from strategies.transport.sparse_codec import encode_mask, mask_positions, scatter_at
 
@@ -104,14 +103,31 @@ class SparseFedAvg(OrderedFedAvg):
             return self.warmup_lr
         return super().lr(position)
 
-    def run_round(
-        self, grid: Grid, position: RoundPosition, arrays: ArrayRecord, record: RoundRecord
-    ) -> ArrayRecord:
+    def configure(
+        self, position: RoundPosition, arrays: ArrayRecord, record: RoundRecord
+    ) -> RoundRequest:
+        """Calibration asks for the Fisher of the trainable entries; the other rounds train."""
         if position.phase == CALIBRATION:
-            self.calibration_round(grid, position, arrays, record)
-            return arrays  # calibration never changes the global weights
+            layout = masked_layout(self.mask, dict.fromkeys(self.mask, FISHER_DTYPE))
+            return RoundRequest(
+                lambda attempt: self.fisher_messages(position, arrays, attempt),
+                lambda reply: self.check_fisher_reply(reply, layout),
+            )
         record.add({"mask-density": mask_density(self.mask)})
-        return super().run_round(grid, position, arrays, record)
+        return super().configure(position, arrays, record)
+
+    def aggregate(
+        self,
+        position: RoundPosition,
+        arrays: ArrayRecord,
+        replies: Sequence[CheckedReply],
+        record: RoundRecord,
+    ) -> ArrayRecord:
+        """Calibration tightens the mask and never changes the global weights."""
+        if position.phase == CALIBRATION:
+            self.calibrate(position, arrays, replies, record)
+            return arrays
+        return super().aggregate(position, arrays, replies, record)
 
     # ---- calibration ---------------------------------------------------------------------
     def fisher_messages(
@@ -124,32 +140,24 @@ class SparseFedAvg(OrderedFedAvg):
         pids = self.sample(position, self.calibration_clients, attempt)
         return [self.message_for(pid, arrays, config, protocol.QUERY_FISHER) for pid in pids]
 
-    def aggregate_fisher(self, replies: Sequence[Message]) -> dict[str, torch.Tensor]:
+    def aggregate_fisher(self, replies: Sequence[CheckedReply]) -> dict[str, torch.Tensor]:
         """The example-weighted mean Fisher, scattered back to full tensor shapes."""
-        vectors = [self.reply_state(r, protocol.FISHER) for r in replies]
-        mean = weighted_average(vectors, example_weights(replies))
+        replies = sorted(replies, key=lambda r: r.partition)
+        mean = weighted_average([r.tensors for r in replies], example_weights(replies))
         return {
             n: scatter_at(torch.zeros(self.mask[n].shape), self.positions()[n], mean[n])
             for n in self.eligible
         }
 
-    def calibration_round(
-        self, grid: Grid, position: RoundPosition, arrays: ArrayRecord, record: RoundRecord
+    def calibrate(
+        self,
+        position: RoundPosition,
+        arrays: ArrayRecord,
+        replies: Sequence[CheckedReply],
+        record: RoundRecord,
     ) -> None:
         """Score the trainable entries with the clients' Fisher; keep the schedule's share."""
-        layout = masked_layout(self.mask, dict.fromkeys(self.mask, FISHER_DTYPE))
-        try:
-            replies = send_with_retries(
-                grid,
-                lambda attempt: self.fisher_messages(position, arrays, attempt),
-                self.retry,
-                record,
-                self.on_client_failure,
-                lambda reply: self.check_fisher_reply(reply, layout),
-            )
-            fisher, examples = self.aggregate_fisher(replies), sum(example_weights(replies))
-        finally:
-            self.end_round()
+        fisher, examples = self.aggregate_fisher(replies), sum(example_weights(replies))
         schedule = density_schedule(self.sparsity, position.phase_rounds, self.calibration_schedule)
         target = schedule[position.phase_round - 1]
         record.add({"num-examples": examples, "target-density": target})
@@ -163,8 +171,8 @@ class SparseFedAvg(OrderedFedAvg):
             self.set_mask(select_mask(scores, target, current=self.mask))
         record.add({"density": mask_density(self.mask)})
 
-    def check_fisher_reply(self, reply: Message, layout: Layout) -> str:
-        """Why a Fisher reply must not be averaged ("" when it may); decodes it once.
+    def check_fisher_reply(self, reply: Message, layout: Layout) -> CheckedReply | str:
+        """A Fisher reply with its values decoded once, or why it must not be averaged.
 
         Its metrics must name the partition asked, with at most min(fisher-samples, shard)
         examples; its values must fit the mask (``layout``), be finite and non-negative.
@@ -174,7 +182,7 @@ class SparseFedAvg(OrderedFedAvg):
         problem = fisher_metrics_problem(metrics, pid, self.fisher_limit(pid))
         if problem:
             return rejected(reply, pid, problem)
-        return self.keep_checked(reply, protocol.FISHER, layout, pid, nonnegative=True)
+        return self.checked_reply(reply, protocol.FISHER, layout, pid, nonnegative=True)
 
     def fisher_limit(self, pid: int | None) -> int | None:
         """The most examples a node's Fisher uses: min(fisher-samples, its shard), as known."""

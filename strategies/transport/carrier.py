@@ -110,7 +110,7 @@ class WeightCarrier:
         return RecordDict({protocol.ref_key(key): kept[1].record()})
 
     # ---- receiving --------------------------------------------------------------------------
-    def reply_state(
+    def reply_tensors(
         self, reply: Message, key: str, layout: Layout, nonnegative: bool = False
     ) -> tuple[dict[str, torch.Tensor], str]:
         """The tensors of record ``key`` of a reply, checked against ``layout``:

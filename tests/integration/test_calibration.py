@@ -15,6 +15,7 @@ from strategies import protocol
 from strategies.masks import scores_for, select_mask
 from strategies.plan import CALIBRATION, TRAIN, Phase, RoundClock
 from strategies.record import RoundRecord
+from strategies.rounds import run_round
 from strategies.sparse_fedavg import SparseFedAvg
 from strategies.transport.sparse_codec import decode_mask, encode_mask
 from tests.conftest import InProcessGrid, PushPull, quick_run_config, server_context
@@ -169,7 +170,7 @@ def test_average_schedule_selects_once_from_the_example_weighted_mean(identity):
         if position.phase_round == 1:
             strategy.enter_phase(position, arrays)
         record = RoundRecord(position)
-        strategy.run_round(grid, position, arrays, record)
+        run_round(strategy, grid, position, arrays, record)
         clock.complete(position)
         densities.append(record.get("density"))
     assert densities == [1.0, 0.5]  # nothing frozen until the last round

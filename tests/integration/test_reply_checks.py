@@ -45,7 +45,7 @@ from strategies.reply_checks import (
     tensor_problem,
     train_metrics_problem,
 )
-from strategies.rounds import RetryPolicy, send_with_retries
+from strategies.rounds import CheckedReply, RetryPolicy, send_with_retries
 from tests.conftest import InProcessGrid, PushPull, quick_run_config, server_context
 
 Tamper = Callable[[Message, Message], Message]  # (message sent, honest reply) -> reply seen
@@ -522,12 +522,12 @@ def test_send_with_retries_counts_rejected_replies_as_failures(identity):
         for p in (0, 1, 2, 3)
     ]
 
-    def check(reply: Message) -> str:
-        return "odd partition" if _pid(reply) % 2 else ""
+    def check(reply: Message) -> CheckedReply | str:
+        return "odd partition" if _pid(reply) % 2 else CheckedReply(reply, {})
 
     grid, policy = ReplyingGrid(), RetryPolicy(1)
     replies = send_with_retries(grid, lambda a: messages, policy, record, failed.append, check)
-    assert [_pid(r) for r in replies] == [0] and failed == [11, 12, 13]
+    assert [r.partition for r in replies] == [0] and failed == [11, 12, 13]
     assert record.failure_reasons == ["odd partition", "boom on two lines", "odd partition"]
     assert record.get("clients") == 1 and record.get("failures") == 3
     row = record.row()

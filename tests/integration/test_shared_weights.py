@@ -239,30 +239,30 @@ def test_carrier_accepts_only_good_replies_from_its_own_folder(root: Path, ident
 
     records = reply_records(train.content, protocol.ARRAYS, trained)
     assert set(records) == {protocol.ref_key(protocol.ARRAYS)}
-    state, reason = carrier.reply_state(reply(train, records), protocol.ARRAYS, layout)
+    state, reason = carrier.reply_tensors(reply(train, records), protocol.ARRAYS, layout)
     assert reason == "" and list(state) == list(layout)
     assert_bitwise_equal(state, trained)
 
     other_run = RunFolder.create(root, 8)  # a live run's folder under the same root
     elsewhere = write_state(root, other_run.name, trained).record()
-    state, reason = carrier.reply_state(
+    state, reason = carrier.reply_tensors(
         reply(train, {protocol.ref_key(protocol.ARRAYS): elsewhere}), protocol.ARRAYS, layout
     )
     assert state == {} and f"is not in this run's folder {carrier.folder.name}" in reason
 
     unprobed = request(RecordDict({protocol.ARRAYS: arrays}), 6)
-    state, reason = carrier.reply_state(reply(unprobed, records), protocol.ARRAYS, layout)
+    state, reason = carrier.reply_tensors(reply(unprobed, records), protocol.ARRAYS, layout)
     assert state == {} and reason == "a weight reference from a node that was not sent one"
 
     ref = WeightRef.from_record(records[protocol.ref_key(protocol.ARRAYS)])
     data = bytearray((root / ref.name).read_bytes())
     data[-1] ^= 0x80
     (root / ref.name).write_bytes(bytes(data))
-    state, reason = carrier.reply_state(reply(train, records), protocol.ARRAYS, layout)
+    state, reason = carrier.reply_tensors(reply(train, records), protocol.ARRAYS, layout)
     assert state == {} and f"not {ref.digest}" in reason
 
     shorter = reply_records(train.content, protocol.ARRAYS, trained | {"a.bias": torch.zeros(4)})
-    state, reason = carrier.reply_state(reply(train, shorter), protocol.ARRAYS, layout)
+    state, reason = carrier.reply_tensors(reply(train, shorter), protocol.ARRAYS, layout)
     assert state == {} and reason == "tensor 'a.bias' has shape (4,), expected (5,)"
     other_run.remove()
 
@@ -320,7 +320,7 @@ def test_replies_read_by_the_server_become_spares_that_later_writes_reuse(
 
     def answered() -> tuple[Tensors, Path]:
         records = reply_records(train.content, protocol.ARRAYS, trained)
-        state, reason = carrier.reply_state(reply(train, records), protocol.ARRAYS, layout)
+        state, reason = carrier.reply_tensors(reply(train, records), protocol.ARRAYS, layout)
         assert reason == ""
         return state, root / WeightRef.from_record(records[protocol.ref_key(protocol.ARRAYS)]).name
 

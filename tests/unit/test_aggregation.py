@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from strategies import interference, protocol
 from strategies.fedavg import OrderedFedAvg, weighted_average
 from strategies.interference import SplitGram, split_interference
 from strategies.plan import TRAIN, Phase, RoundClock
+from strategies.record import RoundRecord
+from strategies.rounds import CheckedReply
 from strategies.seeds import derive_seed, sample_partitions
 from strategies.sparse_fedavg import SparseFedAvg
 from strategies.transport.sparse_codec import gather_masked
@@ -60,26 +62,30 @@ def _strategy(rounds: int = 2) -> OrderedFedAvg:
     )
 
 
-def test_aggregate_train_is_independent_of_reply_order(identity):
+def test_a_round_aggregates_its_checked_replies_the_same_in_any_order(identity):
+    """Configure, check each reply, aggregate: the example-weighted mean of what the
+    clients hold and of their losses, bit for bit the same whichever order replies came."""
     states, sizes = _states(1), [5, 7, 11]
-    strategy = _strategy()
-    msgs = list(strategy.configure_train(1, ArrayRecord(states[0]), ConfigRecord(), None))
-    replies = [_reply(i, sizes[i], states[i], msgs[i]) for i in range(3)]
-    forward, metrics = strategy.aggregate_train(1, replies)
-    backward, _ = strategy.aggregate_train(1, list(reversed(replies)))
-    f, b = forward.to_torch_state_dict(), backward.to_torch_state_dict()
+    strategy, arrays = _strategy(), ArrayRecord(states[0])
+    position, record = strategy.clock.position(1), RoundRecord(strategy.clock.position(1))
+    request = strategy.configure(position, arrays, record)
+    msgs = request.build(0)
+    checked = [request.check(_reply(i, sizes[i], states[i], msgs[i])) for i in range(3)]
+    assert all(isinstance(c, CheckedReply) for c in checked)
+    forward = strategy.aggregate(position, arrays, checked, record).to_torch_state_dict()
+    backward = strategy.aggregate(position, arrays, checked[::-1], RoundRecord(position))
     expected = weighted_average(states, [float(s) for s in sizes])
     for key in expected:
-        assert torch.equal(f[key], b[key])
-        torch.testing.assert_close(f[key], expected[key])
-    assert metrics[protocol.NUM_EXAMPLES] == 23
-    assert metrics[protocol.TRAIN_LOSS] == (0 * 5 + 1 * 7 + 2 * 11) / 23
+        assert torch.equal(forward[key], backward.to_torch_state_dict()[key])
+        torch.testing.assert_close(forward[key], expected[key])
+    assert record.get(protocol.NUM_EXAMPLES) == 23 and record.get("lr") == 0.1
+    assert record.get(protocol.TRAIN_LOSS) == (0 * 5 + 1 * 7 + 2 * 11) / 23
 
 
 def test_training_messages_carry_the_global_round_the_lr_and_the_attempt(identity):
     strategy = _strategy(rounds=4)
-    arrays = ArrayRecord(_states()[0])
-    messages = list(strategy.configure_train(3, arrays, ConfigRecord({protocol.ATTEMPT: 2}), None))
+    arrays, position = ArrayRecord(_states()[0]), strategy.clock.position(3)
+    messages = strategy.configure(position, arrays, RoundRecord(position)).build(2)
     assert [m.metadata.dst_node_id for m in messages] == [100, 101, 102]
     config = messages[0].content[protocol.CONFIG]
     assert config[protocol.SERVER_ROUND] == 3 and config[protocol.ATTEMPT] == 2

@@ -13,6 +13,7 @@ from strategies.fedavg import OrderedFedAvg
 from strategies.interference import interference_metrics, split_interference, update_gram
 from strategies.plan import TRAIN, Phase, RoundClock
 from strategies.record import RoundRecord
+from strategies.rounds import CheckedReply
 from strategies.sparse_fedavg import SparseFedAvg
 from strategies.transport.sparse_codec import gather_masked
 
@@ -64,7 +65,7 @@ def _strategy(cls, **extra):
     )
 
 
-def _replies(states: list[dict[str, torch.Tensor]], sizes: list[int]) -> list[Message]:
+def _replies(states: list[dict[str, torch.Tensor]], sizes: list[int]) -> list[CheckedReply]:
     """Training replies of partitions 0, 1, ... holding ``states`` and ``sizes`` examples."""
     out = []
     for pid, (state, size) in enumerate(zip(states, sizes, strict=True)):
@@ -72,7 +73,7 @@ def _replies(states: list[dict[str, torch.Tensor]], sizes: list[int]) -> list[Me
             {protocol.NUM_EXAMPLES: size, protocol.PARTITION_ID: pid, protocol.TRAIN_LOSS: 1.0}
         )
         content = RecordDict({protocol.ARRAYS: ArrayRecord(state), protocol.METRICS: metrics})
-        out.append(Message(content, reply_to=_sent()))
+        out.append(CheckedReply(Message(content, reply_to=_sent()), dict(state)))
     return out
 
 

@@ -12,8 +12,11 @@ from strategies import protocol
 from strategies.plan import CALIBRATION, HEAD_WARMUP, INITIAL, TRAIN, Phase, RoundClock
 from strategies.record import RoundRecord
 from strategies.rounds import (
+    CheckedReply,
     InsufficientRepliesError,
     RetryPolicy,
+    RoundRequest,
+    accept_all,
     client_error_text,
     exchange,
     run_plan,
@@ -97,7 +100,7 @@ def test_enough_replies_in_the_first_attempt(identity):
     record, failed = _record(), []
     grid = FakeGrid([{1}])
     replies = send_with_retries(grid, _build, RetryPolicy(2, 3), record, failed.append)
-    pids = [int(r.content[protocol.METRICS][protocol.PARTITION_ID]) for r in replies]
+    pids = [r.partition for r in replies]
     assert pids == [0, 2] and grid.calls == 1 and failed == [11]
     assert record.get("clients") == 2 and record.get("failures") == 1
     assert record.failure_reasons == ["boom 1"]
@@ -107,7 +110,7 @@ def test_too_few_replies_then_rescued_by_a_new_sample(identity):
     record = _record()
     grid = FakeGrid([{0, 1, 2}, {5}])
     replies = send_with_retries(grid, _build, RetryPolicy(2, 3), record)
-    pids = [int(r.content[protocol.METRICS][protocol.PARTITION_ID]) for r in replies]
+    pids = [r.partition for r in replies]
     assert pids == [3, 4] and grid.calls == 2
     assert record.get("failures") == 4 and record.get("clients") == 2
 
@@ -156,15 +159,16 @@ def test_replies_are_checked_as_they_arrive(identity):
     arrival order, and the round's usable replies come back in partition order."""
     grid, checked = TricklingGrid(), {}
 
-    def check(reply: Message) -> str:
+    def check(reply: Message) -> CheckedReply | str:
         pid = int(reply.content[protocol.METRICS][protocol.PARTITION_ID])
         checked[pid] = time.perf_counter()
         time.sleep(0.02)  # a check takes a while: the next replies arrive meanwhile
-        return "odd partition" if pid % 2 else ""
+        return "odd partition" if pid % 2 else CheckedReply(reply, {})
 
     done = exchange(grid, _build(0), timeout=10.0, check=check)
     arrival = [int(r.content[protocol.METRICS][protocol.PARTITION_ID]) for r in done.replies]
-    assert arrival == [2, 1, 0] and done.reasons == ["", "odd partition", ""]
+    verdicts = [v if isinstance(v, str) else v.message for v in done.verdicts]
+    assert arrival == [2, 1, 0] and verdicts == [done.replies[0], "odd partition", done.replies[2]]
     assert checked[2] < grid.handed[0]  # checked while partition 0's reply was not in yet
     assert 0 < done.seconds_decode < 1.0 and done.seconds_clients > 0
 
@@ -172,7 +176,7 @@ def test_replies_are_checked_as_they_arrive(identity):
     replies = send_with_retries(
         TricklingGrid(), _build, RetryPolicy(1), record, failed.append, check
     )
-    assert [_pid_of(r) for r in replies] == [0, 2] and failed == [11]
+    assert [r.partition for r in replies] == [0, 2] and failed == [11]
     assert record.failure_reasons == ["odd partition"] and record.get("seconds-decode") > 0
 
 
@@ -183,27 +187,52 @@ def _pid_of(reply: Message) -> int:
 def test_a_node_that_never_answers_fails_the_round_at_the_timeout(identity):
     grid = TricklingGrid(silent={1})
     t0 = time.perf_counter()
-    done = exchange(grid, _build(0), timeout=0.2, check=lambda reply: "")
+    done = exchange(grid, _build(0), timeout=0.2, check=accept_all)
     assert 0.2 <= time.perf_counter() - t0 < 2.0
     assert sorted(_pid_of(r) for r in done.replies) == [0, 2]
     record = _record()
     replies = send_with_retries(TricklingGrid({1}), _build, RetryPolicy(1, timeout=0.2), record)
-    assert [_pid_of(r) for r in replies] == [0, 2] and record.get("failures") == 1
+    assert [r.partition for r in replies] == [0, 2] and record.get("failures") == 1
+
+
+class NoNodes:
+    """A Grid with no node: every push is empty, nothing comes back."""
+
+    pull_interval = 0.001
+
+    def push_messages(self, messages):
+        return []
+
+    def pull_messages(self, ids):
+        return []
 
 
 class CountingStrategy:
-    """Adds 1 to every weight each round; records which phases it entered."""
+    """Sends nothing and adds 1 to every weight each round; records the phases it entered
+    and the rounds that ended."""
+
+    retry = RetryPolicy(min_replies=0)
 
     def __init__(self) -> None:
         self.entered: list[str] = []
+        self.ended = 0
 
     def enter_phase(self, position, arrays):
         self.entered.append(position.phase)
 
-    def run_round(self, grid, position, arrays, record):
+    def configure(self, position, arrays, record):
         record.add({"phase-round": position.phase_round})
+        return RoundRequest(lambda attempt: [])
+
+    def aggregate(self, position, arrays, replies, record):
         state = arrays.to_torch_state_dict()
         return ArrayRecord({k: v + 1 for k, v in state.items()})
+
+    def on_client_failure(self, node_id):
+        raise AssertionError("no client was asked")
+
+    def end_round(self):
+        self.ended += 1
 
 
 def test_run_plan_calls_hooks_after_round_zero_and_each_round():
@@ -213,13 +242,13 @@ def test_run_plan_calls_hooks_after_round_zero_and_each_round():
     out = run_plan(
         strategy,
         clock,
-        None,
+        NoNodes(),
         ArrayRecord({"w": torch.zeros(1)}),
         [lambda record, arrays: seen.append((record.round, record.phase))],
     )
     assert float(out.to_torch_state_dict()["w"]) == 5.0 and clock.finished
     assert seen[0] == (0, INITIAL) and [r for r, _ in seen] == [0, 1, 2, 3, 4, 5]
-    assert strategy.entered == [HEAD_WARMUP, TRAIN]
+    assert strategy.entered == [HEAD_WARMUP, TRAIN] and strategy.ended == 5
 
 
 def test_resumed_plan_skips_round_zero_and_does_not_reenter_the_phase():
@@ -229,7 +258,7 @@ def test_resumed_plan_skips_round_zero_and_does_not_reenter_the_phase():
     run_plan(
         strategy,
         clock,
-        None,
+        NoNodes(),
         ArrayRecord({"w": torch.zeros(1)}),
         [lambda r, a: seen.append(r.round)],
     )

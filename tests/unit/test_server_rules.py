@@ -3,17 +3,21 @@ dense and sparse, over several rounds; FedProx's proximal step by hand."""
 
 from __future__ import annotations
 
+import tomllib
+from pathlib import Path
+
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flower
 from torch import nn
 
 from clients.sparse_sgdm import SparseSGDM
 from clients.training import ProximalTerm, sgd_step
+from flower_app.config import ConfigError, RunConfig
 from strategies.fedavg import OrderedFedAvg
 from strategies.plan import TRAIN, Phase, RoundClock, RoundPosition
-from strategies.server_rules import ROBUST, RULES, build_rule, flower_reply
+from strategies.server_rules import RULES, build_rule
 from strategies.sparse_fedavg import SparseFedAvg
 from strategies.transport.sparse_codec import gather_masked
 
@@ -32,6 +36,7 @@ OPTIONS = {
     "fedtrimmedavg": {"beta": 0.2},
     "krum": {"num_malicious_nodes": 1},
 }
+ROBUST = ("fedmedian", "fedtrimmedavg", "krum")
 FLOWER = {
     "fedavgm": flower.FedAvgM,
     "fedadam": flower.FedAdam,
@@ -48,6 +53,20 @@ class NodesOnly:
 
     def get_node_ids(self) -> list[int]:
         return list(range(1, CLIENTS + 1))
+
+
+def flower_reply(values: dict[str, torch.Tensor], num_examples: float) -> Message:
+    """A reply as Flower's ``aggregate_train`` reads it: one ArrayRecord, one MetricRecord."""
+    arrays = ArrayRecord({n: Array(v.numpy()) for n, v in values.items()})
+    metrics = MetricRecord({"num-examples": num_examples})
+    return Message(
+        RecordDict({"arrays": arrays, "metrics": metrics}), dst_node_id=0, message_type="train"
+    )
+
+
+def run_config_values(rule: str) -> dict[str, float]:
+    """``OPTIONS[rule]`` (Flower's keywords) as the registry's run-config keys."""
+    return {o.key: OPTIONS[rule][o.argument] for o in RULES[rule].options}
 
 
 def dyadic(shape: tuple[int, ...], generator: torch.Generator, scale: int) -> torch.Tensor:
@@ -67,7 +86,7 @@ def fedavg(rule: str) -> OrderedFedAvg:
         seed=0,
         clock=RoundClock([Phase(TRAIN, ROUNDS)]),
         lr_at=lambda r: 0.1,
-        server_rule=build_rule(rule, OPTIONS.get(rule, {})),
+        server_rule=build_rule(rule, run_config_values(rule) if rule in OPTIONS else {}),
     )
 
 
@@ -147,7 +166,7 @@ def sparse(rule: str, mask: dict[str, torch.Tensor]) -> SparseFedAvg:
         seed=0,
         clock=RoundClock([Phase(TRAIN, ROUNDS)]),
         lr_at=lambda r: 0.1,
-        server_rule=build_rule(rule, OPTIONS.get(rule, {})),
+        server_rule=build_rule(rule, run_config_values(rule) if rule in OPTIONS else {}),
     )
     strategy.set_mask(mask)
     return strategy
@@ -262,3 +281,54 @@ def test_a_sparse_fedprox_step_keeps_frozen_entries_bit_frozen():
     assert torch.equal(model.weight.detach()[~mask], before[~mask])
     torch.testing.assert_close(model.weight.detach()[mask], expected[mask], rtol=1e-6, atol=1e-7)
     assert torch.equal(model.bias, anchor["bias"])
+
+
+# ---- the registry: each option named once; pyproject and the docs follow it ------------------
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _table_rows(page: Path) -> dict[str, list[str]]:
+    """The configuration page's table rows by their first cell."""
+    rows = {}
+    for line in page.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) >= 4:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_pyproject_and_the_configuration_page_agree_with_the_rule_registry():
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        defaults = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+    rows = _table_rows(ROOT / "docs" / "configuration.md")
+    assert rows["`server-rule`"][1] == ", ".join(f"`{name}`" for name in RULES)
+    for entry in RULES.values():
+        for option in entry.options:
+            assert defaults[option.key] == option.default, option.key
+        if entry.options:
+            row = rows[", ".join(f"`{o.key}`" for o in entry.options)]
+            assert row[0] == ", ".join(str(o.default) for o in entry.options)
+            assert row[1] == "; ".join(o.bound.text for o in entry.options)
+            assert row[2] == entry.doc
+
+
+def test_every_rule_option_is_named_once_in_the_code():
+    """A rule's options are spelled in its registry entry only: the run-config schema, its
+    checks and the ServerApp read them from there."""
+    sources = [
+        path.read_text()
+        for package in ("flower_app", "strategies", "clients")
+        for path in (ROOT / package).rglob("*.py")
+    ]
+    for entry in RULES.values():
+        for option in entry.options:
+            literal = f'"{option.key}"'
+            assert sum(text.count(literal) for text in sources) == 1, option.key
+
+
+def test_a_bad_option_value_is_refused_in_one_line_naming_the_key():
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_run_config({"fedyogi-tau": 0.0}, check_files=False)
+    assert str(info.value) == (
+        "run-config key 'fedyogi-tau' = 0.0 is not allowed: must be a finite number > 0"
+    )

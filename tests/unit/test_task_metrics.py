@@ -52,6 +52,7 @@ from strategies import protocol
 from strategies.fedavg import OrderedFedAvg
 from strategies.plan import CALIBRATION, HEAD_WARMUP, TRAIN, Phase, RoundClock, RoundPosition
 from strategies.record import RoundRecord, TaskModels
+from strategies.rounds import CheckedReply
 from strategies.sparse_fedavg import SparseFedAvg
 from strategies.transport.sparse_codec import gather_masked
 
@@ -139,12 +140,12 @@ def _strategy(sparse: bool, phase: str = TRAIN) -> OrderedFedAvg:
     return strategy
 
 
-def _reply(sent: Message, pid: int, examples: int, tensors: dict) -> Message:
+def _reply(sent: Message, pid: int, examples: int, tensors: dict) -> CheckedReply:
     metrics = {protocol.NUM_EXAMPLES: examples, protocol.PARTITION_ID: pid, protocol.TRAIN_LOSS: 1}
     content = RecordDict(
         {protocol.ARRAYS: ArrayRecord(tensors), protocol.METRICS: MetricRecord(metrics)}
     )
-    return Message(content, reply_to=sent)
+    return CheckedReply(Message(content, reply_to=sent), dict(tensors))
 
 
 def _round(strategy: OrderedFedAvg, replies: list[dict], phase: str = TRAIN):
