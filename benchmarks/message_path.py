@@ -24,7 +24,7 @@ Steps (best and median of N repetitions after one warm-up, torch on one thread):
    value (one direction) or the Message (both directions), as ``RayBackend`` does.
 5. decode: ``ArrayRecord.to_torch_state_dict()`` (``np.load`` per Array).
 6. load: ``model.load_state_dict(decoded)`` into a second model.
-7. by reference: ``write_state`` into ``/dev/shm``, ``read_state`` (map + xxh3 digest),
+7. by reference: ``write_shared`` into ``/dev/shm``, ``read_shared`` (map + xxh3 digest),
    ``load_state_dict`` from the mapped tensors, and ``message_bytes``.
 
 Run it (about a minute on 2 cores; ``--skip-ray`` saves the Ray start):
@@ -63,7 +63,7 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from flwr.supercore.task_identity import TaskIdentity
 
 from flower_app.models.factory import build_model
-from strategies.transport.shared_weights import message_bytes, read_state, write_state
+from strategies.transport.shared_weights import message_bytes, read_shared, write_shared
 
 MODEL, NUM_CLASSES, IMAGE_SIZE = "vit_small_patch16_224.dino", 100, 32
 MB = 1e6
@@ -82,9 +82,9 @@ ONE_WAY = "4e actor call: Message in, int out (one direction)"
 BOTH_WAYS = "4f actor call: Message in, Message out (both)"
 DECODE = "5  decode: ArrayRecord.to_torch_state_dict()"
 LOAD = "6  load: model.load_state_dict(decoded)"
-WRITE = "7a write_state(/dev/shm, state)"
-READ = "7b read_state (mmap + xxh3 digest)"
-LOAD_REF = "7c load_state_dict(read_state tensors)"
+WRITE = "7a write_shared(/dev/shm, state)"
+READ = "7b read_shared (mmap + xxh3 digest)"
+LOAD_REF = "7c load_state_dict(read_shared tensors)"
 MSG_BYTES = "7d message_bytes(state)"
 
 Results = dict[str, list[float]]
@@ -259,11 +259,11 @@ def reference_steps(
     root = Path(tempfile.mkdtemp(prefix="message-path-", dir="/dev/shm"))
     try:
         (root / "run").mkdir()
-        results[WRITE] = timed(lambda _: write_state(root, "run", state), repeats)
-        ref = write_state(root, "run", state)
-        results[READ] = timed(lambda _: read_state(root, ref), repeats)
+        results[WRITE] = timed(lambda _: write_shared(root, "run", state), repeats)
+        ref = write_shared(root, "run", state)
+        results[READ] = timed(lambda _: read_shared(root, ref), repeats)
         results[LOAD_REF] = timed(
-            target.load_state_dict, repeats, prepare=lambda: read_state(root, ref)
+            target.load_state_dict, repeats, prepare=lambda: read_shared(root, ref)
         )
         results[MSG_BYTES] = timed(lambda _: message_bytes(state), repeats)
         size = (root / ref.name).stat().st_size / MB

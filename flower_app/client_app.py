@@ -43,10 +43,10 @@ with imports_without_gc():
     from strategies.transport.shared_weights import (
         WeightRef,
         answer_probe,
-        read_state,
+        message_tensors,
+        read_shared,
         reply_records,
         shared_root,
-        take_state,
     )
     from strategies.transport.sparse_codec import decode_mask, mask_positions
 
@@ -206,7 +206,7 @@ def _synchronized_clock(device: torch.device) -> float:
 def _load_weights(model: nn.Module, content: RecordDict) -> None:
     """Copy the received weights (in the message or by reference) into the cached model's
     tensors (no new model)."""
-    copy_weights_into(model, take_state(content, protocol.ARRAYS))
+    copy_weights_into(model, message_tensors(content, protocol.ARRAYS))
 
 
 def inject_failure(cfg: RunConfig, config: ConfigRecord, pid: int, kind: str) -> None:
@@ -258,7 +258,7 @@ def _decoded_mask(state: RecordDict) -> NodeMask:
     ref_record = state.config_records.get(protocol.ref_key(protocol.MASK))
     if ref_record is not None:
         ref = WeightRef.from_record(ref_record)
-        key, packed = ref.digest, lambda: read_state(shared_root(), ref)
+        key, packed = ref.digest, lambda: read_shared(shared_root(), ref)
     else:
         record = state.array_records[protocol.MASK]
         digest = xxhash.xxh3_128()
@@ -368,8 +368,7 @@ def fisher(msg: Message, context: Context) -> Message:
         str(config[protocol.FISHER_LABELS]),
         cfg.fisher_batch_size,
         label_gen,
-        # a server from before fisher-score sends no score: it meant the log-likelihood
-        score=str(config.get(protocol.FISHER_SCORE, "log-likelihood")),
+        score=str(config[protocol.FISHER_SCORE]),
     )
     full = {n: scores.get(n, torch.zeros(m.shape, device=rt.device)) for n, m in mask.bits.items()}
     records = reply_records(msg.content, protocol.FISHER, mask.gather(full))

@@ -393,21 +393,9 @@ def build_components(
     )
 
 
-LATER_COMPONENTS = ("tracker", "placement")  # an older checkpoint may lack them
-
-
 def resume_from(checkpoint: Checkpoint, components: Components, run_path: Path) -> ArrayRecord:
-    """Every component loads its own state; the run continues from the saved weights.
-
-    A checkpoint written before the tracker or the placement table existed starts them
-    fresh (a new tracker run; placement rows from the resumed rounds on): both are
-    operational, not results.
-    """
-    saveables = components.saveables()
-    for name in LATER_COMPONENTS:
-        if name not in checkpoint.components:
-            del saveables[name]
-    restore(checkpoint, saveables, run_path / CHECKPOINT_NAME)
+    """Every component loads its own state; the run continues from the saved weights."""
+    restore(checkpoint, components.saveables(), run_path / CHECKPOINT_NAME)
     clock = components.clock
     print(f"resuming after round {clock.completed} of {clock.total_rounds}", flush=True)
     return ArrayRecord(checkpoint.arrays)

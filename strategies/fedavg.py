@@ -372,8 +372,8 @@ class OrderedFedAvg:
         return {"server-rule": self.server_rule.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """The server rule's state (a checkpoint of an older version has none: the mean)."""
-        self.server_rule.load_state_dict(state.get("server-rule", {}))
+        """The server rule's state."""
+        self.server_rule.load_state_dict(state["server-rule"])
 
 
 def rejected(reply: Message, pid: int | None, problem: str) -> str:

@@ -62,29 +62,7 @@ def eligible_names(
     not ``cls_token``, ``pos_embed``, ``reg_token``, LayerScale ``gamma`` or the head.
     For the plain ViTs here that is ``backbone`` minus ``cls_token`` and ``pos_embed``.
 
-    ``talos`` follows github.com/iurada/talos-task-arithmetic at b99d4222 (OpenCLIP ViTs):
-    ``vision/prune_finetune.py:93`` wraps the model with
-    ``layers.mask_pretrained_vit(..., skip_ln=False)`` and ``:97`` scores
-    ``pruners.masked_parameters(model)``. ``vision/layers.py:407-467`` replaces every
-    ``nn.Conv2d`` (411-425: open_clip's ``conv1`` = our ``patch_embed.proj``),
-    ``nn.MultiheadAttention`` (427-443: ``in_proj_weight/bias`` = our ``attn.qkv``; its
-    ``out_proj``, a masked ``Linear`` built at line 138 via 83-86, = our ``attn.proj``),
-    ``nn.Linear`` whose name has neither ``classification`` nor ``attn`` (445-453:
-    ``mlp.c_fc``/``c_proj`` = our ``mlp.fc1``/``fc2``; the head is skipped) and, since
-    ``skip_ln=False``, ``nn.LayerNorm`` (455-467: ``ln_pre``/``ln_1``/``ln_2``/``ln_post`` =
-    our ``norm_pre``/``norm1``/``norm2``/``norm``). Each wrapper registers a mask for the
-    weight and, when there is one, the bias (``layers.py:29-31``, ``56-58``, ``127``/``134``,
-    ``386-388``), and ``vision/pruners.py:27-31`` (``prunable``) with ``41-48``
-    (``masked_parameters``, the bias filter at 47 commented out) scores exactly these
-    tensors, biases and LayerNorms included. open_clip's ``class_embedding``,
-    ``positional_embedding`` and ``proj`` are bare ``nn.Parameter`` s of its
-    VisionTransformer (open_clip v2.10.1 ``transformer.py:297-298,316``) that no wrapper
-    covers, so they get no mask; the zero-shot head is frozen (``prune_finetune.py:67``,
-    ``vision/modeling.py:101-103``). Caveat: TaLoS does not freeze those bare parameters
-    either (``prune_finetune.py:120-144`` freezes only unmasked *leaf* modules, and AdaptW,
-    ``vision/optimizers.py:303-306``, updates a tensor without a ``score`` densely), so
-    there class and position embeddings train densely; this function only names what the
-    mask covers, and what happens to the rest is the caller's choice.
+    Where ``talos`` comes from in TaLoS's code: docs/sparse.md#sources.
     """
     _check_choice("scope", scope, MASK_SCOPES)
     names = [n for n in named_shapes if not n.startswith(head_prefix)]

@@ -120,7 +120,7 @@ def state_problem(
     return problem
 
 
-def checked_state(
+def checked_tensors(
     arrays: ArrayRecord, layout: Layout, nonnegative: bool = False
 ) -> tuple[dict[str, torch.Tensor], str]:
     """Decode ``arrays`` once, in ``layout``'s order, checking each tensor as it is decoded.

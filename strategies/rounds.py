@@ -129,11 +129,10 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, check: ReplyCh
     as soon as it arrives.
 
     Checking a reply reads all of its bytes (hash, shape, finiteness). Done after the last
-    reply (as with
-    ``send_and_receive``), that time was added to every round; here the checks run in a
-    few threads while later replies are still being computed, and only the last ones are
-    left when the last reply lands. A check must not depend on another reply's (the
-    strategies' checks read the roster and keep what they decoded).
+    reply (as with ``send_and_receive``), that time was added to every round; here the
+    checks run in a few threads while later replies are still being computed, and only
+    the last ones are left when the last reply lands. A check must not depend on another
+    reply's (the strategies' checks only read the roster).
     """
     t_sent = time.perf_counter()
     pending = set(grid.push_messages(messages))

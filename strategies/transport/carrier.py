@@ -16,15 +16,15 @@ import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 
 from strategies import protocol
-from strategies.reply_checks import Layout, checked_state, names_problem, tensor_problem
+from strategies.reply_checks import Layout, checked_tensors, names_problem, tensor_problem
 from strategies.transport.shared_weights import (
     RunFolder,
     SharedWeightsError,
     WeightRef,
-    read_state,
+    read_shared,
     ref_file,
     ref_folder,
-    write_state,
+    write_shared,
 )
 from strategies.transport.tensor_file import Inspect
 
@@ -51,7 +51,7 @@ class WeightCarrier:
         if self._probe is None:
             probe = {PROBE_TENSOR: torch.arange(64, dtype=torch.int64)}
             try:
-                self._probe = write_state(self.folder.root, self.folder.name, probe)
+                self._probe = write_shared(self.folder.root, self.folder.name, probe)
             except SharedWeightsError as exc:  # no probe: every node answers "no probe"
                 print(f"weights travel in the messages: {exc}", flush=True)
                 return RecordDict()
@@ -84,7 +84,10 @@ class WeightCarrier:
             return RecordDict({protocol.ARRAYS: arrays})
         if self._global is None or self._global[0] is not arrays:
             try:
-                self._global = (arrays, write_state(self.folder.root, self.folder.name, tensors()))
+                self._global = (
+                    arrays,
+                    write_shared(self.folder.root, self.folder.name, tensors()),
+                )
             except SharedWeightsError as exc:  # e.g. a full tmpfs: messages from now on
                 print(f"weights travel in the messages from now on: {exc}", flush=True)
                 self.by_reference.clear()
@@ -100,7 +103,7 @@ class WeightCarrier:
         kept = self._kept.get(key)
         if kept is None or kept[0] is not arrays:
             try:
-                ref = write_state(self.folder.root, self.folder.name, arrays.to_torch_state_dict())
+                ref = write_shared(self.folder.root, self.folder.name, arrays.to_torch_state_dict())
             except SharedWeightsError as exc:  # e.g. a full tmpfs: this one in the message
                 print(f"{key} travels in the message: {exc}", flush=True)
                 return RecordDict({key: arrays})
@@ -120,7 +123,7 @@ class WeightCarrier:
             arrays = reply.content.array_records.get(key)
             if arrays is None:
                 return {}, f"no {key!r} record"
-            return checked_state(arrays, layout, nonnegative)
+            return checked_tensors(arrays, layout, nonnegative)
         if reply.metadata.src_node_id not in self.by_reference:
             return {}, "a weight reference from a node that was not sent one"
 
@@ -144,7 +147,7 @@ class WeightCarrier:
         assert self.folder is not None
         if ref_folder(ref) != self.folder.name:
             raise SharedWeightsError(f"{ref.name} is not in this run's folder {self.folder.name}")
-        return read_state(self.folder.root, ref, inspect)
+        return read_shared(self.folder.root, ref, inspect)
 
     # ---- cleaning up ------------------------------------------------------------------------
     def end_round(self) -> None:

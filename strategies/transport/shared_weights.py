@@ -89,7 +89,7 @@ def message_bytes(state: Mapping[str, torch.Tensor]) -> int:
     )
 
 
-def write_state(root: Path, folder: str, state: Mapping[str, torch.Tensor]) -> WeightRef:
+def write_shared(root: Path, folder: str, state: Mapping[str, torch.Tensor]) -> WeightRef:
     """Write ``state`` into ``root/folder`` under its digest; atomic (temp file, rename).
 
     A reader never sees a partial file: the final name exists only once it is complete.
@@ -137,7 +137,7 @@ def resolve(root: Path, name: str) -> Path:
     return root / parts[0] / parts[1]
 
 
-def read_state(
+def read_shared(
     root: Path, ref: WeightRef, inspect: Inspect | None = None, remember: bool = False
 ) -> dict[str, torch.Tensor]:
     """The tensors of ``ref`` as views of a private memory map, after checking its digest.
@@ -195,11 +195,11 @@ def ref_file(ref: WeightRef) -> str:
 
 
 # ---- a node's side ---------------------------------------------------------------------------
-def take_state(content: RecordDict, key: str) -> dict[str, torch.Tensor]:
+def message_tensors(content: RecordDict, key: str) -> dict[str, torch.Tensor]:
     """The tensors of record ``key`` of a message: by reference when it carries one."""
     ref_record = content.config_records.get(protocol.ref_key(key))
     if ref_record is not None:
-        return read_state(shared_root(), WeightRef.from_record(ref_record), remember=True)
+        return read_shared(shared_root(), WeightRef.from_record(ref_record), remember=True)
     return content[key].to_torch_state_dict()
 
 
@@ -211,7 +211,7 @@ def reply_records(
     sent = request.config_records.get(protocol.ref_key(protocol.ARRAYS))
     if sent is not None:
         try:
-            ref = write_state(shared_root(), ref_folder(WeightRef.from_record(sent)), state)
+            ref = write_shared(shared_root(), ref_folder(WeightRef.from_record(sent)), state)
             return {protocol.ref_key(key): ref.record()}
         except SharedWeightsError as exc:  # a full or vanished tmpfs: the message still works
             print(f"reply in the message: cannot write to {shared_root()}: {exc}", flush=True)
@@ -226,9 +226,9 @@ def answer_probe(request: RecordDict) -> ConfigRecord | None:
         return None
     try:
         ref = WeightRef.from_record(probe)
-        seen = read_state(shared_root(), ref)
+        seen = read_shared(shared_root(), ref)
         mine = {name: t.flip(0) for name, t in seen.items()}  # another file than the probe
-        answer = write_state(shared_root(), ref_folder(ref), mine)
+        answer = write_shared(shared_root(), ref_folder(ref), mine)
     except SharedWeightsError as exc:
         return ConfigRecord({"problem": " ".join(str(exc).split())})
     return answer.record()
@@ -304,7 +304,12 @@ class RunFolder:
 
 
 def _mapped_paths() -> set[str] | None:
-    """The files this process maps (``/proc/self/maps``), None where that cannot be read."""
+    """The files this process maps (``/proc/self/maps``), None where that cannot be read.
+
+    Not psutil's ``memory_maps()``: it reads ``/proc/self/smaps``, whose per-mapping memory
+    counts the kernel computes on each read; with torch loaded (about 600 mappings) that
+    took 14 ms against 0.5 ms here (2026-12-07, this VM), once a round, for paths only.
+    """
     try:
         lines = Path("/proc/self/maps").read_text().splitlines()
     except OSError:

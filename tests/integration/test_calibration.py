@@ -44,6 +44,7 @@ def _fisher_query(state, mask, damping: float) -> Message:
             protocol.SERVER_ROUND: 3,
             protocol.FISHER_SAMPLES: 16,
             protocol.FISHER_LABELS: "sampled",
+            protocol.FISHER_SCORE: "logit",
             protocol.CALIBRATION_DAMPING: damping,
             protocol.MASK_VERSION: 1,
         }

@@ -193,15 +193,14 @@ def test_bad_arguments_are_named():
         diagonal_fisher(model, images, labels, ["head.bias"], "empirical", 4, None, score="loss")
 
 
-def _fisher_query(state, mask, score: str | None) -> Message:
+def _fisher_query(state, mask, score: str) -> Message:
     config = {
         protocol.SERVER_ROUND: 1,
         protocol.MASK_VERSION: 1,
         protocol.FISHER_SAMPLES: 8,
         protocol.FISHER_LABELS: "sampled",
+        protocol.FISHER_SCORE: score,
     }
-    if score is not None:
-        config[protocol.FISHER_SCORE] = score
     content = RecordDict(
         {
             protocol.ARRAYS: ArrayRecord(state),
@@ -213,8 +212,7 @@ def _fisher_query(state, mask, score: str | None) -> Message:
 
 
 def test_client_app_scores_as_the_query_says():
-    """The Fisher handler passes the query's score on; a query without one (from a server
-    older than the key) gets the log-likelihood."""
+    """The Fisher handler passes the query's score on."""
     run_config = quick_run_config(
         strategy="sparse-fedavg", synthetic_train_per_class=4, num_clients=2
     )
@@ -228,11 +226,10 @@ def test_client_app_scores_as_the_query_says():
     }
     grid = InProcessGrid(client_app.app, run_config, num_nodes=2)
     replies = grid.send_and_receive(
-        [_fisher_query(state, mask, score) for score in (None, "log-likelihood", "logit")]
+        [_fisher_query(state, mask, score) for score in ("log-likelihood", "logit")]
     )
     for reply in replies:
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    older, ll, logit = (r.content[protocol.FISHER].to_torch_state_dict() for r in replies)
+    ll, logit = (r.content[protocol.FISHER].to_torch_state_dict() for r in replies)
     name = "blocks.0.mlp.fc1.weight"
-    assert torch.equal(older[name], ll[name])
     assert not torch.allclose(ll[name], logit[name], rtol=1e-2)

@@ -34,7 +34,7 @@ from strategies.plan import TRAIN, Phase, RoundClock
 from strategies.record import FAILURE_REASONS, RoundRecord
 from strategies.reply_checks import (
     TensorSpec,
-    checked_state,
+    checked_tensors,
     dense_layout,
     fisher_metrics_problem,
     head_layout,
@@ -421,24 +421,24 @@ def test_non_finite_counts_exactly_even_when_the_sum_overflows():
 def test_state_problem_and_checked_state_agree():
     state = _state()
     assert state_problem(state, LAYOUT) == ""
-    decoded, problem = checked_state(ArrayRecord(state), LAYOUT)
+    decoded, problem = checked_tensors(ArrayRecord(state), LAYOUT)
     assert problem == "" and list(decoded) == list(LAYOUT)
     assert all(torch.equal(decoded[k], state[k]) for k in state)
     bad = state | {"w": torch.full((2, 3), math.nan)}
     assert "non-finite" in state_problem(bad, LAYOUT)
-    assert checked_state(ArrayRecord(bad), LAYOUT)[0] == {}
+    assert checked_tensors(ArrayRecord(bad), LAYOUT)[0] == {}
     reordered = ArrayRecord({k: state[k] for k in reversed(list(state))})
-    assert list(checked_state(reordered, LAYOUT)[0]) == list(LAYOUT)  # the layout's order
+    assert list(checked_tensors(reordered, LAYOUT)[0]) == list(LAYOUT)  # the layout's order
 
 
 def test_checked_state_rejects_bytes_that_do_not_decode():
     record = ArrayRecord(_state())
     record["w"] = Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=b"garbage")
-    state, problem = checked_state(record, LAYOUT)
+    state, problem = checked_tensors(record, LAYOUT)
     assert state == {} and problem.startswith("tensor 'w' cannot be decoded (")
     lying = ArrayRecord(_state() | {"w": torch.ones(6)})
     lying["w"].shape = (2, 3)  # metadata that lies about the data: the data decides
-    assert "has shape (6,), expected (2, 3)" in checked_state(lying, LAYOUT)[1]
+    assert "has shape (6,), expected (2, 3)" in checked_tensors(lying, LAYOUT)[1]
 
 
 def _metrics(**values) -> MetricRecord:

@@ -39,12 +39,12 @@ from strategies.transport.shared_weights import (
     _start_ticks,
     answer_probe,
     message_bytes,
-    read_state,
+    message_tensors,
+    read_shared,
     remove_stale,
     reply_records,
     resolve,
-    take_state,
-    write_state,
+    write_shared,
 )
 from strategies.transport.sparse_codec import decode_mask, encode_mask, gather_masked
 from strategies.transport.tensor_file import write_tensors
@@ -130,13 +130,13 @@ def test_round_trip_equals_the_message_path_bit_for_bit(
     reported for the round must not depend on how the weights travelled."""
     (tmp_path / "run").mkdir()
     state = make(0)
-    ref = write_state(tmp_path, "run", state)
+    ref = write_shared(tmp_path, "run", state)
     via_message = ArrayRecord(state)
-    assert_bitwise_equal(read_state(tmp_path, ref), via_message.to_torch_state_dict())
+    assert_bitwise_equal(read_shared(tmp_path, ref), via_message.to_torch_state_dict())
     assert ref.nbytes == message_bytes(state) == via_message.count_bytes()
     assert ref.name == f"run/{ref.digest}{SUFFIX}" and len(ref.digest) == 32
-    assert write_state(tmp_path, "run", make(0)) == ref  # same content, same file
-    other = write_state(tmp_path, "run", make(1))
+    assert write_shared(tmp_path, "run", make(0)) == ref  # same content, same file
+    other = write_shared(tmp_path, "run", make(1))
     assert other.digest != ref.digest
     # atomic writes leave no temp file; equal content was written once
     assert file_names(tmp_path / "run") == {f"{ref.digest}{SUFFIX}", f"{other.digest}{SUFFIX}"}
@@ -151,16 +151,16 @@ def test_message_bytes_counts_what_an_array_record_counts_for_each_dtype() -> No
 def test_a_changed_byte_or_a_missing_file_is_refused(tmp_path: Path) -> None:
     """A file changed or truncated after it was referenced must never be loaded."""
     (tmp_path / "run").mkdir()
-    ref = write_state(tmp_path, "run", dense_state(0))
+    ref = write_shared(tmp_path, "run", dense_state(0))
     path = tmp_path / ref.name
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01  # one bit of the last tensor's data; the header still parses
     path.write_bytes(bytes(data))
     with pytest.raises(SharedWeightsError, match=f"not {ref.digest}"):
-        read_state(tmp_path, ref)
+        read_shared(tmp_path, ref)
     path.unlink()
     with pytest.raises(SharedWeightsError, match="cannot read run/"):
-        read_state(tmp_path, ref)
+        read_shared(tmp_path, ref)
     with pytest.raises(SharedWeightsError, match="malformed weight reference"):
         WeightRef.from_record(ConfigRecord({"name": ref.name, "digest": ref.digest}))
 
@@ -170,11 +170,11 @@ def test_a_node_maps_its_global_file_once_and_again_when_it_changes(tmp_path: Pa
     faults, no second hash); a file replaced under the same name is read and hashed anew,
     so a tampered one is still refused."""
     (tmp_path / "run").mkdir()
-    ref = write_state(tmp_path, "run", finite_state(0))
-    first = read_state(tmp_path, ref, remember=True)
-    again = read_state(tmp_path, ref, remember=True)
+    ref = write_shared(tmp_path, "run", finite_state(0))
+    first = read_shared(tmp_path, ref, remember=True)
+    again = read_shared(tmp_path, ref, remember=True)
     assert all(again[n].data_ptr() == first[n].data_ptr() for n in first if first[n].numel())
-    assert read_state(tmp_path, ref)["z.weight"].data_ptr() != first["z.weight"].data_ptr()
+    assert read_shared(tmp_path, ref)["z.weight"].data_ptr() != first["z.weight"].data_ptr()
 
     path = tmp_path / ref.name
     data = bytearray(path.read_bytes())
@@ -182,7 +182,7 @@ def test_a_node_maps_its_global_file_once_and_again_when_it_changes(tmp_path: Pa
     path.unlink()  # a new file under the same name: another inode
     path.write_bytes(bytes(data))
     with pytest.raises(SharedWeightsError, match=f"not {ref.digest}"):
-        read_state(tmp_path, ref, remember=True)
+        read_shared(tmp_path, ref, remember=True)
     assert_bitwise_equal(first, finite_state(0))  # the old mapping is unchanged
 
 
@@ -244,7 +244,7 @@ def test_carrier_accepts_only_good_replies_from_its_own_folder(root: Path, ident
     assert_bitwise_equal(state, trained)
 
     other_run = RunFolder.create(root, 8)  # a live run's folder under the same root
-    elsewhere = write_state(root, other_run.name, trained).record()
+    elsewhere = write_shared(root, other_run.name, trained).record()
     state, reason = carrier.reply_tensors(
         reply(train, {protocol.ref_key(protocol.ARRAYS): elsewhere}), protocol.ARRAYS, layout
     )
@@ -290,7 +290,7 @@ def test_weights_are_written_once_per_global_model_and_cleaned_up(
     new = carrier.weights_for(1, second, tensors_of(dense_state(1)))
     second_file = WeightRef.from_record(new[key]).name.rsplit("/", 1)[1]
     assert len(calls) == 2 and second_file != first_file
-    write_state(root, folder.name, sparse_state(0))  # a reply
+    write_shared(root, folder.name, sparse_state(0))  # a reply
     # the probe, one answer (both nodes wrote the same one), two global models, a reply
     assert len(file_names(folder.path)) == 5
     carrier.end_round()
@@ -339,13 +339,13 @@ def test_replies_read_by_the_server_become_spares_that_later_writes_reuse(
     assert [p.stat().st_ino for p in spares()] == [inode] and not path.exists()
 
     smaller = {"a.bias": torch.arange(5, dtype=torch.float32)}
-    ref = write_state(root, folder.name, smaller)
+    ref = write_shared(root, folder.name, smaller)
     written = root / ref.name
     assert spares() == [] and written.stat().st_ino == inode
     fresh = root / "fresh.safetensors"
     assert write_tensors(fresh, smaller) == ref.digest
     assert written.read_bytes() == fresh.read_bytes()  # nothing of the old reply is left
-    assert_bitwise_equal(read_state(root, ref), smaller)  # the digest is checked on read
+    assert_bitwise_equal(read_shared(root, ref), smaller)  # the digest is checked on read
 
     for _ in range(3):  # spares left from an earlier, larger round
         (folder.path / f"{os.urandom(4).hex()}{SPARE_SUFFIX}").write_bytes(b"x")
@@ -371,7 +371,7 @@ def test_a_kept_record_is_written_once_and_lives_until_replaced(root: Path, iden
     assert dict(to_one[key]) == dict(to_two[key]) and protocol.MASK not in to_one
     ref = WeightRef.from_record(to_one[key])
     assert ref.nbytes == first.count_bytes()
-    assert_bitwise_equal(decode_mask(read_state(root, ref)), decode_mask(first))
+    assert_bitwise_equal(decode_mask(read_shared(root, ref)), decode_mask(first))
     carrier.end_round()
     assert (root / ref.name).exists()
     assert carrier.kept_for(3, protocol.MASK, first)[protocol.MASK] is first  # not probed
@@ -416,8 +416,8 @@ def test_a_node_on_another_host_gets_the_weights_in_the_message(
     )
     to_local = carrier.weights_for(12, arrays, lambda: state)
     assert list(to_local.keys()) == [protocol.ref_key(protocol.ARRAYS)]
-    assert_bitwise_equal(take_state(to_local, protocol.ARRAYS), state)
-    assert_bitwise_equal(take_state(to_other_host, protocol.ARRAYS), state)
+    assert_bitwise_equal(message_tensors(to_local, protocol.ARRAYS), state)
+    assert_bitwise_equal(message_tensors(to_other_host, protocol.ARRAYS), state)
     carrier.close()
 
 
@@ -568,14 +568,14 @@ def test_shared_memory_with_a_node_that_cannot_read_fails_at_the_start(
 def test_a_reply_goes_the_way_the_request_came(root: Path) -> None:
     """By reference into the request's folder, or (request in the message) an ArrayRecord."""
     folder = RunFolder.create(root, 4)
-    sent = write_state(root, folder.name, dense_state(0))
+    sent = write_shared(root, folder.name, dense_state(0))
     by_ref = RecordDict({protocol.ref_key(protocol.ARRAYS): sent.record()})
     answer = sparse_state(0)
     records = reply_records(by_ref, protocol.FISHER, answer)
     assert list(records) == [protocol.ref_key(protocol.FISHER)]
     ref = WeightRef.from_record(records[protocol.ref_key(protocol.FISHER)])
     assert ref.name.startswith(f"{folder.name}/")
-    assert_bitwise_equal(read_state(root, ref), answer)
+    assert_bitwise_equal(read_shared(root, ref), answer)
     in_message = reply_records(
         RecordDict({protocol.ARRAYS: ArrayRecord(dense_state(0))}), "x", answer
     )
