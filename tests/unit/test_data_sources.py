@@ -17,14 +17,13 @@ import pytest
 import torch
 import torchvision.datasets
 
+from flower_app.data.registry import load_source, load_splits
 from flower_app.data.sources import (
     DOWNLOAD_SOCKET_TIMEOUT_S,
     DataNotFoundError,
     DatasetSplits,
     ImageSplit,
     cifar100_files_present,
-    load_source,
-    load_splits,
     split_train_val,
     synthetic_cifar100,
 )
