@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import torch
 
 from flower_app.data.sources import (
+    CIFAR10,
     CIFAR100,
     SYNTHETIC_CLASSES,
     SYNTHETIC_SEEDS,
@@ -164,6 +165,7 @@ def _synthetic(name: str) -> DatasetSpec:
 register_dataset(_cifar("cifar100", CIFAR100, classes=100, per_class=500))
 register_dataset(_synthetic("synthetic"))
 register_dataset(_synthetic("synthetic-pretrain"))
+register_dataset(_cifar("cifar10", CIFAR10, classes=10, per_class=5000))
 
 
 # ---- loading -------------------------------------------------------------------------------

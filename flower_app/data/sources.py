@@ -1,4 +1,5 @@
-"""Where the images come from: CIFAR-100, the synthetic set, a node's own file, the split.
+"""Where the images come from: CIFAR-100 and CIFAR-10, the synthetic set, a node's own
+file, the split.
 
 Kept apart from partitioning and preprocessing so that loading (files, download, the
 fixed synthetic set, the stratified train/validation split) has one home; which data set a
@@ -114,6 +115,17 @@ CIFAR100 = CifarFormat(
     label_key=b"fine_labels",
     torchvision_class="CIFAR100",
     files_text="train and test",
+)
+CIFAR10 = CifarFormat(
+    title="CIFAR-10",
+    url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    folder="cifar-10-batches-py",
+    tarball="cifar-10-python.tar.gz",
+    train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+    test_files=("test_batch",),
+    label_key=b"labels",
+    torchvision_class="CIFAR10",
+    files_text="data_batch_1 to data_batch_5 and test_batch",
 )
 
 
