@@ -3,6 +3,9 @@ alone) and, for the built-in entries, files in their real formats."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -41,3 +44,34 @@ def fresh_registry(monkeypatch) -> None:
 def toy(fresh_registry) -> DatasetSpec:
     """``dataset = "toy"``: 4 classes of 24 training and 6 test images, 32 px."""
     return register_dataset(DatasetSpec(name="toy", class_counts=toy_counts, load=load_toy))
+
+
+# ---- an image folder of tiny PNG files ---------------------------------------------------------
+# "yak" is written greyscale, the others alternately RGB and RGBA
+FOLDER_COLOURS = {
+    "cat": (220, 40, 40),
+    "dog": (40, 220, 40),
+    "owl": (40, 40, 220),
+    "yak": (120, 120, 120),
+}
+
+
+def write_image_folder(
+    root: Path, train: int = 6, test: int = 2, classes: dict | None = None
+) -> Path:
+    """``root/train/<class>/<i>.png`` and ``root/test/<class>/<i>.png``: 12 x 8 px images of
+    each class's colour plus a little noise, in RGB, RGBA or greyscale (the loader makes
+    every one RGB); ``classes`` maps a class to its colour (``FOLDER_COLOURS``)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train), ("test", test)):
+        for name, colour in (classes or FOLDER_COLOURS).items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                noise = rng.integers(0, 8, (8, 12, 1))  # the same in every channel
+                pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
+                mode = "L" if name == "yak" else ("RGB", "RGBA")[i % 2]
+                Image.fromarray(pixels, "RGB").convert(mode).save(folder / f"{i}.png")
+    return root

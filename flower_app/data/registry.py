@@ -20,12 +20,14 @@ from urllib.parse import urlparse
 
 import torch
 
+from flower_app.data.image_folder import list_image_folder, load_image_folder, train_counts
 from flower_app.data.sources import (
     CIFAR10,
     CIFAR100,
     SYNTHETIC_CLASSES,
     SYNTHETIC_SEEDS,
     CifarFormat,
+    DataNotFoundError,
     DatasetSplits,
     ImageSplit,
     load_cifar,
@@ -162,10 +164,37 @@ def _synthetic(name: str) -> DatasetSpec:
     return DatasetSpec(name=name, class_counts=_synthetic_counts, load=load)
 
 
+def _folder_counts(options: SourceOptions) -> tuple[int, ...]:
+    return train_counts(options.data_dir)
+
+
+def _folder_problem(options: SourceOptions) -> str:
+    try:
+        list_image_folder(options.data_dir)
+    except DataNotFoundError as exc:
+        return str(exc)
+    return ""
+
+
+def _load_folder(options: SourceOptions) -> tuple[ImageSplit, ImageSplit]:
+    return load_image_folder(options.data_dir, STORED_SIZE)
+
+
 register_dataset(_cifar("cifar100", CIFAR100, classes=100, per_class=500))
 register_dataset(_synthetic("synthetic"))
 register_dataset(_synthetic("synthetic-pretrain"))
 register_dataset(_cifar("cifar10", CIFAR10, classes=10, per_class=5000))
+# the user's own images: train/<class>/ and test/<class>/ in data-dir, which is then part of
+# the run's identity (flower_app/data/image_folder.py)
+register_dataset(
+    DatasetSpec(
+        name="image-folder",
+        class_counts=_folder_counts,
+        load=_load_folder,
+        check_files=_folder_problem,
+        data_dir_is_data=True,
+    )
+)
 
 
 # ---- loading -------------------------------------------------------------------------------
