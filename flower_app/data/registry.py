@@ -94,6 +94,7 @@ class DatasetSpec:
     data_dir_is_data: bool = False
 
     def num_classes(self, options: SourceOptions) -> int:
+        """One count per class, so the counts are the class count too (they cannot differ)."""
         return len(self.class_counts(options))
 
     def files_problem(self, options: SourceOptions) -> str:
@@ -125,6 +126,7 @@ def dataset_names() -> tuple[str, ...]:
 
 
 def dataset_spec(name: str) -> DatasetSpec:
+    """The entry of ``name``; an unknown name is one line listing the known ones."""
     if name not in DATASETS:
         raise ValueError(f"dataset={name!r}: must be one of {', '.join(DATASETS)}")
     return DATASETS[name]
