@@ -15,13 +15,15 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from clients.fisher import FISHER_LABEL_MODES, FISHER_SCORES
 from clients.optimizers import OPTIMIZERS, OptimizerSettings
 from flower_app.data.partitioning import partition_feasibility_error
-from flower_app.data.sources import NUM_CLASSES_BY_DATASET, cifar100_files_present
+from flower_app.data.registry import DatasetSpec, SourceOptions, dataset_names, dataset_spec
+from flower_app.data.sources import DataNotFoundError
 from flower_app.data.tasks import ALLOWED as TASK_CLASSES_ALLOWED
 from flower_app.data.tasks import parse_task_classes
 from flower_app.models.backbone_cache import make_command
@@ -43,6 +45,8 @@ WEIGHTS_TRANSPORTS = ("auto", "message", "shared-memory")
 # experiment trackers (optional extras): event files or a W&B run in the run folder
 TRACKERS = ("none", "tensorboard", "wandb")
 WANDB_MODES = ("offline", "online")
+# the keys a data set's registry entry reads (``RunConfig.source_options``)
+SOURCE_KEYS = ("dataset", "data-dir", "download", "synthetic-train-per-class")
 
 
 class ConfigError(ValueError):
@@ -177,6 +181,17 @@ class RunConfig:
         cfg.validate(check_files)
         return cfg
 
+    @classmethod
+    def data_only(cls, run_config: dict[str, Any]) -> RunConfig:
+        """The defaults with ``run_config``'s data keys (what ``source_options`` reads),
+        typed but not validated: enough to count a data set's classes from a base
+        run-config that a study's settings complete later."""
+        names = {key: key.replace("-", "_") for key in SOURCE_KEYS if key in run_config}
+        values = {
+            name: _coerce(key, run_config[key], getattr(cls, name)) for key, name in names.items()
+        }
+        return cls(**values)
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved config with kebab-case keys (what results/config.json holds)."""
         own = {
@@ -188,9 +203,30 @@ class RunConfig:
 
     # ---- derived values -------------------------------------------------------------
     @property
+    def dataset_spec(self) -> DatasetSpec:
+        """The registry's entry of ``dataset`` (``flower_app/data/registry.py``)."""
+        _choice("dataset", self.dataset, dataset_names())
+        return dataset_spec(self.dataset)
+
+    @property
+    def source_options(self) -> SourceOptions:
+        """What the data set's entry reads of this run-config."""
+        return SourceOptions(self.data_path, self.download, self.synthetic_train_per_class)
+
+    @cached_property
+    def class_counts(self) -> tuple[int, ...]:
+        """Training images per class of the whole data set, before the validation split, as
+        its entry knows them before loading (an image folder's from its file names, so a
+        folder that does not fit is a data-dir error wherever a config is built)."""
+        try:
+            return self.dataset_spec.class_counts(self.source_options)
+        except DataNotFoundError as exc:
+            raise _err("data-dir", self.data_dir, str(exc)) from None
+
+    @property
     def dataset_classes(self) -> int:
         """Classes of the whole data set."""
-        return NUM_CLASSES_BY_DATASET[self.dataset]
+        return len(self.class_counts)
 
     @property
     def task_class_ids(self) -> tuple[int, ...]:
@@ -241,6 +277,8 @@ class RunConfig:
             "epochs",  # the centralized baseline's keys do not change a federated run
             "warmup-epochs",
         }
+        if self.dataset_spec.data_dir_is_data:  # the folder's images are the data set
+            operational.discard("data-dir")
         return {k: v for k, v in self.to_dict().items() if k not in operational}
 
     def server_rule_values(self) -> dict[str, Any]:
@@ -333,7 +371,7 @@ class RunConfig:
             self._validate_paths()
 
     def _validate_choices(self) -> None:
-        _choice("dataset", self.dataset, tuple(NUM_CLASSES_BY_DATASET))
+        _choice("dataset", self.dataset, dataset_names())
         _choice("model", self.model, tuple(MODEL_SPECS))
         _choice("weights", self.weights, WEIGHTS)
         _choice("sharding", self.sharding, SHARDINGS)
@@ -354,8 +392,9 @@ class RunConfig:
             raise _err("wandb-project", self.wandb_project, "must be a non-empty W&B project name")
 
     def _validate_task_classes(self) -> None:
+        total = self.dataset_classes  # first: a folder that does not fit is data-dir's error
         try:
-            classes = self.task_class_ids
+            classes = parse_task_classes(self.task_classes, total)
         except ValueError as exc:
             raise _err("task-classes", self.task_classes, str(exc)) from None
         if len(classes) < 2:
@@ -503,9 +542,15 @@ class RunConfig:
                 "or pretrained-path to a checkpoint",
             )
 
+    @property
+    def task_class_counts(self) -> list[int]:
+        """Images per class of the run's classes in the official training set, before the
+        validation split (the entry's counts, known before loading)."""
+        return [self.class_counts[c] for c in self.task_class_ids]
+
     def _validate_partition(self) -> None:
-        per_class = self.synthetic_train_per_class if self.dataset != "cifar100" else 500
-        train_per_class = per_class - round(self.val_fraction * per_class)
+        counts = self.task_class_counts
+        train_per_class = [n - round(self.val_fraction * n) for n in counts]
         if not (self.dirichlet_alpha > 0.0 and math.isfinite(self.dirichlet_alpha)):
             raise _err("dirichlet-alpha", self.dirichlet_alpha, "must be a finite number > 0")
         _at_least("dirichlet-min-size", self.dirichlet_min_size, 0)
@@ -545,7 +590,7 @@ class RunConfig:
                 "task metrics score the server's validation split and val-fraction = 0 "
                 "leaves the server none: set val-fraction > 0 or task-metrics-examples = 0",
             )
-        per_class = self.synthetic_train_per_class if self.dataset != "cifar100" else 500
+        per_class = min(self.task_class_counts)  # the class with the fewest validation images
         if round(self.val_fraction * per_class) == 0:
             raise _err(
                 "task-metrics-examples",
@@ -569,16 +614,11 @@ class RunConfig:
         self.check_pretrained_path()
 
     def check_data_dir(self) -> None:
-        """A local CIFAR-100 is there when the run may not download it."""
-        missing = not cifar100_files_present(self.data_path)
-        if self.dataset == "cifar100" and not self.download and missing:
-            raise _err(
-                "data-dir",
-                self.data_dir,
-                f"no CIFAR-100 at {self.data_path}: put the folder cifar-100-python/ or "
-                "cifar-100-python.tar.gz (https://www.cs.toronto.edu/~kriz/"
-                "cifar-100-python.tar.gz) there, or set download=true",
-            )
+        """The data set's files are in ``data-dir`` as its entry needs them (a set that is
+        downloaded on demand only when the run may not download it)."""
+        problem = self.dataset_spec.files_problem(self.source_options)
+        if problem:
+            raise _err("data-dir", self.data_dir, problem)
 
     def check_pretrained_path(self) -> None:
         """The weights file exists; a missing ``fl-pretrain`` backbone names its command."""

@@ -12,6 +12,7 @@ is ``flower_app.data.partitioners``, which imports this module and not the rever
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -76,7 +77,7 @@ def _balanced_amounts(
 
 
 def partition_feasibility_error(
-    num_train_per_class: int,
+    num_train_per_class: int | Sequence[int],
     num_classes: int,
     num_partitions: int,
     sharding: str,
@@ -85,13 +86,18 @@ def partition_feasibility_error(
 ) -> str | None:
     """Why the partition cannot have the promised properties (one line), or None if it can.
 
-    ``min_size`` is the Dirichlet shards' least size (``dirichlet-min-size``); whether a
-    draw meets it is random, so only the sure failure (K x min > N) is found here.
+    ``num_train_per_class``: one count for every class, or each class's own (an image
+    folder's classes differ): the total counts for IID and Dirichlet shards, the smallest
+    class for Nc. ``min_size`` is the Dirichlet shards' least size (``dirichlet-min-size``);
+    whether a draw meets it is random, so only the sure failure (K x min > N) is found here.
     """
     k, nc, c = num_partitions, classes_per_client, num_classes
     if k < 1:
         return f"num-clients={k}: must be >= 1"
-    total = num_train_per_class * c
+    if isinstance(num_train_per_class, int):
+        least, total = num_train_per_class, num_train_per_class * c
+    else:
+        least, total = min(num_train_per_class), sum(num_train_per_class)
     if sharding == "iid":
         if k > total:
             return f"num-clients={k} exceeds the {total} training images: need at most {total}"
@@ -113,10 +119,10 @@ def partition_feasibility_error(
             f"classes: need num-clients x classes-per-client >= {c}"
         )
     holders = math.ceil(k * nc / c)  # most clients that share one class
-    if holders > num_train_per_class:
+    if holders > least:
         return (
             f"num-clients={k} x classes-per-client={nc} puts up to {holders} clients on one "
-            f"class of {num_train_per_class} training images, so some would get none of it: "
-            f"need num-clients x classes-per-client <= {num_train_per_class * c}"
+            f"class of {least} training images, so some would get none of it: "
+            f"need num-clients x classes-per-client <= {least * c}"
         )
     return None

@@ -1,7 +1,10 @@
-"""Where the images come from: CIFAR-100, the synthetic set, a node's own file, the split.
+"""Where the images come from: CIFAR-100 and CIFAR-10, the synthetic set, a node's own
+file, the split.
 
 Kept apart from partitioning and preprocessing so that loading (files, download, the
-fixed synthetic set, the stratified train/validation split) has one home. Images stay
+fixed synthetic set, the stratified train/validation split) has one home; which data set a
+run-config names, and what the rest of the code knows of it, is the registry's
+(``flower_app.data.registry``). Images stay
 uint8 tensors (N, 3, 32, 32) until a batch is drawn, so a whole split can sit on the GPU
 (150 MB for CIFAR-100) and resizing/augmentation run there (``flower_app.data.preprocessing``).
 Nothing is cached here; the ClientApp and ServerApp cache what they load.
@@ -22,11 +25,11 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from torchvision.datasets import CIFAR100
 
-NUM_CLASSES_BY_DATASET = {"cifar100": 100, "synthetic": 100, "synthetic-pretrain": 100}
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_FOLDER = "cifar-100-python"
 CIFAR100_TARBALL = "cifar-100-python.tar.gz"
 DOWNLOAD_SOCKET_TIMEOUT_S = 60.0  # a silently dropped connection fails instead of hanging
+SYNTHETIC_CLASSES = 100  # CIFAR-100-shaped
 SYNTHETIC_SEED = 20_240_101  # the synthetic set is a fixed data set, not a run's random draw
 # the pretraining set of ``fl-pretrain``: the same generator with other class prototypes, so
 # the tiny ViT learns features on a task disjoint from the fine-tuning task (as DINO did on
@@ -77,18 +80,63 @@ class DatasetSplits:
     num_classes: int
 
 
-# ---- CIFAR-100 ---------------------------------------------------------------------------
+# ---- CIFAR-100 and CIFAR-10 --------------------------------------------------------------
+@dataclass(frozen=True)
+class CifarFormat:
+    """One of the official CIFAR "python version" archives: where its files are, what they
+    are called, which key holds the labels and which torchvision class downloads it."""
+
+    title: str
+    url: str
+    folder: str
+    tarball: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    label_key: bytes
+    torchvision_class: str
+    files_text: str  # the folder's files, in words: "train and test"
+
+    def files_present(self, data_dir: Path) -> bool:
+        """The official folder (train + test) or its tarball is in ``data_dir`` (no reading)."""
+        return self.folder_complete(data_dir) or (data_dir / self.tarball).is_file()
+
+    def folder_complete(self, data_dir: Path) -> bool:
+        folder = data_dir / self.folder
+        return all((folder / name).is_file() for name in self.train_files + self.test_files)
+
+
+CIFAR100 = CifarFormat(
+    title="CIFAR-100",
+    url=CIFAR100_URL,
+    folder=CIFAR100_FOLDER,
+    tarball=CIFAR100_TARBALL,
+    train_files=("train",),
+    test_files=("test",),
+    label_key=b"fine_labels",
+    torchvision_class="CIFAR100",
+    files_text="train and test",
+)
+CIFAR10 = CifarFormat(
+    title="CIFAR-10",
+    url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    folder="cifar-10-batches-py",
+    tarball="cifar-10-python.tar.gz",
+    train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+    test_files=("test_batch",),
+    label_key=b"labels",
+    torchvision_class="CIFAR10",
+    files_text="data_batch_1 to data_batch_5 and test_batch",
+)
+
+
 def cifar100_files_present(data_dir: Path) -> bool:
     """The official folder (train + test) or its tarball is in ``data_dir`` (no reading)."""
-    return _folder_complete(data_dir) or (data_dir / CIFAR100_TARBALL).is_file()
+    return CIFAR100.files_present(data_dir)
 
 
-def _folder_complete(data_dir: Path) -> bool:
-    folder = data_dir / CIFAR100_FOLDER
-    return (folder / "train").is_file() and (folder / "test").is_file()
-
-
-def _not_found(data_dir: Path, detail: str = "", downloading: bool = False) -> DataNotFoundError:
+def _not_found(
+    fmt: CifarFormat, data_dir: Path, detail: str = "", downloading: bool = False
+) -> DataNotFoundError:
     """One line that names the absolute folder, both accepted layouts and the remedies that
     apply (after a failed download, download=true is already set)."""
     where = data_dir.expanduser().absolute()
@@ -99,22 +147,30 @@ def _not_found(data_dir: Path, detail: str = "", downloading: bool = False) -> D
         else "or set download=true on a machine with network"
     )
     return DataNotFoundError(
-        f"CIFAR-100 not found in {where}{extra}: put the folder {where / CIFAR100_FOLDER} "
-        f"(with the files train and test) or the tarball {where / CIFAR100_TARBALL} "
-        f"(from {CIFAR100_URL}) there, {other}"
+        f"{fmt.title} not found in {where}{extra}: put the folder {where / fmt.folder} "
+        f"(with the files {fmt.files_text}) or the tarball {where / fmt.tarball} "
+        f"(from {fmt.url}) there, {other}"
     )
 
 
-def _read_cifar_pickle(path: Path, data_dir: Path) -> ImageSplit:
-    """One file of the official python version: b"data" (N, 3072) in CHW order, fine labels."""
-    try:
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="bytes")
-        images = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(entry[b"fine_labels"], dtype=np.int64)
-    except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as exc:
-        raise _not_found(data_dir, f"{path} is not a CIFAR-100 python file: {exc!r}") from exc
-    return ImageSplit(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels))
+def _read_cifar_pickles(fmt: CifarFormat, names: tuple[str, ...], data_dir: Path) -> ImageSplit:
+    """Files of the official python version, concatenated: b"data" (N, 3072) in CHW order
+    and the labels under ``fmt.label_key``."""
+    images, labels = [], []
+    for name in names:
+        path = data_dir / fmt.folder / name
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="bytes")
+            images.append(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(entry[fmt.label_key], dtype=np.int64))
+        except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as exc:
+            detail = f"{path} is not a {fmt.title} python file: {exc!r}"
+            raise _not_found(fmt, data_dir, detail) from exc
+    # one file (CIFAR-100) is used as read: no second copy of 150 MB
+    data = images[0] if len(images) == 1 else np.concatenate(images)
+    targets = labels[0] if len(labels) == 1 else np.concatenate(labels)
+    return ImageSplit(torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(targets))
 
 
 def _from_torchvision(dataset: CIFAR100) -> ImageSplit:
@@ -125,52 +181,59 @@ def _from_torchvision(dataset: CIFAR100) -> ImageSplit:
     return ImageSplit(torch.from_numpy(images), torch.from_numpy(labels))
 
 
-def load_cifar100(data_dir: Path, download: bool) -> tuple[ImageSplit, ImageSplit]:
+def load_cifar(fmt: CifarFormat, data_dir: Path, download: bool) -> tuple[ImageSplit, ImageSplit]:
     """(train, test) from ``data_dir``: the folder, else the tarball, else a download.
 
     A local copy always wins, so a machine without network never tries to reach one.
     """
     data_dir = data_dir.expanduser()
-    if not _folder_complete(data_dir):
-        tarball = data_dir / CIFAR100_TARBALL
+    if not fmt.folder_complete(data_dir):
+        tarball = data_dir / fmt.tarball
         if tarball.is_file():
             from torchvision.datasets.utils import extract_archive
 
             try:
                 extract_archive(tarball, data_dir)
             except Exception as exc:
-                raise _not_found(data_dir, f"cannot extract {tarball}: {exc!r}") from exc
+                raise _not_found(fmt, data_dir, f"cannot extract {tarball}: {exc!r}") from exc
         elif download:
-            return _download_cifar100(data_dir)
+            return _download_cifar(fmt, data_dir)
         else:
-            raise _not_found(data_dir)
-        if not _folder_complete(data_dir):
-            raise _not_found(data_dir, f"{tarball} holds no {CIFAR100_FOLDER}/train and test")
-    folder = data_dir / CIFAR100_FOLDER
+            raise _not_found(fmt, data_dir)
+        if not fmt.folder_complete(data_dir):
+            detail = f"{tarball} holds no {fmt.folder}/{fmt.files_text}"
+            raise _not_found(fmt, data_dir, detail)
     return (
-        _read_cifar_pickle(folder / "train", data_dir),
-        _read_cifar_pickle(folder / "test", data_dir),
+        _read_cifar_pickles(fmt, fmt.train_files, data_dir),
+        _read_cifar_pickles(fmt, fmt.test_files, data_dir),
     )
 
 
-def _download_cifar100(data_dir: Path) -> tuple[ImageSplit, ImageSplit]:
+def load_cifar100(data_dir: Path, download: bool) -> tuple[ImageSplit, ImageSplit]:
+    """CIFAR-100's (train, test), as ``load_cifar`` finds or fetches them."""
+    return load_cifar(CIFAR100, data_dir, download)
+
+
+def _download_cifar(fmt: CifarFormat, data_dir: Path) -> tuple[ImageSplit, ImageSplit]:
     """torchvision fetches and checks the tarball (md5) and extracts it into ``data_dir``.
 
     torchvision opens its URL without a timeout, so the process-wide socket default is
     set for the duration of the download (and restored): without network this fails
     within a minute instead of waiting on a connection that never answers.
     """
-    from torchvision.datasets import CIFAR100
+    import torchvision.datasets
 
+    dataset_class = getattr(torchvision.datasets, fmt.torchvision_class)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_SOCKET_TIMEOUT_S)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        train = CIFAR100(root=str(data_dir), train=True, download=True)
-        test = CIFAR100(root=str(data_dir), train=False, download=False)
+        train = dataset_class(root=str(data_dir), train=True, download=True)
+        test = dataset_class(root=str(data_dir), train=False, download=False)
     except Exception as exc:
         reason = str(exc) or type(exc).__name__
-        raise _not_found(data_dir, f"download=true failed: {reason}", downloading=True) from exc
+        detail = f"download=true failed: {reason}"
+        raise _not_found(fmt, data_dir, detail, downloading=True) from exc
     finally:
         socket.setdefaulttimeout(previous)
     return _from_torchvision(train), _from_torchvision(test)
@@ -214,7 +277,7 @@ _NOISE_SHIFT = 8 - SYNTHETIC_NOISE_BITS
 
 def _class_windows(seed: np.random.SeedSequence) -> np.ndarray:
     """Every 32x32 window of every class prototype: (classes, span * span, 3, 32, 32) uint8."""
-    classes = NUM_CLASSES_BY_DATASET["synthetic"]
+    classes = SYNTHETIC_CLASSES
     top = 255 - (255 >> _NOISE_SHIFT)
     coarse = np.random.default_rng(seed).uniform(0, top, (classes, 3, 4, 4))
     big = F.interpolate(
@@ -241,19 +304,6 @@ def _noisy_samples(windows: np.ndarray, per_class: int, seed: np.random.SeedSequ
         noise >>= _NOISE_SHIFT
         chunk += noise
     return ImageSplit(torch.from_numpy(images), torch.from_numpy(labels))
-
-
-def load_source(
-    dataset: str, data_dir: Path, download: bool, synthetic_train_per_class: int = 500
-) -> tuple[ImageSplit, ImageSplit]:
-    """(official train, official test) of the named data set; never a fallback to another."""
-    if dataset == "cifar100":
-        return load_cifar100(data_dir, download)
-    if dataset in SYNTHETIC_SEEDS:
-        return synthetic_cifar100(
-            synthetic_train_per_class, generator_seed=SYNTHETIC_SEEDS[dataset]
-        )
-    raise ValueError(f"dataset={dataset!r}: must be one of {', '.join(NUM_CLASSES_BY_DATASET)}")
 
 
 # ---- node-local data (deployment) ----------------------------------------------------------
@@ -309,23 +359,3 @@ def split_train_val(
     train = np.sort(order[~in_val]).astype(np.int64)
     val = np.sort(order[in_val]).astype(np.int64)
     return train, val
-
-
-def load_splits(
-    dataset: str,
-    data_dir: Path,
-    download: bool,
-    val_fraction: float,
-    seed: int,
-    synthetic_train_per_class: int = 500,
-) -> DatasetSplits:
-    """Training/validation split of the official training set, and the official test set."""
-    train, test = load_source(dataset, data_dir, download, synthetic_train_per_class)
-    train_idx, val_idx = split_train_val(train.labels.numpy(), val_fraction, seed)
-    t, v = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
-    return DatasetSplits(
-        ImageSplit(train.images[t].contiguous(), train.labels[t]),
-        ImageSplit(train.images[v].contiguous(), train.labels[v]),
-        test,
-        NUM_CLASSES_BY_DATASET[dataset],
-    )

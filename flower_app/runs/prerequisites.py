@@ -16,10 +16,8 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlparse
 
 from flower_app.config import ConfigError, RunConfig
-from flower_app.data.sources import CIFAR100_TARBALL, CIFAR100_URL, cifar100_files_present
 from flower_app.models.factory import hub_weights_problem
 from flower_app.models.network import reachable
 from flower_app.runs.checkpoint import CHECKPOINT_NAME
@@ -33,17 +31,16 @@ class PrerequisiteError(ConfigError):
 
 
 def data_problem(cfg: RunConfig, online: Callable[[str], bool] | None = None) -> str:
-    """Why the run's data cannot be had, or "" (synthetic data is always there; a missing
-    local copy with download=false is a run-config error, reported by ``RunConfig``)."""
-    if cfg.dataset != "cifar100" or not cfg.download or cifar100_files_present(cfg.data_path):
+    """Why the run's data cannot be had, or "": only a set its registry entry downloads,
+    with download=true and nothing local, has a host to reach (a missing local copy with
+    download=false, or a user's folder that does not fit, is a run-config error, reported
+    by ``RunConfig``; generated sets are always there)."""
+    download = cfg.dataset_spec.download
+    if download is None or not cfg.download or download.present(cfg.data_path):
         return ""
-    if (online or reachable)(CIFAR100_URL):
+    if (online or reachable)(download.url):
         return ""
-    host = urlparse(CIFAR100_URL).hostname
-    return (
-        f"no CIFAR-100 in {cfg.data_path} and {host} is unreachable: put cifar-100-python/ "
-        f"or {CIFAR100_TARBALL} ({CIFAR100_URL}) there"
-    )
+    return download.unreachable_problem(cfg.data_path)
 
 
 def weights_problem(

@@ -11,7 +11,8 @@ from torch import nn
 from clients.training import evaluate, predict
 from flower_app.config import RunConfig
 from flower_app.data.preprocessing import batch_preprocessor
-from flower_app.data.sources import DatasetSplits, ImageSplit, load_splits
+from flower_app.data.registry import load_splits
+from flower_app.data.sources import DatasetSplits, ImageSplit
 from flower_app.data.tasks import restrict_splits
 from flower_app.models.factory import create_initial_model
 from flower_app.runs.worker_gpus import auto_device

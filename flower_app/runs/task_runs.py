@@ -64,7 +64,14 @@ def load_task_run(run_dir: str | Path, device: str = "cpu") -> TaskRun:
 # Accuracy of w0 with a given head on a task's split, shared between runs: in the study
 # every arm of one seed and task warms up the same head, so its pretrained model is one
 _PRETRAINED: dict[tuple[str, str], float] = {}
-_DATA_KEYS = ("dataset", "seed", "val-fraction", "synthetic-train-per-class", "task-classes")
+_DATA_KEYS = (
+    "dataset",
+    "data-dir",  # an image folder's images are the data set: two folders, two data sets
+    "seed",
+    "val-fraction",
+    "synthetic-train-per-class",
+    "task-classes",
+)
 _MODEL_KEYS = ("model", "image-size", "weights", "pretrained-path", "eval-batch-size")
 
 

@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flower_app.config import ConfigError, load_preset
-from flower_app.data.sources import NUM_CLASSES_BY_DATASET
+from flower_app.config import ConfigError, RunConfig, load_preset
 from strategies.masks import MASK_STRATEGIES
 from strategies.server_rules import RULES
 
@@ -126,7 +125,7 @@ def arithmetic_settings(base: dict[str, Any], tasks: int) -> list[Setting]:
     """Arm x task. Rounds per task: the base's rounds (and head warm-up) divided by the
     number of tasks, rounded up, so each federation makes as many passes over its own
     task's data as the base run over all data (a task holds 1/tasks of the images)."""
-    blocks = task_blocks(NUM_CLASSES_BY_DATASET[base.get("dataset", "cifar100")], tasks)
+    blocks = task_blocks(RunConfig.data_only(base).dataset_classes, tasks)
     rounds = -(-int(base.get("num-server-rounds", 500)) // tasks)
     warmup = -(-int(base.get("head-warmup-rounds", 20)) // tasks)
     shared = {

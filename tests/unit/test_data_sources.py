@@ -1,7 +1,8 @@
-"""Data sources: CIFAR-100 from files or a download, the synthetic set, the stratified split.
+"""Data sources: CIFAR-100 and CIFAR-10 from files or a download, the synthetic set, the
+stratified split.
 
-Nothing here touches the network: CIFAR-100 is a tiny fake in the official pickle format,
-and the download path runs against a stand-in for torchvision's CIFAR100 class.
+Nothing here touches the network: CIFAR-100 and CIFAR-10 are tiny fakes in the official
+pickle formats, and the download path runs against stand-ins for torchvision's classes.
 """
 
 from __future__ import annotations
@@ -17,17 +18,19 @@ import pytest
 import torch
 import torchvision.datasets
 
+from flower_app.config import ConfigError, RunConfig
+from flower_app.data.registry import load_source, load_splits
 from flower_app.data.sources import (
     DOWNLOAD_SOCKET_TIMEOUT_S,
     DataNotFoundError,
     DatasetSplits,
     ImageSplit,
     cifar100_files_present,
-    load_source,
-    load_splits,
     split_train_val,
     synthetic_cifar100,
 )
+from flower_app.runs.prerequisites import data_problem
+from tests.conftest import quick_run_config
 
 
 # ---- train / validation split ------------------------------------------------------------------
@@ -214,3 +217,115 @@ def test_local_copy_wins_over_download(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "CIFAR100", no_network)
     train, _ = load_source("cifar100", tmp_path, download=True)
     assert len(train) == 20
+
+
+# ---- CIFAR-10 ----------------------------------------------------------------------------------
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def _write_fake_cifar10(folder: Path, per_batch: int = 4) -> dict:
+    """The official python layout: five training batches and a test batch, each a pickled
+    dict with b"data" (N, 3072, CHW), b"labels", b"filenames", b"batch_label"; batches.meta."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(10)
+    entries = {}
+    for name in CIFAR10_BATCHES:
+        entries[name] = {
+            b"batch_label": name.encode(),
+            b"labels": [int(x) for x in rng.integers(0, 10, per_batch)],
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(per_batch)],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(entries[name], f)
+    meta = {b"label_names": [b"airplane"] * 10, b"num_cases_per_batch": per_batch}
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump(meta, f)
+    return entries
+
+
+def test_cifar10_batches_are_read_in_order_as_chw(tmp_path):
+    raw = _write_fake_cifar10(tmp_path / "cifar-10-batches-py")
+    train, test = load_source("cifar10", tmp_path, download=False)
+    assert train.images.shape == (20, 3, 32, 32) and test.images.shape == (4, 3, 32, 32)
+    assert train.images.dtype == torch.uint8 and train.labels.dtype == torch.int64
+    assert train.images.is_contiguous()
+    expected = [label for name in CIFAR10_BATCHES[:5] for label in raw[name][b"labels"]]
+    assert train.labels.tolist() == expected
+    assert test.labels.tolist() == raw["test_batch"][b"labels"]
+    # image 2 of data_batch_3 is training image 4 + 4 + 2; pixel (c, y, x) is byte c*1024+y*32+x
+    data = raw["data_batch_3"][b"data"]
+    assert train.images[10, 1, 7, 3] == data[2, 1024 + 7 * 32 + 3]
+    splits = load_splits("cifar10", tmp_path, False, 0.25, seed=0)
+    assert splits.num_classes == 10 and len(splits.train) + len(splits.val) == 20
+
+
+def test_cifar10_tarball_is_extracted_offline(tmp_path):
+    _write_fake_cifar10(tmp_path / "src" / "cifar-10-batches-py")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with tarfile.open(data_dir / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    train, test = load_source("cifar10", data_dir, download=False)
+    assert (len(train), len(test)) == (20, 4)
+    assert (data_dir / "cifar-10-batches-py" / "data_batch_5").is_file()
+
+
+def test_missing_cifar10_batch_says_what_to_put_where(tmp_path):
+    _write_fake_cifar10(tmp_path / "cifar-10-batches-py")
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(DataNotFoundError) as info:
+        load_source("cifar10", tmp_path, download=False)
+    message = str(info.value)
+    assert message.startswith(f"CIFAR-10 not found in {tmp_path}: put the folder ")
+    assert f"{tmp_path}/cifar-10-batches-py (with the files data_batch_1 to " in message
+    assert f"{tmp_path}/cifar-10-python.tar.gz (from {CIFAR10_URL})" in message
+    assert "download=true" in message and "\n" not in message
+
+
+def test_cifar10_offline_checks_name_data_dir_and_the_files(tmp_path):
+    config = quick_run_config(dataset="cifar10", data_dir=str(tmp_path), download=False)
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_run_config(config)
+    assert str(info.value) == (
+        f"run-config key 'data-dir' = '{tmp_path}' is not allowed: no CIFAR-10 at {tmp_path}: "
+        f"put the folder cifar-10-batches-py/ or cifar-10-python.tar.gz ({CIFAR10_URL}) there, "
+        "or set download=true"
+    )
+    cfg = RunConfig.from_run_config(config | {"download": True})
+    assert data_problem(cfg, online=lambda url: url == CIFAR10_URL) == ""
+    assert data_problem(cfg, online=lambda url: False) == (
+        f"no CIFAR-10 in {tmp_path} and www.cs.toronto.edu is unreachable: put "
+        f"cifar-10-batches-py/ or cifar-10-python.tar.gz ({CIFAR10_URL}) there"
+    )
+    _write_fake_cifar10(tmp_path / "cifar-10-batches-py")
+    assert data_problem(cfg, online=lambda url: False) == ""
+    assert RunConfig.from_run_config(config).class_counts == (5000,) * 10
+
+
+def test_cifar10_downloads_through_torchvision(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeCIFAR10:
+        def __init__(self, root, train, download):
+            calls.append((root, train, download, socket.getdefaulttimeout()))
+            n = 6 if train else 4
+            self.data = np.full((n, 32, 32, 3), 7, dtype=np.uint8)
+            self.data[:, 0, 0, 2] = 9  # HWC pixel (0, 0) of channel 2
+            self.targets = [i % 10 for i in range(n)]
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    train, test = load_source("cifar10", tmp_path / "new", download=True)
+    assert train.images.shape == (6, 3, 32, 32) and len(test) == 4
+    assert int(train.images[0, 2, 0, 0]) == 9 and int(train.images[0, 1, 0, 0]) == 7
+    root = str(tmp_path / "new")
+    timeout = DOWNLOAD_SOCKET_TIMEOUT_S
+    assert calls == [(root, True, True, timeout), (root, False, False, timeout)]
+
+    def offline(root, train, download):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(DataNotFoundError, match=r"CIFAR-10 not found .*download=true failed"):
+        load_source("cifar10", tmp_path / "other", download=True)
