@@ -28,11 +28,11 @@ from flower_app.data.tasks import ALLOWED as TASK_CLASSES_ALLOWED
 from flower_app.data.tasks import parse_task_classes
 from flower_app.models.backbone_cache import make_command
 from flower_app.models.factory import MODEL_SPECS
+from flower_app.runs.strategy_registry import STRATEGIES, StrategyEntry
 from strategies.masks import CALIBRATION_SCHEDULES, MASK_SCOPES, MASK_STRATEGIES
 from strategies.server_rules import RULES as SERVER_RULES
 from strategies.server_rules import rule_options
 
-STRATEGIES = ("fedavg", "sparse-fedavg")
 HEAD_MODES = ("train", "frozen")
 SHARDINGS = ("iid", "non-iid", "dirichlet")
 WEIGHTS = ("pretrained", "random")
@@ -300,6 +300,12 @@ class RunConfig:
         )
 
     @property
+    def strategy_entry(self) -> StrategyEntry:
+        """The registry's entry of ``strategy`` (``flower_app/runs/strategy_registry.py``)."""
+        _choice("strategy", self.strategy, tuple(STRATEGIES))
+        return STRATEGIES[self.strategy]
+
+    @property
     def calibration_clients(self) -> int:
         """Clients asked for their Fisher per calibration round."""
         return max(1, round(self.calibration_fraction * self.num_clients))
@@ -329,7 +335,7 @@ class RunConfig:
         if centralized:
             return f"{run_name}: centralized, {scale}, {self.epochs} epochs, seed {self.seed}"
         what = []
-        if self.strategy != "fedavg":
+        if self.strategy_entry.masked:
             what.append(f"{self.strategy} ({self.mask_strategy}, sparsity {self.sparsity:g})")
         if self.server_rule != "mean":
             what.append(f"server rule {self.server_rule}")
@@ -375,7 +381,7 @@ class RunConfig:
         _choice("model", self.model, tuple(MODEL_SPECS))
         _choice("weights", self.weights, WEIGHTS)
         _choice("sharding", self.sharding, SHARDINGS)
-        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("strategy", self.strategy, tuple(STRATEGIES))
         _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("device", self.device, DEVICES)
         _choice("precision", self.precision, PRECISIONS)
@@ -435,7 +441,7 @@ class RunConfig:
                 "(e.g. a run's final_model.safetensors)",
             )
         frozen_random = self.head == "frozen" and self.head_warmup_rounds == 0
-        if self.strategy == "sparse-fedavg" and frozen_random and not self.pretrained_head:
+        if self.strategy_entry.masked and frozen_random and not self.pretrained_head:
             raise _err(
                 "head-warmup-rounds",
                 0,
@@ -496,7 +502,7 @@ class RunConfig:
                 self.min_train_clients,
                 f"must be in 1..{self.clients_per_round} (clients sampled per round)",
             )
-        if self.strategy == "sparse-fedavg" and self.min_train_clients > self.calibration_clients:
+        if self.strategy_entry.masked and self.min_train_clients > self.calibration_clients:
             raise _err(
                 "min-train-clients",
                 self.min_train_clients,

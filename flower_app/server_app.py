@@ -67,6 +67,7 @@ from flower_app.runs.runtime import (
     to_device,
 )
 from flower_app.runs.schedule import lr_at_round
+from flower_app.runs.strategy_registry import STRATEGIES
 from flower_app.runs.task_metrics import (
     TaskInterference,
     TaskRounds,
@@ -76,8 +77,7 @@ from flower_app.runs.task_metrics import (
 from flower_app.runs.tracking import Tracker, make_tracker
 from strategies import protocol
 from strategies.fedavg import OrderedFedAvg
-from strategies.masks import eligible_names, mask_density, needs_fisher
-from strategies.plan import CALIBRATION, HEAD_WARMUP, TRAIN, Phase, RoundClock
+from strategies.plan import RoundClock
 from strategies.rounds import (
     InsufficientRepliesError,
     RetryPolicy,
@@ -87,7 +87,6 @@ from strategies.rounds import (
 )
 from strategies.seeds import derive_seed
 from strategies.server_rules import build_rule
-from strategies.sparse_fedavg import SparseFedAvg
 from strategies.transport.carrier import WeightCarrier
 from strategies.transport.selection import TransportUnavailable, accept_probes, open_carrier
 
@@ -153,17 +152,8 @@ def query_partitions(
 
 
 def plan_for(cfg: RunConfig) -> RoundClock:
-    """The run's phases: FedAvg trains; sparse FedAvg warms the head up and calibrates first."""
-    if cfg.strategy == "fedavg":
-        return RoundClock([Phase(TRAIN, cfg.num_server_rounds)])
-    calibration = cfg.calibration_rounds if needs_fisher(cfg.mask_strategy) else 0
-    return RoundClock(
-        [
-            Phase(HEAD_WARMUP, cfg.head_warmup_rounds),
-            Phase(CALIBRATION, calibration),
-            Phase(TRAIN, cfg.num_server_rounds),
-        ]
-    )
+    """The run's phases, as the strategy's registry entry lays them out."""
+    return RoundClock(STRATEGIES[cfg.strategy].phases(cfg))
 
 
 def build_strategy(
@@ -174,7 +164,8 @@ def build_strategy(
     shard_sizes: dict[int, int] | None = None,
     carrier: WeightCarrier | None = None,
 ) -> OrderedFedAvg:
-    """The strategy the run-config's ``strategy`` names, on the run's clock.
+    """The strategy the run-config's ``strategy`` names (its registry entry), on the
+    run's clock.
 
     ``shard_sizes`` (examples per partition, from the partition query) is the only
     ``num-examples`` a reply may claim; replies are checked against it.
@@ -192,25 +183,8 @@ def build_strategy(
         "server_rule": build_rule(cfg.server_rule, cfg.server_rule_values()),
         "task_rounds": TaskRounds(cfg.task_metrics_every) if cfg.task_metrics_examples else None,
     }
-    if cfg.strategy == "fedavg":
-        return OrderedFedAvg(**common)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    return SparseFedAvg(
-        eligible=eligible_names(shapes, cfg.mask_scope),
-        head_mode=cfg.head,
-        sparsity=cfg.sparsity,
-        mask_strategy=cfg.mask_strategy,
-        calibration_schedule=cfg.calibration_schedule,
-        calibration_clients=cfg.calibration_clients,
-        fisher_config={
-            protocol.FISHER_SAMPLES: cfg.fisher_samples,
-            protocol.FISHER_LABELS: cfg.fisher_labels,
-            protocol.CALIBRATION_DAMPING: cfg.calibration_damping,
-            protocol.FISHER_SCORE: cfg.fisher_score,
-        },
-        warmup_lr=cfg.head_warmup_lr or cfg.lr,
-        **common,
-    )
+    return STRATEGIES[cfg.strategy].build(cfg, shapes, common)
 
 
 def writable_output_dir(output_dir: str) -> Path:
@@ -476,10 +450,9 @@ def finish(run: PreparedRun, final: ArrayRecord) -> None:
             key: float(metrics[key].sum() + calibration[key].sum())
             for key in ("bytes-down", "bytes-up")
         }
-    if isinstance(c.strategy, SparseFedAvg):
-        mask = c.strategy.mask
-        extra_weights["mask.safetensors"] = {k: m.to(torch.uint8) for k, m in mask.items()}
-        extra_summary |= {"mask-density": mask_density(mask), "mask-strategy": cfg.mask_strategy}
+    strategy_summary, strategy_files = c.strategy.outputs()
+    extra_summary |= strategy_summary
+    extra_weights |= strategy_files
     summary = finish_run(
         run.run_dir,
         run.run_name,

@@ -366,6 +366,11 @@ class OrderedFedAvg:
         """What a round (training or calibration) leaves: its shared weight files."""
         self.carrier.end_round()
 
+    def outputs(self) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+        """What a finished run adds to its summary, and the tensor files it writes beside
+        the model (dense FedAvg: nothing)."""
+        return {}, {}
+
     # ---- Saveable ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Sampling is derived from the round; what is kept is the server rule's state."""

@@ -276,6 +276,11 @@ class SparseFedAvg(OrderedFedAvg):
             self._encoded = (self.mask_version, encode_mask(self.mask))
         return self._encoded[1]
 
+    def outputs(self) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+        """The final mask (``mask.safetensors``, 0/1) and its density in the summary."""
+        summary = {"mask-density": mask_density(self.mask), "mask-strategy": self.mask_strategy}
+        return summary, {"mask.safetensors": {n: m.to(torch.uint8) for n, m in self.mask.items()}}
+
     # ---- Saveable ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The mask and its version, and the server rule's state; which node holds which

@@ -18,6 +18,7 @@ import torch
 
 from flower_app.config import RunConfig
 from flower_app.runs.runtime import ModelEvaluator, initial_model, resolve_device, run_splits
+from flower_app.runs.strategy_registry import STRATEGIES
 from flower_app.runs.task_arithmetic import State, Task, is_head
 from flower_app.runs.task_vectors import load_task_vector, saved_run_config
 
@@ -98,8 +99,8 @@ def remember_pretrained(runs: Sequence[TaskRun]) -> None:
 
 def _mask_rule(cfg: dict) -> dict:
     """What decides a run's mask: nothing for dense FedAvg."""
-    if cfg["strategy"] == "fedavg":
-        return {"strategy": "fedavg"}
+    if not STRATEGIES[cfg["strategy"]].masked:
+        return {"strategy": cfg["strategy"]}
     return {key: cfg[key] for key in SAME_MASK}
 
 

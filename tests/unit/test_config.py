@@ -7,14 +7,18 @@ import tomllib
 
 import pytest
 
+from flower_app import client_app
 from flower_app.cli.run import federation_config
 from flower_app.config import ConfigError, RunConfig, parse_pairs
 from flower_app.models.backbone_cache import PRETRAINED_DIR, backbone_seed
 from flower_app.models.factory import create_initial_model
+from flower_app.runs.strategy_registry import STRATEGIES
 from flower_app.server_app import build_strategy, plan_for
 from strategies import protocol
 from tests.conftest import ROOT, quick_run_config
 from tests.invalid_configs import INVALID
+
+CONFIG_PAGE = ROOT / "docs" / "configuration.md"
 
 
 def _pyproject_config() -> dict:
@@ -230,3 +234,25 @@ def test_federation_values_go_back_to_flower_as_toml():
         "num-supernodes=10 client-resources-num-gpus=0.5 client-resources-num-cpus=2 "
         'backend-name="ray"'
     )
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_a_registered_strategy_is_a_choice_built_from_its_entry(name):
+    """The run-config takes the registry's names; the plan and the strategy come from the
+    entry; the ClientApp answers every message type the entry says its clients answer;
+    the configuration page lists the name."""
+    entry = STRATEGIES[name]
+    cfg = RunConfig.from_run_config(quick_run_config(strategy=name))
+    clock = plan_for(cfg)
+    assert clock.phases == [p for p in entry.phases(cfg) if p.rounds > 0]
+    model = create_initial_model(cfg.model, cfg.num_classes, cfg.image_size, "random", "", 0)
+    nodes = {pid: 1000 + pid for pid in range(cfg.num_clients)}
+    strategy = build_strategy(cfg, model, nodes, clock)
+    assert type(strategy).__name__ == entry.target.rpartition(":")[2]
+    # Flower 1.42 lists a ClientApp's handlers only in this private dict ("train.default")
+    handled = set(client_app.app._registered_funcs)
+    assert {m if "." in m else f"{m}.default" for m in entry.messages} <= handled
+    row = next(
+        line for line in CONFIG_PAGE.read_text().splitlines() if line.startswith("| `strategy` |")
+    )
+    assert f"`{name}`" in row.split("|")[3]
