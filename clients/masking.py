@@ -2,7 +2,7 @@
 
 Knows nothing of Flower or of how a mask travels. The mask arrives decoded (bool tensors,
 True = trainable) together with its positions: the flat row-major indices of the True
-entries, derived by the caller with ``strategies/transport/sparse_codec.mask_positions``,
+entries, derived by the caller with ``strategies/sparse_codec.mask_positions``,
 the one definition of the order in which sparse values travel. A worker process keeps one
 ``NodeMask`` per mask, so what is derived from it is derived once, not once per message.
 """

@@ -40,6 +40,7 @@ with imports_without_gc():
     from flower_app.runs.worker_gpus import worker_placement
     from strategies import protocol
     from strategies.seeds import derive_seed
+    from strategies.sparse_codec import decode_mask, mask_positions
     from strategies.transport.shared_weights import (
         WeightRef,
         answer_probe,
@@ -48,7 +49,6 @@ with imports_without_gc():
         reply_records,
         shared_root,
     )
-    from strategies.transport.sparse_codec import decode_mask, mask_positions
 
 app = ClientApp()
 

@@ -88,7 +88,8 @@ from strategies.rounds import (
 from strategies.seeds import derive_seed
 from strategies.server_rules import build_rule
 from strategies.transport.carrier import WeightCarrier
-from strategies.transport.selection import TransportUnavailable, accept_probes, open_carrier
+from strategies.transport.grid import CarryingGrid
+from strategies.transport.selection import TransportUnavailable, open_carrier, report_probes
 
 app = ServerApp()
 
@@ -127,12 +128,13 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float, overrides: str = "
 
 
 def query_partitions(
-    grid: Grid, node_ids: list[int], timeout: float, probe: Callable[[], RecordDict] = RecordDict
+    grid: Grid, node_ids: list[int], timeout: float
 ) -> tuple[list[dict], list[Message]]:
     """Ask every node which shard it holds (loads data and partition on each worker once);
-    the query also carries ``probe()``, the weight carrier's shared-folder probe."""
+    the run's Grid adds the shared folder's probe to each query."""
     messages = [
-        Message(probe(), dst_node_id=nid, message_type=protocol.QUERY_PARTITION) for nid in node_ids
+        Message(RecordDict(), dst_node_id=nid, message_type=protocol.QUERY_PARTITION)
+        for nid in node_ids
     ]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     failed = [client_error_text(r.error.reason) for r in replies if r.has_error()]
@@ -162,7 +164,6 @@ def build_strategy(
     partition_to_node: dict[int, int],
     clock: RoundClock,
     shard_sizes: dict[int, int] | None = None,
-    carrier: WeightCarrier | None = None,
 ) -> OrderedFedAvg:
     """The strategy the run-config's ``strategy`` names (its registry entry), on the
     run's clock.
@@ -179,7 +180,6 @@ def build_strategy(
         "lr_at": functools.partial(lr_at_round, cfg=cfg),
         "retry": RetryPolicy(cfg.min_train_clients, cfg.max_round_retries, cfg.round_timeout),
         "update_metrics": cfg.update_metrics,
-        "carrier": carrier,
         "server_rule": build_rule(cfg.server_rule, cfg.server_rule_values()),
         "task_rounds": TaskRounds(cfg.task_metrics_every) if cfg.task_metrics_examples else None,
     }
@@ -350,14 +350,13 @@ def build_components(
     clock: RoundClock,
     run_dir: RunDirectory,
     stopwatch: Stopwatch,
-    carrier: WeightCarrier,
     tracker: Tracker,
 ) -> Components:
     to_node = {int(p[protocol.PARTITION_ID]): p["node-id"] for p in partitions}
     sizes = {int(p[protocol.PARTITION_ID]): int(p[protocol.NUM_EXAMPLES]) for p in partitions}
     return Components(
         clock,
-        build_strategy(cfg, model, to_node, clock, sizes, carrier),
+        build_strategy(cfg, model, to_node, clock, sizes),
         MetricsTable(run_dir),
         calibration_table(run_dir),
         BestModel(),
@@ -395,18 +394,16 @@ def prepare(
     if checkpoint is not None:
         initial_state = checkpoint.initial
     print(f"asking the {len(node_ids)} nodes for their shards ...", flush=True)
-    partitions, replies = query_partitions(grid, node_ids, cfg.round_timeout, carrier.probe_content)
+    partitions, _ = query_partitions(grid, node_ids, cfg.round_timeout)
     with transport_errors_as_config_errors():
-        accept_probes(carrier, replies, cfg.weights_transport)
+        report_probes(carrier, node_ids, cfg.weights_transport)
     run_dir = open_run_dir(cfg, run_path, checkpoint is not None)
     shards = partitions_frame(partitions)
     run_dir.write_csv("partitions.csv", shards)
     picture = partitions_figure(shards, cfg.num_classes, shards_title(cfg))
     save_figure(picture, run_dir.path / "partitions.png")
     print(f"run directory: {run_dir.path}; plan: {clock.describe()} rounds", flush=True)
-    components = build_components(
-        cfg, model, partitions, clock, run_dir, stopwatch, carrier, tracker
-    )
+    components = build_components(cfg, model, partitions, clock, run_dir, stopwatch, tracker)
     evaluator = ModelEvaluator(model, cfg, device)
     val, test = to_device(splits.val, device), to_device(splits.test, device)
     evaluate_val = None
@@ -541,16 +538,17 @@ def main(grid: Grid, context: Context) -> None:
     with closing(tracker), run_folder(cfg, run_path, holder):  # a failed run ends both
         with transport_errors_as_config_errors():
             carrier = open_carrier(cfg.weights_transport, context.run_id)
+        grid = CarryingGrid(grid, carrier)  # weights by reference, out of the strategy's sight
         try:
             run = prepare(grid, cfg, run_path, carrier, tracker)
             if run is None:
                 return
             tracker.start(resolved_config(cfg, run_path))
             try:
-                strategy = run.components.strategy
+                components = run.components
                 final = run_plan(
-                    strategy,
-                    run.components.clock,
+                    components.strategy,
+                    components.clock,
                     grid,
                     run.start,
                     run.hooks,

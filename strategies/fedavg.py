@@ -16,17 +16,16 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from strategies import protocol
 from strategies.interference import SplitGram
 from strategies.plan import TRAIN, RoundClock, RoundPosition
 from strategies.record import ClientModel, RoundRecord, TaskModels
-from strategies.reply_checks import Layout, dense_layout, train_metrics_problem
+from strategies.reply_checks import Layout, dense_layout, reply_tensors, train_metrics_problem
 from strategies.rounds import CheckedReply, RetryPolicy, RoundRequest
 from strategies.seeds import sample_partitions
 from strategies.server_rules import ServerRule
-from strategies.transport.carrier import WeightCarrier
 
 RoundRow = dict[str, float]
 NO_RETRIES = RetryPolicy()
@@ -96,7 +95,6 @@ class OrderedFedAvg:
         retry: RetryPolicy = NO_RETRIES,
         update_metrics: bool = True,
         shard_sizes: Mapping[int, int] | None = None,
-        carrier: WeightCarrier | None = None,
         server_rule: ServerRule | None = None,
         task_rounds: Callable[[RoundPosition], bool] | None = None,
     ) -> None:
@@ -110,8 +108,6 @@ class OrderedFedAvg:
         self.lr_at = lr_at
         self.retry = retry
         self.update_metrics = update_metrics
-        # how weights reach each node (by reference or in the message); message-only by default
-        self.carrier = carrier or WeightCarrier()
         # how the training phase's updates are combined: the mean, or one of Flower's rules
         self.server_rule = server_rule or ServerRule()
         # the rounds whose record gets the models task-arithmetic metrics compare (none: off)
@@ -163,10 +159,8 @@ class OrderedFedAvg:
         self, pid: int, arrays: ArrayRecord, config: ConfigRecord, message_type: str
     ) -> Message:
         """The message for one partition's node (sparse strategies add the mask)."""
-        node = self.partition_to_node[pid]
-        content = self.carrier.weights_for(node, arrays, lambda: self.tensors_of(arrays))
-        content[protocol.CONFIG] = config
-        return Message(content, dst_node_id=node, message_type=message_type)
+        content = RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: config})
+        return Message(content, dst_node_id=self.partition_to_node[pid], message_type=message_type)
 
     def tensors_of(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
         """The tensors of a global ArrayRecord, decoded once (read-only: shared by callers)."""
@@ -348,9 +342,9 @@ class OrderedFedAvg:
     def checked_reply(
         self, reply: Message, key: str, layout: Layout, pid: int | None, nonnegative: bool = False
     ) -> CheckedReply | str:
-        """The reply with its tensors ``key`` (in the message or by reference) decoded and
-        checked against ``layout``, or why they do not fit."""
-        tensors, problem = self.carrier.reply_tensors(reply, key, layout, nonnegative)
+        """The reply with its tensors ``key`` decoded and checked against ``layout``, or why
+        they do not fit."""
+        tensors, problem = reply_tensors(reply, key, layout, nonnegative)
         if problem:
             return rejected(reply, pid, problem)
         return CheckedReply(reply, tensors)
@@ -361,10 +355,6 @@ class OrderedFedAvg:
 
     def on_client_failure(self, node_id: int) -> None:
         """Called for each failed reply (sparse strategies forget the node's mask)."""
-
-    def end_round(self) -> None:
-        """What a round (training or calibration) leaves: its shared weight files."""
-        self.carrier.end_round()
 
     def outputs(self) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
         """What a finished run adds to its summary, and the tensor files it writes beside

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 
 from strategies import protocol
 
@@ -142,6 +142,29 @@ def checked_tensors(
         if problem:
             return {}, problem
     return state, ""
+
+
+@runtime_checkable
+class ReadsChecked(Protocol):
+    """A record whose tensors live elsewhere (a file the transport names) and are checked
+    as they are read, instead of decoded from the message."""
+
+    def read_checked(
+        self, layout: Layout, nonnegative: bool = False
+    ) -> tuple[dict[str, torch.Tensor], str]: ...
+
+
+def reply_tensors(
+    reply: Message, key: str, layout: Layout, nonnegative: bool = False
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors of the reply's record ``key``, checked against ``layout``: ``(tensors,
+    "")``, or ``({}, reason)``; however they travelled, the same checks."""
+    record = reply.content.array_records.get(key)
+    if record is None:
+        return {}, f"no {key!r} record"
+    if isinstance(record, ReadsChecked):
+        return record.read_checked(layout, nonnegative)
+    return checked_tensors(record, layout, nonnegative)
 
 
 def number(metrics: MetricRecord | None, key: str) -> float | None:

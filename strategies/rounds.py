@@ -25,8 +25,6 @@ from flwr.serverapp import Grid
 from strategies import protocol
 from strategies.plan import RoundClock, RoundPosition
 from strategies.record import RoundRecord
-from strategies.transport.carrier import WeightCarrier
-from strategies.transport.shared_weights import WeightRef
 
 
 class InsufficientRepliesError(RuntimeError):
@@ -63,14 +61,9 @@ def client_error_text(reason: str) -> str:
 
 
 def content_bytes(content: RecordDict) -> int:
-    """Bytes of the arrays in a message (what dominates communication), also when they
-    travel by reference (the reference states what the message would have carried)."""
-    carried = sum(record.count_bytes() for record in content.array_records.values())
-    return carried + sum(
-        WeightRef.from_record(record).nbytes
-        for key, record in content.config_records.items()
-        if key.endswith(protocol.REF_SUFFIX)
-    )
+    """Bytes of the arrays in a message (what dominates communication; a record the Grid
+    carried by reference counts what the message would have carried)."""
+    return sum(record.count_bytes() for record in content.array_records.values())
 
 
 @dataclass(frozen=True)
@@ -120,6 +113,7 @@ class Exchange:
 
     replies: list[Message]
     verdicts: list[CheckedReply | str]  # the checked reply, or why it is not (a Flower error too)
+    seconds_push: float  # handing the messages to the Grid (which writes by-reference files)
     seconds_clients: float  # from the push to the last reply: transport and client work
     seconds_decode: float  # checks still running after the last reply
 
@@ -134,8 +128,9 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, check: ReplyCh
     the last ones are left when the last reply lands. A check must not depend on another
     reply's (the strategies' checks only read the roster).
     """
-    t_sent = time.perf_counter()
+    t_push = time.perf_counter()
     pending = set(grid.push_messages(messages))
+    t_sent = time.perf_counter()
     deadline = t_sent + timeout
     interval = float(getattr(grid, "pull_interval", PULL_INTERVAL_S))
     threads = max(1, min(len(messages), CHECK_THREADS, os.cpu_count() or 1))
@@ -155,7 +150,7 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, check: ReplyCh
                 break
             time.sleep(interval)
         checked = [verdict.result() for verdict in verdicts]
-    return Exchange(replies, checked, last - t_sent, time.perf_counter() - last)
+    return Exchange(replies, checked, t_sent - t_push, last - t_sent, time.perf_counter() - last)
 
 
 def _verdict(reply: Message, check: ReplyCheck) -> CheckedReply | str:
@@ -194,20 +189,20 @@ def send_with_retries(
     """Send ``build(0)``; while too few replies are usable, send ``build(k)``, k = 1, 2, ...
 
     A reply is usable when it carries no error and ``check`` returns it checked, not a
-    reason to reject it.
-    Fills the record's ``bytes-down``, ``bytes-up``, ``clients``, ``failures``,
-    ``seconds-send`` (building the messages, writing shared weights), ``seconds-clients``
-    (from sending to the last reply: transport and client work) and ``seconds-decode``
-    (checks left after the last reply); returns the usable replies of the last attempt
-    in partition order.
+    reason to reject it. Fills the record's ``bytes-down``, ``bytes-up``, ``clients``,
+    ``failures``, ``seconds-send`` (building and pushing the messages: the Grid writes the
+    shared weights file there), ``seconds-clients`` (from the push to the last reply:
+    transport and client work) and ``seconds-decode`` (checks left after the last reply);
+    returns the usable replies of the last attempt in partition order.
     """
     attempt, failures = 0, 0
     while True:
         t_build = time.perf_counter()
         messages = build(attempt)
-        record.count("seconds-send", time.perf_counter() - t_build)
+        build_seconds = time.perf_counter() - t_build
         record.count("bytes-down", sum(content_bytes(m.content) for m in messages))
         done = exchange(grid, messages, policy.timeout, check)
+        record.count("seconds-send", build_seconds + done.seconds_push)
         record.count("seconds-clients", done.seconds_clients)
         record.count("seconds-decode", done.seconds_decode)
         valid = usable_replies(done, record, on_failure)
@@ -235,7 +230,6 @@ class PlannedStrategy(Protocol):
     """What the loop needs of a strategy: configure, check (in the request), aggregate."""
 
     node_to_partition: dict[int, int]
-    carrier: WeightCarrier
     retry: RetryPolicy
 
     def adopt(self, node_id: int, partition_id: int, num_examples: int) -> str: ...
@@ -256,8 +250,6 @@ class PlannedStrategy(Protocol):
 
     def on_client_failure(self, node_id: int) -> None: ...
 
-    def end_round(self) -> None: ...
-
 
 def run_round(
     strategy: PlannedStrategy,
@@ -267,19 +259,15 @@ def run_round(
     record: RoundRecord,
 ) -> ArrayRecord:
     """One round of any kind: configure, send and receive (with retries and checks),
-    aggregate (its wall time is the record's ``seconds-aggregate``). What the round
-    decoded and wrote lives until it ends, failed or not (``end_round``)."""
+    aggregate (its wall time is the record's ``seconds-aggregate``)."""
     request = strategy.configure(position, arrays, record)
-    try:
-        replies = send_with_retries(
-            grid, request.build, strategy.retry, record, strategy.on_client_failure, request.check
-        )
-        t0 = time.perf_counter()
-        arrays = strategy.aggregate(position, arrays, replies, record)
-        record.count("seconds-aggregate", time.perf_counter() - t0)
-        return arrays
-    finally:
-        strategy.end_round()
+    replies = send_with_retries(
+        grid, request.build, strategy.retry, record, strategy.on_client_failure, request.check
+    )
+    t0 = time.perf_counter()
+    arrays = strategy.aggregate(position, arrays, replies, record)
+    record.count("seconds-aggregate", time.perf_counter() - t0)
+    return arrays
 
 
 def adopt_new_nodes(grid: Grid, strategy: PlannedStrategy, timeout: float) -> None:
@@ -290,10 +278,7 @@ def adopt_new_nodes(grid: Grid, strategy: PlannedStrategy, timeout: float) -> No
     if not new:
         return
     messages = [
-        Message(
-            strategy.carrier.probe_content(), dst_node_id=n, message_type=protocol.QUERY_PARTITION
-        )
-        for n in new
+        Message(RecordDict(), dst_node_id=n, message_type=protocol.QUERY_PARTITION) for n in new
     ]
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
@@ -304,7 +289,6 @@ def adopt_new_nodes(grid: Grid, strategy: PlannedStrategy, timeout: float) -> No
         metrics = reply.content[protocol.METRICS]
         pid, examples = int(metrics[protocol.PARTITION_ID]), int(metrics[protocol.NUM_EXAMPLES])
         print(strategy.adopt(node, pid, examples), flush=True)
-        strategy.carrier.accept_probe(node, reply)
 
 
 def run_plan(

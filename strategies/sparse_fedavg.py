@@ -37,7 +37,7 @@ from strategies.record import RoundRecord
 from strategies.reply_checks import Layout, fisher_metrics_problem, head_layout, masked_layout
 from strategies.rounds import CheckedReply, RoundRequest
 from strategies.seeds import derive_seed
-from strategies.transport.sparse_codec import encode_mask, mask_positions, scatter_at
+from strategies.sparse_codec import encode_mask, mask_positions, scatter_at
 
 FISHER_DTYPE = torch.float32  # what clients/fisher.py returns
 
@@ -260,7 +260,7 @@ class SparseFedAvg(OrderedFedAvg):
         config = ConfigRecord(dict(config) | {protocol.MASK_VERSION: self.mask_version})
         message = super().message_for(pid, arrays, config, message_type)
         if self.node_mask_version.get(node) != self.mask_version:
-            message.content.update(self.carrier.kept_for(node, protocol.MASK, self.encoded_mask()))
+            message.content[protocol.MASK] = self.encoded_mask()
             self.node_mask_version[node] = self.mask_version
         return message
 

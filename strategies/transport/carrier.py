@@ -1,22 +1,28 @@
 """How weights travel between the server and each node: by reference or in the message.
 
-The server's side of ``strategies/transport/shared_weights.py``. At the start (and when a node
-joins mid-run) every node is probed: it reads a small file of the run folder and writes
-one back. Nodes that pass get the global weights as a reference to one file per round;
-the others, and every node with ``weights-transport = "message"``, get them in the
-message. Replies come the way the request went; either way they are decoded and checked
-against the same layout.
+The server's side of ``strategies/transport/shared_weights.py``, used by ``CarryingGrid``
+(``strategies/transport/grid.py``) on every message it pushes and every reply it pulls. At
+the start (and when a node joins mid-run) every node is probed: a partition query carries a
+small file of the run folder, the node reads it and writes one back. Nodes that pass get
+the global weights (and a sparse mask) as a reference to one file; the others, and every
+node with ``weights-transport = "message"``, get them in the message. Replies come the way
+the request went; a referenced reply becomes a ``ReferencedArrays`` record, read and
+checked against the same layout as a reply in the message when its check asks.
 """
 
 from __future__ import annotations
 
+import io
+import math
+import warnings
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from strategies import protocol
-from strategies.reply_checks import Layout, checked_tensors, names_problem, tensor_problem
+from strategies.reply_checks import Layout, names_problem, tensor_problem
 from strategies.transport.shared_weights import (
     RunFolder,
     SharedWeightsError,
@@ -29,6 +35,53 @@ from strategies.transport.shared_weights import (
 from strategies.transport.tensor_file import Inspect
 
 PROBE_TENSOR = "probe"
+CARRIED = (protocol.ARRAYS, protocol.MASK)  # the records of a message that may go by reference
+RETURNED = (protocol.ARRAYS, protocol.FISHER)  # the records of a reply that may come so
+
+
+def array_views(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    """An ArrayRecord's tensors as read-only views of its bytes (numpy's ``.npy`` layout,
+    what ``Array`` holds): written into a file without a decoded copy."""
+    out = {}
+    for name, array in arrays.items():
+        stream = io.BytesIO(array.data)  # shares the bytes
+        major, _ = np.lib.format.read_magic(stream)
+        read = (
+            np.lib.format.read_array_header_1_0
+            if major == 1
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read(stream)
+        if fortran:  # not how Flower writes a tensor: decode it
+            out[name] = torch.from_numpy(array.numpy())
+            continue
+        flat = np.frombuffer(array.data, dtype, math.prod(shape), stream.tell())
+        with warnings.catch_warnings():  # read-only on purpose: nothing writes into it
+            warnings.simplefilter("ignore", UserWarning)
+            out[name] = torch.from_numpy(flat).reshape(shape)
+    return out
+
+
+class ReferencedArrays(ArrayRecord):
+    """A reply's tensors in a file of the run folder: read, hashed and checked against a
+    layout only when a reply check asks (``read_checked``); a reference that may not be
+    read holds the reason instead."""
+
+    def __init__(self, carrier: WeightCarrier, ref: WeightRef | None, problem: str = "") -> None:
+        super().__init__()
+        self.carrier, self.ref, self.problem = carrier, ref, problem
+
+    def count_bytes(self) -> int:
+        """What the tensors would count in the message (the reference states it)."""
+        return self.ref.nbytes if self.ref is not None else 0
+
+    def read_checked(
+        self, layout: Layout, nonnegative: bool = False
+    ) -> tuple[dict[str, torch.Tensor], str]:
+        """``(tensors, "")`` in ``layout``'s order, or ``({}, reason)``."""
+        if self.ref is None:
+            return {}, self.problem
+        return self.carrier.read_reply(self.ref, layout, nonnegative)
 
 
 class WeightCarrier:
@@ -42,6 +95,66 @@ class WeightCarrier:
         self._probe: WeightRef | None = None
         self._replies: set[str] = set()  # file names of this round's replies read here
         self._kept: dict[str, tuple[ArrayRecord, WeightRef]] = {}  # key -> files kept over rounds
+        self._round: int | None = None  # the server round of the last messages carried
+        self.verdicts: dict[int, str] = {}  # node -> "" (by reference) or why not, per probe
+
+    # ---- what CarryingGrid calls -------------------------------------------------------------
+    def outgoing(self, messages: list[Message]) -> list[Message]:
+        """``messages`` as they travel: a new server round ends the last one; a partition
+        query gets the probe; weights and masks to a node that reads the folder become
+        references (each ArrayRecord written once)."""
+        rounds = [
+            int(m.content[protocol.CONFIG][protocol.SERVER_ROUND])
+            for m in messages
+            if protocol.CONFIG in m.content.config_records
+        ]
+        if rounds and max(rounds) != self._round:
+            if self._round is not None:
+                self.end_round()
+            self._round = max(rounds)
+        for message in messages:
+            node, content = message.metadata.dst_node_id, message.content
+            if message.metadata.message_type == protocol.QUERY_PARTITION:
+                content.update(self.probe_content())
+                continue
+            if self.folder is None or node not in self.by_reference:
+                continue
+            if protocol.ARRAYS in content.array_records:
+                arrays = content.array_records[protocol.ARRAYS]
+                del content[protocol.ARRAYS]
+                content.update(self.weights_for(node, arrays, lambda a=arrays: array_views(a)))
+            if protocol.MASK in content.array_records:
+                mask = content.array_records[protocol.MASK]
+                del content[protocol.MASK]
+                content.update(self.kept_for(node, protocol.MASK, mask))
+        return messages
+
+    def incoming(self, reply: Message) -> Message:
+        """A reply as the server reads it: a probe answer judged (``verdicts``); a record by
+        reference turned into ``ReferencedArrays``, read when its check asks."""
+        if reply.has_error():
+            return reply
+        node, content = reply.metadata.src_node_id, reply.content
+        if reply.metadata.message_type == protocol.QUERY_PARTITION:
+            self.verdicts[node] = self.accept_probe(node, reply)
+            return reply
+        for key in RETURNED:
+            ref_record = content.config_records.get(protocol.ref_key(key))
+            if ref_record is not None:
+                del content[protocol.ref_key(key)]
+                content[key] = self.referenced(node, ref_record)
+        return reply
+
+    def referenced(self, node_id: int, ref_record: ConfigRecord) -> ReferencedArrays:
+        """The record of a reply's reference, or the reason it may not be read."""
+        if self.folder is None or node_id not in self.by_reference:
+            return ReferencedArrays(
+                self, None, "a weight reference from a node that was not sent one"
+            )
+        try:
+            return ReferencedArrays(self, WeightRef.from_record(ref_record))
+        except SharedWeightsError as exc:
+            return ReferencedArrays(self, None, str(exc))
 
     # ---- which nodes read the folder ------------------------------------------------------
     def probe_content(self) -> RecordDict:
@@ -113,26 +226,17 @@ class WeightCarrier:
         return RecordDict({protocol.ref_key(key): kept[1].record()})
 
     # ---- receiving --------------------------------------------------------------------------
-    def reply_tensors(
-        self, reply: Message, key: str, layout: Layout, nonnegative: bool = False
+    def read_reply(
+        self, ref: WeightRef, layout: Layout, nonnegative: bool = False
     ) -> tuple[dict[str, torch.Tensor], str]:
-        """The tensors of record ``key`` of a reply, checked against ``layout``:
-        ``(tensors, "")``, or ``({}, reason)`` when they must not be aggregated."""
-        ref_record = reply.content.config_records.get(protocol.ref_key(key))
-        if ref_record is None:
-            arrays = reply.content.array_records.get(key)
-            if arrays is None:
-                return {}, f"no {key!r} record"
-            return checked_tensors(arrays, layout, nonnegative)
-        if reply.metadata.src_node_id not in self.by_reference:
-            return {}, "a weight reference from a node that was not sent one"
+        """The tensors of a referenced reply file, each checked against ``layout`` as it is
+        read: ``(tensors, "")``, or ``({}, reason)`` when they must not be aggregated."""
 
         def inspect(name: str, tensor: torch.Tensor) -> str:
             spec = layout.get(name)  # an extra tensor is named by names_problem below
             return tensor_problem(name, tensor, spec, nonnegative) if spec else ""
 
         try:
-            ref = WeightRef.from_record(ref_record)
             state = self._read(ref, inspect)
         except SharedWeightsError as exc:
             return {}, str(exc)

@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from flwr.app import Message
-
 from strategies.transport.carrier import WeightCarrier
 from strategies.transport.shared_weights import ROOT_ENV, RunFolder, shared_root
 
@@ -49,20 +47,17 @@ def open_carrier(mode: str, run_id: int) -> WeightCarrier:
         return WeightCarrier()
 
 
-def accept_probes(carrier: WeightCarrier, replies: Iterable[Message], mode: str) -> None:
-    """Let the carrier judge each node's probe answer; print one line on the outcome."""
+def report_probes(carrier: WeightCarrier, node_ids: Iterable[int], mode: str) -> None:
+    """One line on how weights reach the nodes, from the carrier's verdicts on their
+    probe answers; with ``shared-memory``, a node that cannot read the folder stops the run."""
     if carrier.folder is None:
         return
-    replies = list(replies)
-    failed = {}
-    for reply in replies:
-        node = reply.metadata.src_node_id
-        reason = carrier.accept_probe(node, reply)
-        if reason:
-            failed[node] = reason
+    nodes = list(node_ids)
+    failed = {n: carrier.verdicts.get(n, "no probe answer") for n in nodes}
+    failed = {n: reason for n, reason in failed.items() if reason}
     line = (
         f"weights travel by reference ({carrier.folder.path}) to "
-        f"{len(replies) - len(failed)} of {len(replies)} nodes"
+        f"{len(nodes) - len(failed)} of {len(nodes)} nodes"
     )
     if failed:
         node, reason = next(iter(failed.items()))

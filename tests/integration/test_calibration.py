@@ -16,8 +16,8 @@ from strategies.masks import scores_for, select_mask
 from strategies.plan import CALIBRATION, TRAIN, Phase, RoundClock
 from strategies.record import RoundRecord
 from strategies.rounds import run_round
+from strategies.sparse_codec import decode_mask, encode_mask
 from strategies.sparse_fedavg import SparseFedAvg
-from strategies.transport.sparse_codec import decode_mask, encode_mask
 from tests.conftest import InProcessGrid, PushPull, quick_run_config, server_context
 
 SMALL = {

@@ -13,7 +13,7 @@ from flower_app import client_app
 from flower_app.config import RunConfig
 from flower_app.models.factory import create_initial_model
 from strategies import protocol
-from strategies.transport.sparse_codec import encode_mask
+from strategies.sparse_codec import encode_mask
 from tests.conftest import InProcessGrid, quick_run_config
 
 

@@ -26,8 +26,10 @@ from safetensors.torch import load_file
 from flower_app import client_app, server_app
 from flower_app.config import ConfigError
 from strategies import protocol
-from strategies.reply_checks import dense_layout
+from strategies.reply_checks import dense_layout, reply_tensors
+from strategies.sparse_codec import decode_mask, encode_mask, gather_masked
 from strategies.transport.carrier import WeightCarrier
+from strategies.transport.grid import CarryingGrid
 from strategies.transport.shared_weights import (
     ROOT_ENV,
     SPARE_SUFFIX,
@@ -46,7 +48,6 @@ from strategies.transport.shared_weights import (
     resolve,
     write_shared,
 )
-from strategies.transport.sparse_codec import decode_mask, encode_mask, gather_masked
 from strategies.transport.tensor_file import write_tensors
 from tests.conftest import ROOT, InProcessGrid, quick_run_config, server_context
 from tests.run_in_process import run
@@ -226,6 +227,13 @@ def probed(carrier: WeightCarrier, node: int) -> str:
     return carrier.accept_probe(node, reply(query, {protocol.SHARED_PROBE: answer}))
 
 
+def read_back(
+    carrier: WeightCarrier, message: Message, key: str, layout: dict
+) -> tuple[Tensors, str]:
+    """A reply as the server's Grid hands it over (``incoming``), read by the reply check."""
+    return reply_tensors(carrier.incoming(message), key, layout)
+
+
 def test_carrier_accepts_only_good_replies_from_its_own_folder(root: Path, identity: None) -> None:
     """A reference in a reply is untrusted: it must come from a node that was sent one, point
     into this run's folder, hash to its digest and fit the layout."""
@@ -239,30 +247,33 @@ def test_carrier_accepts_only_good_replies_from_its_own_folder(root: Path, ident
 
     records = reply_records(train.content, protocol.ARRAYS, trained)
     assert set(records) == {protocol.ref_key(protocol.ARRAYS)}
-    state, reason = carrier.reply_tensors(reply(train, records), protocol.ARRAYS, layout)
+    state, reason = read_back(carrier, reply(train, records), protocol.ARRAYS, layout)
     assert reason == "" and list(state) == list(layout)
     assert_bitwise_equal(state, trained)
 
     other_run = RunFolder.create(root, 8)  # a live run's folder under the same root
     elsewhere = write_shared(root, other_run.name, trained).record()
-    state, reason = carrier.reply_tensors(
-        reply(train, {protocol.ref_key(protocol.ARRAYS): elsewhere}), protocol.ARRAYS, layout
+    state, reason = read_back(
+        carrier,
+        reply(train, {protocol.ref_key(protocol.ARRAYS): elsewhere}),
+        protocol.ARRAYS,
+        layout,
     )
     assert state == {} and f"is not in this run's folder {carrier.folder.name}" in reason
 
     unprobed = request(RecordDict({protocol.ARRAYS: arrays}), 6)
-    state, reason = carrier.reply_tensors(reply(unprobed, records), protocol.ARRAYS, layout)
+    state, reason = read_back(carrier, reply(unprobed, records), protocol.ARRAYS, layout)
     assert state == {} and reason == "a weight reference from a node that was not sent one"
 
     ref = WeightRef.from_record(records[protocol.ref_key(protocol.ARRAYS)])
     data = bytearray((root / ref.name).read_bytes())
     data[-1] ^= 0x80
     (root / ref.name).write_bytes(bytes(data))
-    state, reason = carrier.reply_tensors(reply(train, records), protocol.ARRAYS, layout)
+    state, reason = read_back(carrier, reply(train, records), protocol.ARRAYS, layout)
     assert state == {} and f"not {ref.digest}" in reason
 
     shorter = reply_records(train.content, protocol.ARRAYS, trained | {"a.bias": torch.zeros(4)})
-    state, reason = carrier.reply_tensors(reply(train, shorter), protocol.ARRAYS, layout)
+    state, reason = read_back(carrier, reply(train, shorter), protocol.ARRAYS, layout)
     assert state == {} and reason == "tensor 'a.bias' has shape (4,), expected (5,)"
     other_run.remove()
 
@@ -320,7 +331,7 @@ def test_replies_read_by_the_server_become_spares_that_later_writes_reuse(
 
     def answered() -> tuple[Tensors, Path]:
         records = reply_records(train.content, protocol.ARRAYS, trained)
-        state, reason = carrier.reply_tensors(reply(train, records), protocol.ARRAYS, layout)
+        state, reason = read_back(carrier, reply(train, records), protocol.ARRAYS, layout)
         assert reason == ""
         return state, root / WeightRef.from_record(records[protocol.ref_key(protocol.ARRAYS)]).name
 
@@ -352,6 +363,83 @@ def test_replies_read_by_the_server_become_spares_that_later_writes_reuse(
     path = answered()[1]
     carrier.end_round()  # no more spares than the round's replies
     assert len(spares()) == 1 and spares()[0].stat().st_size > 1
+    carrier.close()
+
+
+class EchoGrid:
+    """A Grid whose nodes answer every pushed message with ``answer(message)``; keeps what
+    it was handed."""
+
+    def __init__(self, answer: Callable[[Message], Message]) -> None:
+        self.answer, self.pushed, self.waiting = answer, [], {}
+
+    def get_node_ids(self) -> list[int]:
+        return [1, 2]
+
+    def push_messages(self, messages):
+        self.pushed.extend(messages)
+        for i, message in enumerate(messages):
+            self.waiting[f"m{len(self.pushed)}-{i}"] = message
+        return list(self.waiting)
+
+    def pull_messages(self, ids):
+        return [self.answer(self.waiting.pop(i)) for i in list(ids) if i in self.waiting]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(list(messages)))
+
+
+def test_the_grid_carries_weights_out_of_the_strategys_sight(root: Path, identity: None) -> None:
+    """Through ``CarryingGrid`` a strategy's plain messages reach a node that reads the folder
+    as references (weights and mask, each written once) and everyone else unchanged; a
+    referenced reply arrives as a record that counts its bytes and is read by the reply check;
+    the next server round removes the last round's weights file."""
+    carrier = WeightCarrier(RunFolder.create(root, 7))
+    sent = finite_state(0)
+    trained = {n: t + 1 if t.is_floating_point() else t for n, t in sent.items()}
+
+    def answer(message: Message) -> Message:
+        if message.metadata.message_type == protocol.QUERY_PARTITION:
+            probe = answer_probe(message.content) if message.metadata.dst_node_id == 1 else None
+            return reply(message, {protocol.SHARED_PROBE: probe} if probe else {})
+        return reply(message, reply_records(message.content, protocol.ARRAYS, trained))
+
+    inner = EchoGrid(answer)
+    grid = CarryingGrid(inner, carrier)
+    queries = [request(RecordDict(), n, protocol.QUERY_PARTITION) for n in (1, 2)]
+    grid.send_and_receive(queries)
+    assert carrier.by_reference == {1} and carrier.verdicts[2] != ""
+
+    arrays, mask = ArrayRecord(sent), encode_mask({"a.weight": torch.ones(5, 4, dtype=torch.bool)})
+
+    def round_messages(server_round: int, arrays: ArrayRecord = arrays) -> list[Message]:
+        config = ConfigRecord({protocol.SERVER_ROUND: server_round})
+        contents = [
+            RecordDict({protocol.ARRAYS: arrays, protocol.MASK: mask, protocol.CONFIG: config})
+            for _ in (1, 2)
+        ]
+        return [request(c, n) for c, n in zip(contents, (1, 2), strict=True)]
+
+    replies = list(grid.pull_messages(grid.push_messages(round_messages(1))))
+    by_reference, in_message = inner.pushed[-2:]
+    assert set(by_reference.content.config_records) >= {
+        protocol.ref_key(protocol.ARRAYS),
+        protocol.ref_key(protocol.MASK),
+    }
+    assert not by_reference.content.array_records
+    assert set(in_message.content.array_records) == {protocol.ARRAYS, protocol.MASK}
+    layout = dense_layout(arrays)
+    for message in replies:
+        record = message.content.array_records[protocol.ARRAYS]
+        assert record.count_bytes() == arrays.count_bytes()  # either way, the same bytes
+        tensors, reason = reply_tensors(message, protocol.ARRAYS, layout)
+        assert reason == "" and list(tensors) == list(layout)
+        assert_bitwise_equal(tensors, trained)
+    weights_file = WeightRef.from_record(by_reference.content[protocol.ref_key(protocol.ARRAYS)])
+    assert (root / weights_file.name).is_file()
+    del replies, tensors, message, record
+    grid.push_messages(round_messages(2, ArrayRecord(trained)))  # round 1's weights file goes
+    assert not (root / weights_file.name).exists()
     carrier.close()
 
 

@@ -14,8 +14,8 @@ from strategies.plan import TRAIN, Phase, RoundClock
 from strategies.record import RoundRecord
 from strategies.rounds import CheckedReply
 from strategies.seeds import derive_seed, sample_partitions
+from strategies.sparse_codec import gather_masked
 from strategies.sparse_fedavg import SparseFedAvg
-from strategies.transport.sparse_codec import gather_masked
 
 
 def _states(seed: int = 0):

@@ -11,7 +11,7 @@ from clients.masked_adamw import MaskedAdamW
 from clients.masking import NodeMask, damp_frozen, trained_values
 from clients.optimizers import OptimizerSettings, build_optimizer
 from clients.sparse_sgdm import SparseSGDM
-from strategies.transport.sparse_codec import gather_at, mask_positions
+from strategies.sparse_codec import gather_at, mask_positions
 
 HEAD = "head."
 
@@ -101,7 +101,7 @@ def test_an_unknown_optimizer_is_named():
 
 
 def test_the_clients_gather_is_the_wire_order_of_sparse_codec():
-    """Values go up in the order the server reads them (strategies/transport/sparse_codec)."""
+    """Values go up in the order the server reads them (strategies/sparse_codec)."""
     model = Tiny()
     mask = _mask(model)
     state = model.state_dict()

@@ -83,6 +83,14 @@ def test_strategies_and_clients_import_nothing_of_the_app_nor_each_other():
             assert not {d for d in deps if d.split(".")[0] in ("flower_app", "strategies")}, module
 
 
+def test_the_server_side_strategies_import_nothing_of_the_weight_transport():
+    """Strategies, the round loop and the reply checks see ArrayRecords and tensors: how
+    weights travel is the run's Grid's business (``strategies/transport/grid.py``)."""
+    for module, deps in import_graph().items():
+        if module.startswith("strategies.") and not module.startswith("strategies.transport"):
+            assert not {d for d in deps if d.startswith("strategies.transport")}, module
+
+
 def import_circle(graph: dict[str, set[str]]) -> list[str]:
     """One circle of ``graph`` as a path (first module repeated at the end), or []."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done

@@ -14,8 +14,8 @@ from strategies.interference import interference_metrics, split_interference, up
 from strategies.plan import TRAIN, Phase, RoundClock
 from strategies.record import RoundRecord
 from strategies.rounds import CheckedReply
+from strategies.sparse_codec import gather_masked
 from strategies.sparse_fedavg import SparseFedAvg
-from strategies.transport.sparse_codec import gather_masked
 
 
 def _u(x: float, y: float) -> dict[str, torch.Tensor]:

@@ -18,8 +18,8 @@ from flower_app.config import ConfigError, RunConfig
 from strategies.fedavg import OrderedFedAvg
 from strategies.plan import TRAIN, Phase, RoundClock, RoundPosition
 from strategies.server_rules import RULES, build_rule
+from strategies.sparse_codec import gather_masked
 from strategies.sparse_fedavg import SparseFedAvg
-from strategies.transport.sparse_codec import gather_masked
 
 # Flower Messages are built outside a Flower process here (conftest's ``identity``)
 pytestmark = pytest.mark.usefixtures("identity")

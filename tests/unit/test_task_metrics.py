@@ -53,8 +53,8 @@ from strategies.fedavg import OrderedFedAvg
 from strategies.plan import CALIBRATION, HEAD_WARMUP, TRAIN, Phase, RoundClock, RoundPosition
 from strategies.record import RoundRecord, TaskModels
 from strategies.rounds import CheckedReply
+from strategies.sparse_codec import gather_masked
 from strategies.sparse_fedavg import SparseFedAvg
-from strategies.transport.sparse_codec import gather_masked
 
 # x as uint8 "images" (N, 3, 1, 1): 10 x in the first two channels (ImageSplit's form)
 IMAGES = torch.tensor([[10, 0], [2, 0], [0, 10], [0, 2], [0, 0], [7, 0]], dtype=torch.uint8)
