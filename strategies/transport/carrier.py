@@ -12,7 +12,6 @@ checked against the same layout as a reply in the message when its check asks.
 
 from __future__ import annotations
 
-import io
 import math
 import warnings
 from collections.abc import Callable, Mapping
@@ -41,24 +40,21 @@ RETURNED = (protocol.ARRAYS, protocol.FISHER)  # the records of a reply that may
 
 def array_views(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
     """An ArrayRecord's tensors as read-only views of its bytes (numpy's ``.npy`` layout,
-    what ``Array`` holds): written into a file without a decoded copy."""
+    what ``Array`` holds: a header, then the values in C order), so they are written into a
+    file without a decoded copy; dtype and shape come from the Array's own fields."""
     out = {}
     for name, array in arrays.items():
-        stream = io.BytesIO(array.data)  # shares the bytes
-        major, _ = np.lib.format.read_magic(stream)
-        read = (
-            np.lib.format.read_array_header_1_0
-            if major == 1
-            else np.lib.format.read_array_header_2_0
-        )
-        shape, fortran, dtype = read(stream)
-        if fortran:  # not how Flower writes a tensor: decode it
+        data = array.data
+        wide = data[6] >= 2  # format version 2 and 3: a 4-byte header length
+        size = int.from_bytes(data[8:12] if wide else data[8:10], "little")
+        start = (12 if wide else 10) + size
+        if b"'fortran_order': True" in data[:start]:  # not how Flower writes a tensor
             out[name] = torch.from_numpy(array.numpy())
             continue
-        flat = np.frombuffer(array.data, dtype, math.prod(shape), stream.tell())
+        flat = np.frombuffer(data, np.dtype(array.dtype), math.prod(array.shape), start)
         with warnings.catch_warnings():  # read-only on purpose: nothing writes into it
             warnings.simplefilter("ignore", UserWarning)
-            out[name] = torch.from_numpy(flat).reshape(shape)
+            out[name] = torch.from_numpy(flat).reshape(tuple(array.shape))
     return out
 
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -28,7 +29,7 @@ from flower_app.config import ConfigError
 from strategies import protocol
 from strategies.reply_checks import dense_layout, reply_tensors
 from strategies.sparse_codec import decode_mask, encode_mask, gather_masked
-from strategies.transport.carrier import WeightCarrier
+from strategies.transport.carrier import WeightCarrier, array_views
 from strategies.transport.grid import CarryingGrid
 from strategies.transport.shared_weights import (
     ROOT_ENV,
@@ -147,6 +148,24 @@ def test_message_bytes_counts_what_an_array_record_counts_for_each_dtype() -> No
     """``bytes-down``/``bytes-up`` must equal the message path's figures for any tensor."""
     for name, tensor in (dense_state(2) | sparse_state(2)).items():
         assert message_bytes({name: tensor}) == ArrayRecord({name: tensor}).count_bytes(), name
+
+
+def test_array_views_read_an_array_records_bytes_as_they_are() -> None:
+    """The tensors the Grid writes into a file are the ArrayRecord's own bytes (no decoded
+    copy), equal to Flower's decoding for every dtype and shape, scalars included."""
+    state = dense_state(0) | sparse_state(0)
+    arrays = ArrayRecord(state)
+    views = array_views(arrays)
+    assert_bitwise_equal(views, arrays.to_torch_state_dict())
+    for name, view in views.items():
+        data = arrays[name].data
+        if view.numel():  # the view's memory lies inside the Array's bytes
+            offset = view.numpy().__array_interface__["data"][0] - memoryview_address(data)
+            assert 0 < offset < len(data), name
+
+
+def memoryview_address(data: bytes) -> int:
+    return np.frombuffer(data, np.uint8).__array_interface__["data"][0]
 
 
 def test_a_changed_byte_or_a_missing_file_is_refused(tmp_path: Path) -> None:
