@@ -73,11 +73,6 @@ _DATA: dict[tuple, ImageSplit] = {}
 _PARTITIONS: dict[tuple, list[np.ndarray]] = {}
 
 
-def model_cache_size() -> int:
-    """How many models this process has built (tests check it stays at one)."""
-    return len(_MODELS)
-
-
 def _step_model(model_key: tuple, model: nn.Module, compile_model: bool) -> nn.Module:
     """The model, or a ``torch.compile`` wrapper of it built once per worker process.
 

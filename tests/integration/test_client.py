@@ -52,14 +52,15 @@ def test_train_changes_weights_and_reports_num_examples():
 
 
 def test_same_round_same_result_and_cached_model_reused(monkeypatch):
-    monkeypatch.setattr(client_app, "_MODELS", {})  # as in a fresh worker process
+    models: dict = {}
+    monkeypatch.setattr(client_app, "_MODELS", models)  # as in a fresh worker process
     grid = InProcessGrid(client_app.app, CONFIG, num_nodes=4)
     state = _initial_state()
     (a,) = grid.send_and_receive([_train_message(state, server_round=2)])
-    built = client_app.model_cache_size()
+    built = len(models)
     (b,) = grid.send_and_receive([_train_message(state, server_round=2)])
     (c,) = grid.send_and_receive([_train_message(state, server_round=3)])
-    assert client_app.model_cache_size() == built == 1
+    assert len(models) == built == 1
     sa, sb, sc = (r.content[protocol.ARRAYS].to_torch_state_dict() for r in (a, b, c))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)  # loaded in place, nothing carried over
     assert not torch.equal(sa["head.weight"], sc["head.weight"])  # new round, new batches
