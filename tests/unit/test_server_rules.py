@@ -136,6 +136,24 @@ def test_every_rule_gives_flowers_weights_over_several_rounds(rule):
         assert_close(ours, theirs)
 
 
+@pytest.mark.parametrize("rule", ["fedavgm", "fedadam", "fedyogi", "fedadagrad"])
+def test_server_optimisers_equal_flowers_bit_for_bit_on_the_same_mean(rule):
+    """Given the same mean (any float32 values, not only dyadic ones), each step equals
+    Flower's class's bit for bit over several rounds: the arithmetic, its order and its
+    rounding (numpy's correctly rounded float32 square root included) are Flower's."""
+    rule_of, reference = fedavg(rule).server_rule, FLOWER[rule](**OPTIONS[rule])
+    g = torch.Generator().manual_seed(3)
+    ours = {"w": torch.randn(64, 32, generator=g), "b": torch.randn(32, generator=g)}
+    for round_ in range(1, ROUNDS + 1):
+        sent = ours
+        mean = {n: t + 0.01 * torch.randn(t.shape, generator=g) for n, t in sent.items()}
+        ours = rule_of.combine(round_, sent, [mean], [1.0], mean)
+        list(reference.configure_train(round_, ArrayRecord(sent), ConfigRecord(), NodesOnly()))
+        theirs, _ = reference.aggregate_train(round_, [flower_reply(mean, 1.0)])
+        for name, value in ours.items():
+            assert torch.equal(value, torch.from_numpy(theirs[name].numpy()).float()), name
+
+
 @pytest.mark.parametrize("rule", RULES)
 def test_rules_do_not_depend_on_the_order_of_the_replies(rule):
     sent = initial()
