@@ -364,7 +364,8 @@ class RunConfig:
         self._validate_training()
         self._validate_reliability()
         self._validate_server_rule()
-        if not 1 <= self.classes_per_client <= self.num_classes:
+        # only Nc shards read classes-per-client: an IID run on 5 classes keeps the default 10
+        if self.sharding == "non-iid" and not 1 <= self.classes_per_client <= self.num_classes:
             raise _err(
                 "classes-per-client",
                 self.classes_per_client,

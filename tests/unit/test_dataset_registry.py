@@ -53,7 +53,13 @@ def test_a_registered_set_is_a_dataset_value_with_its_own_classes_and_counts(toy
             quick_run_config(dataset="toy", num_clients=100, classes_per_client=2)
         )
     with pytest.raises(ConfigError, match=r"'classes-per-client' = 10 .* must be in 1\.\.4"):
-        RunConfig.from_run_config(quick_run_config(dataset="toy", num_clients=4))
+        RunConfig.from_run_config(
+            quick_run_config(dataset="toy", num_clients=4, sharding="non-iid")
+        )
+    # IID shards do not read classes-per-client: the default 10 is no error on 4 classes
+    assert (
+        RunConfig.from_run_config(quick_run_config(dataset="toy", num_clients=4)).num_classes == 4
+    )
 
 
 def test_names_are_taken_once_and_spelled_as_run_config_values(toy):
