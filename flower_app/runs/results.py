@@ -188,6 +188,7 @@ def partitions_figure(partitions: pd.DataFrame, num_classes: int, title: str) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     counts = label_counts(partitions, num_classes)
     fig, (ax_map, ax_size) = plt.subplots(
@@ -199,6 +200,8 @@ def partitions_figure(partitions: pd.DataFrame, num_classes: int, title: str) ->
     ax_map.set(ylabel="class", title="images per class and client")
     ax_size.bar(np.arange(len(counts)), counts.sum(axis=1), width=1.0)
     ax_size.set(xlabel="client (partition id)", ylabel="images", title="shard size")
+    for axis in (ax_map.yaxis, ax_size.xaxis):  # classes and clients are whole numbers
+        axis.set_major_locator(MaxNLocator(integer=True))
     fig.colorbar(image, ax=[ax_map, ax_size], label="images")  # one width for both panels
     fig.suptitle(title)
     return fig

@@ -317,3 +317,22 @@ def test_label_counts_read_the_partitions_table_back():
     ]
     counts = label_counts(partitions_frame(replies), 3)
     assert counts.tolist() == [[0, 3, 0], [4, 0, 1]]  # rows by partition id
+
+
+def test_the_partitions_figure_ticks_whole_classes_and_clients():
+    """With a few classes (an image folder of 3) no tick falls between two classes."""
+    import matplotlib.pyplot as plt
+
+    from flower_app.runs.results import partitions_figure, partitions_frame
+
+    replies = [
+        {"partition-id": p, "num-examples": 6, "classes": [0, 1, 2], "class-counts": [1, 2, 3]}
+        for p in range(4)
+    ]
+    fig = partitions_figure(partitions_frame(replies), 3, "three classes")
+    fig.canvas.draw()
+    ax_map, ax_size = fig.axes[:2]
+    for ticks in (ax_map.get_yticks(), ax_size.get_xticks()):
+        shown = [t for t in ticks if -0.5 <= t <= 3.5]
+        assert shown and all(float(t).is_integer() for t in shown)
+    plt.close(fig)
