@@ -129,11 +129,6 @@ CIFAR10 = CifarFormat(
 )
 
 
-def cifar100_files_present(data_dir: Path) -> bool:
-    """The official folder (train + test) or its tarball is in ``data_dir`` (no reading)."""
-    return CIFAR100.files_present(data_dir)
-
-
 def _not_found(
     fmt: CifarFormat, data_dir: Path, detail: str = "", downloading: bool = False
 ) -> DataNotFoundError:

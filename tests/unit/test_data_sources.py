@@ -21,11 +21,11 @@ import torchvision.datasets
 from flower_app.config import ConfigError, RunConfig
 from flower_app.data.registry import load_source, load_splits
 from flower_app.data.sources import (
+    CIFAR100,
     DOWNLOAD_SOCKET_TIMEOUT_S,
     DataNotFoundError,
     DatasetSplits,
     ImageSplit,
-    cifar100_files_present,
     split_train_val,
     synthetic_cifar100,
 )
@@ -121,7 +121,7 @@ def _write_fake_cifar(folder: Path, n_train: int = 20, n_test: int = 10) -> dict
 
 def test_local_cifar_folder_is_read(tmp_path):
     raw = _write_fake_cifar(tmp_path / "cifar-100-python")
-    assert cifar100_files_present(tmp_path)
+    assert CIFAR100.files_present(tmp_path)
     train, test = load_source("cifar100", tmp_path, download=False)
     assert train.images.shape == (20, 3, 32, 32) and train.images.dtype == torch.uint8
     assert len(test) == 10 and test.labels.dtype == torch.int64
@@ -139,7 +139,7 @@ def test_tarball_is_extracted_offline(tmp_path):
     data_dir.mkdir()
     with tarfile.open(data_dir / "cifar-100-python.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "src" / "cifar-100-python", arcname="cifar-100-python")
-    assert cifar100_files_present(data_dir)
+    assert CIFAR100.files_present(data_dir)
     splits = load_splits("cifar100", data_dir, False, 0.5, seed=0)
     assert len(splits.train) + len(splits.val) == 20 and len(splits.test) == 10
     assert (data_dir / "cifar-100-python" / "train").is_file()
@@ -147,7 +147,7 @@ def test_tarball_is_extracted_offline(tmp_path):
 
 def test_missing_cifar_says_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert not cifar100_files_present(Path("nowhere"))
+    assert not CIFAR100.files_present(Path("nowhere"))
     with pytest.raises(DataNotFoundError) as info:
         load_splits("cifar100", Path("nowhere"), False, 0.1, 0)
     message = str(info.value)
@@ -162,7 +162,7 @@ def test_missing_cifar_says_where_to_put_it(tmp_path, monkeypatch):
 def test_half_a_folder_is_not_enough(tmp_path):
     _write_fake_cifar(tmp_path / "cifar-100-python")
     (tmp_path / "cifar-100-python" / "test").unlink()
-    assert not cifar100_files_present(tmp_path)
+    assert not CIFAR100.files_present(tmp_path)
     with pytest.raises(DataNotFoundError, match="CIFAR-100 not found"):
         load_source("cifar100", tmp_path, download=False)
 
