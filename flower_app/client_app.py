@@ -22,8 +22,7 @@ with imports_without_gc():
 
     import numpy as np
     import torch
-    import xxhash
-    from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from torch import nn
 
@@ -41,16 +40,12 @@ with imports_without_gc():
     from strategies import protocol
     from strategies.seeds import derive_seed
     from strategies.sparse_codec import decode_mask, mask_positions
-    from strategies.transport.shared_weights import (
-        WeightRef,
-        answer_probe,
-        message_tensors,
-        read_shared,
-        reply_records,
-        shared_root,
-    )
+    from strategies.tensor_record import TensorRecord, record_tensors
+    from strategies.transport.node import node_transport
 
-app = ClientApp()
+# the weight transport (references, the node's mask, the probe) is a mod: handlers see
+# ArrayRecords and tensors
+app = ClientApp(mods=[node_transport])
 
 
 @dataclass
@@ -199,9 +194,8 @@ def _synchronized_clock(device: torch.device) -> float:
 
 
 def _load_weights(model: nn.Module, content: RecordDict) -> None:
-    """Copy the received weights (in the message or by reference) into the cached model's
-    tensors (no new model)."""
-    copy_weights_into(model, message_tensors(content, protocol.ARRAYS))
+    """Copy the received weights into the cached model's tensors (no new model)."""
+    copy_weights_into(model, record_tensors(content[protocol.ARRAYS]))
 
 
 def inject_failure(cfg: RunConfig, config: ConfigRecord, pid: int, kind: str) -> None:
@@ -218,51 +212,24 @@ def inject_failure(cfg: RunConfig, config: ConfigRecord, pid: int, kind: str) ->
         )
 
 
-def node_mask(msg: Message, context: Context) -> NodeMask | None:
-    """The sparse mask this message assumes: sent with it, or kept in the node's state.
-
-    A mask arrives once per version, packed in the message or (weights by reference) as a
-    reference to one file of the run folder, and is stored in ``context.state``, which
-    Flower keeps per node for the whole run: a reference keeps a simulation's K node
-    contexts small (a packed ViT-S/16 mask is 2.7 MB). Dense messages carry no version.
-    """
-    config = msg.content[protocol.CONFIG]
-    if protocol.MASK_VERSION not in config:
+def node_mask(msg: Message) -> NodeMask | None:
+    """The sparse mask this message assumes (the node keeps it between messages: the
+    transport mod puts it back into each message); None for dense messages."""
+    if protocol.MASK_VERSION not in msg.content[protocol.CONFIG]:
         return None
-    version = int(config[protocol.MASK_VERSION])
-    sent = [key for key in MASK_KEYS if key in msg.content]
-    if sent:
-        for key in MASK_KEYS:  # the new mask replaces the old, whichever way either came
-            context.state.pop(key, None)
-        context.state[sent[0]] = msg.content[sent[0]]
-        context.state[protocol.MASK_VERSION] = ConfigRecord({protocol.MASK_VERSION: version})
-    held = context.state.get(protocol.MASK_VERSION)
-    if held is None or int(held[protocol.MASK_VERSION]) != version:
-        raise RuntimeError(f"node holds no mask of version {version}; the server must send it")
-    return _decoded_mask(context.state)
+    return _decoded_mask(msg.content[protocol.MASK])
 
 
-MASK_KEYS = (protocol.MASK, protocol.ref_key(protocol.MASK))  # packed, or its file's reference
 _MASK: list[tuple[str, NodeMask]] = []  # this process's last decoded mask
 
 
-def _decoded_mask(state: RecordDict) -> NodeMask:
-    """The node's stored mask, decoded once per mask in a worker process: every node of a
-    simulation holds the same mask, which would otherwise be unpacked for every message.
-    A referenced file is read (and its digest checked) only when this worker lacks it."""
-    ref_record = state.config_records.get(protocol.ref_key(protocol.MASK))
-    if ref_record is not None:
-        ref = WeightRef.from_record(ref_record)
-        key, packed = ref.digest, lambda: read_shared(shared_root(), ref)
-    else:
-        record = state.array_records[protocol.MASK]
-        digest = xxhash.xxh3_128()
-        for name, array in record.items():
-            digest.update(name.encode())
-            digest.update(array.data)
-        key, packed = digest.hexdigest(), lambda: record
+def _decoded_mask(record: ArrayRecord) -> NodeMask:
+    """The mask decoded once per mask in a worker process: every node of a simulation holds
+    the same mask, which would otherwise be unpacked for every message. Flower's content
+    identity of the record (``object_id``) tells masks apart."""
+    key = record.object_id
     if not _MASK or _MASK[0][0] != key:
-        bits = decode_mask(packed())
+        bits = decode_mask(record_tensors(record))
         _MASK[:] = [(key, NodeMask(bits, mask_positions(bits)))]
     return _MASK[0][1]
 
@@ -297,7 +264,7 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content[protocol.CONFIG]
     inject_failure(cfg, config, pid, "train")
     server_round, lr = int(config[protocol.SERVER_ROUND]), float(config[protocol.LR])
-    mask = node_mask(msg, context)
+    mask = node_mask(msg)
     load_seconds = time.perf_counter() - t_load  # the weights and the mask
     train_head = bool(config.get(protocol.TRAIN_HEAD, True))
     settings = cfg.optimizer_settings(lr, str(config.get(protocol.LOCAL_OPTIMIZER, cfg.optimizer)))
@@ -325,13 +292,11 @@ def train(msg: Message, context: Context) -> Message:
         rt.model.requires_grad_(True)  # the cached model is reused by the next message
     seconds = _synchronized_clock(rt.device) - t_start
     t_encode = time.perf_counter()
-    trained = trained_values(rt.model, mask, train_head, protocol.HEAD_PREFIX)
-    records = reply_records(msg.content, protocol.ARRAYS, trained)
-    encode_seconds = time.perf_counter() - t_encode
+    trained = TensorRecord(trained_values(rt.model, mask, train_head, protocol.HEAD_PREFIX))
+    encode_seconds = time.perf_counter() - t_encode  # the transport adds its writing
     timings = (load_seconds, seconds, encode_seconds)
-    content = RecordDict(
-        {**records, protocol.METRICS: _train_metrics(rt, pid, result.mean_loss, timings)}
-    )
+    metrics = _train_metrics(rt, pid, result.mean_loss, timings)
+    content = RecordDict({protocol.ARRAYS: trained, protocol.METRICS: metrics})
     return Message(content, reply_to=msg)
 
 
@@ -340,7 +305,7 @@ def fisher(msg: Message, context: Context) -> Message:
     """Diagonal Fisher of the currently trainable entries on up to ``fisher-samples`` examples."""
     cfg, pid, rt = node_runtime(context)
     _load_weights(rt.model, msg.content)
-    mask = node_mask(msg, context)
+    mask = node_mask(msg)
     if mask is None:
         raise RuntimeError("a Fisher query must carry a mask version")
     config = msg.content[protocol.CONFIG]
@@ -366,9 +331,10 @@ def fisher(msg: Message, context: Context) -> Message:
         score=str(config[protocol.FISHER_SCORE]),
     )
     full = {n: scores.get(n, torch.zeros(m.shape, device=rt.device)) for n, m in mask.bits.items()}
-    records = reply_records(msg.content, protocol.FISHER, mask.gather(full))
     metrics = MetricRecord({protocol.NUM_EXAMPLES: count, protocol.PARTITION_ID: pid})
-    content = RecordDict({**records, protocol.METRICS: metrics})
+    content = RecordDict(
+        {protocol.FISHER: TensorRecord(mask.gather(full)), protocol.METRICS: metrics}
+    )
     return Message(content, reply_to=msg)
 
 
@@ -386,8 +352,4 @@ def query_partition(msg: Message, context: Context) -> Message:
             protocol.CLASS_COUNTS: [int(c) for c in counts],
         }
     )
-    content = RecordDict({protocol.METRICS: metrics})
-    probe = answer_probe(msg.content)  # can this node read the server's shared folder?
-    if probe is not None:
-        content[protocol.SHARED_PROBE] = probe
-    return Message(content, reply_to=msg)
+    return Message(RecordDict({protocol.METRICS: metrics}), reply_to=msg)

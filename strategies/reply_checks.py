@@ -18,6 +18,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from strategies import protocol
+from strategies.tensor_record import array_tensor
 
 
 class TensorSpec(NamedTuple):
@@ -134,7 +135,7 @@ def checked_tensors(
     state: dict[str, torch.Tensor] = {}
     for name, spec in layout.items():
         try:
-            state[name] = torch.from_numpy(arrays[name].numpy())
+            state[name] = array_tensor(arrays[name])
         except Exception as exc:  # untrusted bytes: whatever numpy or torch raises
             reason = " ".join(str(exc).split())[:120]
             return {}, f"tensor {name!r} cannot be decoded ({type(exc).__name__}: {reason})"

@@ -15,6 +15,7 @@ Flower API); it is set here and nowhere else.
 
 from __future__ import annotations
 
+import copy as copy_module
 import itertools
 import uuid
 from collections.abc import Iterable, Mapping
@@ -100,7 +101,7 @@ class InProcessGrid(PushPull, Grid):
     def answer(self, message: Message) -> Message:
         """The addressed node's reply, or an error reply if its ClientApp raised."""
         try:
-            return self.client_app(message, self.contexts[message.metadata.dst_node_id])
+            return self.client_app(delivered(message), self.contexts[message.metadata.dst_node_id])
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
@@ -108,6 +109,15 @@ class InProcessGrid(PushPull, Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout=None) -> Iterable[Message]:
         return [self.answer(message) for message in messages]
+
+
+def delivered(message: Message) -> Message:
+    """The message as its node receives it: a Message and RecordDict of its own (a real
+    transport delivers a copy; the node's transport mod replaces records in what it got),
+    the records themselves shared, since nothing writes into them."""
+    copy = copy_module.copy(message)
+    copy.__dict__["_content"] = RecordDict(dict(message.content.items()))
+    return copy
 
 
 def server_context(run_config: Mapping[str, Any], run_id: int = 1) -> Context:

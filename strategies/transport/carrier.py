@@ -12,16 +12,14 @@ checked against the same layout as a reply in the message when its check asks.
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Callable, Mapping
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from strategies import protocol
 from strategies.reply_checks import Layout, names_problem, tensor_problem
+from strategies.tensor_record import record_tensors
 from strategies.transport.shared_weights import (
     RunFolder,
     SharedWeightsError,
@@ -36,26 +34,6 @@ from strategies.transport.tensor_file import Inspect
 PROBE_TENSOR = "probe"
 CARRIED = (protocol.ARRAYS, protocol.MASK)  # the records of a message that may go by reference
 RETURNED = (protocol.ARRAYS, protocol.FISHER)  # the records of a reply that may come so
-
-
-def array_views(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-    """An ArrayRecord's tensors as read-only views of its bytes (numpy's ``.npy`` layout,
-    what ``Array`` holds: a header, then the values in C order), so they are written into a
-    file without a decoded copy; dtype and shape come from the Array's own fields."""
-    out = {}
-    for name, array in arrays.items():
-        data = array.data
-        wide = data[6] >= 2  # format version 2 and 3: a 4-byte header length
-        size = int.from_bytes(data[8:12] if wide else data[8:10], "little")
-        start = (12 if wide else 10) + size
-        if b"'fortran_order': True" in data[:start]:  # not how Flower writes a tensor
-            out[name] = torch.from_numpy(array.numpy())
-            continue
-        flat = np.frombuffer(data, np.dtype(array.dtype), math.prod(array.shape), start)
-        with warnings.catch_warnings():  # read-only on purpose: nothing writes into it
-            warnings.simplefilter("ignore", UserWarning)
-            out[name] = torch.from_numpy(flat).reshape(tuple(array.shape))
-    return out
 
 
 class ReferencedArrays(ArrayRecord):
@@ -118,7 +96,7 @@ class WeightCarrier:
             if protocol.ARRAYS in content.array_records:
                 arrays = content.array_records[protocol.ARRAYS]
                 del content[protocol.ARRAYS]
-                content.update(self.weights_for(node, arrays, lambda a=arrays: array_views(a)))
+                content.update(self.weights_for(node, arrays, lambda a=arrays: record_tensors(a)))
             if protocol.MASK in content.array_records:
                 mask = content.array_records[protocol.MASK]
                 del content[protocol.MASK]

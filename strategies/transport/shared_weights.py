@@ -195,14 +195,6 @@ def ref_file(ref: WeightRef) -> str:
 
 
 # ---- a node's side ---------------------------------------------------------------------------
-def message_tensors(content: RecordDict, key: str) -> dict[str, torch.Tensor]:
-    """The tensors of record ``key`` of a message: by reference when it carries one."""
-    ref_record = content.config_records.get(protocol.ref_key(key))
-    if ref_record is not None:
-        return read_shared(shared_root(), WeightRef.from_record(ref_record), remember=True)
-    return content[key].to_torch_state_dict()
-
-
 def reply_records(
     request: RecordDict, key: str, state: Mapping[str, torch.Tensor]
 ) -> dict[str, ArrayRecord | ConfigRecord]:

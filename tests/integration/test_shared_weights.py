@@ -29,8 +29,11 @@ from flower_app.config import ConfigError
 from strategies import protocol
 from strategies.reply_checks import dense_layout, reply_tensors
 from strategies.sparse_codec import decode_mask, encode_mask, gather_masked
-from strategies.transport.carrier import WeightCarrier, array_views
+from strategies.tensor_record import TensorRecord, record_tensors
+from strategies.transport import node
+from strategies.transport.carrier import WeightCarrier
 from strategies.transport.grid import CarryingGrid
+from strategies.transport.node import MappedArrays
 from strategies.transport.shared_weights import (
     ROOT_ENV,
     SPARE_SUFFIX,
@@ -42,7 +45,6 @@ from strategies.transport.shared_weights import (
     _start_ticks,
     answer_probe,
     message_bytes,
-    message_tensors,
     read_shared,
     remove_stale,
     reply_records,
@@ -150,12 +152,12 @@ def test_message_bytes_counts_what_an_array_record_counts_for_each_dtype() -> No
         assert message_bytes({name: tensor}) == ArrayRecord({name: tensor}).count_bytes(), name
 
 
-def test_array_views_read_an_array_records_bytes_as_they_are() -> None:
+def test_record_tensors_read_an_array_records_bytes_as_they_are() -> None:
     """The tensors the Grid writes into a file are the ArrayRecord's own bytes (no decoded
     copy), equal to Flower's decoding for every dtype and shape, scalars included."""
     state = dense_state(0) | sparse_state(0)
     arrays = ArrayRecord(state)
-    views = array_views(arrays)
+    views = record_tensors(arrays)
     assert_bitwise_equal(views, arrays.to_torch_state_dict())
     for name, view in views.items():
         data = arrays[name].data
@@ -166,6 +168,23 @@ def test_array_views_read_an_array_records_bytes_as_they_are() -> None:
 
 def memoryview_address(data: bytes) -> int:
     return np.frombuffer(data, np.uint8).__array_interface__["data"][0]
+
+
+def test_a_reply_carried_by_reference_is_never_serialized(root: Path) -> None:
+    """The node's mod writes a TensorRecord's tensors straight into the run folder (its
+    Arrays are never built); in a message it becomes a plain ArrayRecord, the same bytes
+    and object id as one built from the tensors."""
+    folder = RunFolder.create(root, 7)
+    sent = write_shared(root, folder.name, dense_state(0)).record()
+    trained = TensorRecord(finite_state(1))
+    out = node.outgoing(sent, protocol.ARRAYS, trained)
+    assert set(out) == {protocol.ref_key(protocol.ARRAYS)} and not trained.__dict__["_filled"]
+    written = WeightRef.from_record(out[protocol.ref_key(protocol.ARRAYS)])
+    assert_bitwise_equal(read_shared(root, written), finite_state(1))
+    plain = node.outgoing(None, protocol.ARRAYS, TensorRecord(finite_state(1)))[protocol.ARRAYS]
+    assert type(plain) is ArrayRecord
+    assert plain.object_id == ArrayRecord(finite_state(1)).object_id
+    folder.remove()
 
 
 def test_a_changed_byte_or_a_missing_file_is_refused(tmp_path: Path) -> None:
@@ -523,8 +542,9 @@ def test_a_node_on_another_host_gets_the_weights_in_the_message(
     )
     to_local = carrier.weights_for(12, arrays, lambda: state)
     assert list(to_local.keys()) == [protocol.ref_key(protocol.ARRAYS)]
-    assert_bitwise_equal(message_tensors(to_local, protocol.ARRAYS), state)
-    assert_bitwise_equal(message_tensors(to_other_host, protocol.ARRAYS), state)
+    ref = WeightRef.from_record(to_local[protocol.ref_key(protocol.ARRAYS)])
+    assert_bitwise_equal(MappedArrays(ref).to_torch_state_dict(), state)
+    assert_bitwise_equal(to_other_host[protocol.ARRAYS].to_torch_state_dict(), state)
     carrier.close()
 
 
@@ -543,7 +563,7 @@ def probes_from_another_host(
 ) -> None:
     """Nodes answer the probe in query order (1000, 1001, ...); the ``fails(i)``-th answer
     is given under ``other`` as its root, as a node on another host would."""
-    real = client_app.answer_probe
+    real = node.answer_probe
     count = [0]
 
     def answer(content: RecordDict) -> ConfigRecord | None:
@@ -557,7 +577,7 @@ def probes_from_another_host(
         finally:
             os.environ[ROOT_ENV] = server_root
 
-    monkeypatch.setattr(client_app, "answer_probe", answer)
+    monkeypatch.setattr(node, "answer_probe", answer)
 
 
 def run_on(config: dict) -> InProcessGrid:
@@ -645,8 +665,8 @@ def test_a_sparse_mask_goes_by_reference_and_the_run_is_the_same(
         if protocol.ref_key(protocol.MASK) in m.content
     }
     assert len(refs) == 3  # one file per version, not per node or round
-    for node, context in grid.contexts.items():
-        by_reference = node in (1001, 1003)
+    for node_id, context in grid.contexts.items():
+        by_reference = node_id in (1001, 1003)
         assert (protocol.ref_key(protocol.MASK) in context.state) is by_reference
         assert (protocol.MASK in context.state) is not by_reference
     assert list(root.iterdir()) == []

@@ -83,12 +83,24 @@ def test_strategies_and_clients_import_nothing_of_the_app_nor_each_other():
             assert not {d for d in deps if d.split(".")[0] in ("flower_app", "strategies")}, module
 
 
-def test_the_server_side_strategies_import_nothing_of_the_weight_transport():
+def test_strategies_the_round_loop_and_the_client_handlers_import_nothing_of_the_transport():
     """Strategies, the round loop and the reply checks see ArrayRecords and tensors: how
-    weights travel is the run's Grid's business (``strategies/transport/grid.py``)."""
+    weights travel is the run's Grid's business (``strategies/transport/grid.py``) and, on a
+    node, a ClientApp mod's (``strategies/transport/node.py``): the ClientApp's module names
+    only that mod, where it builds the app, and no handler names it."""
     for module, deps in import_graph().items():
         if module.startswith("strategies.") and not module.startswith("strategies.transport"):
             assert not {d for d in deps if d.startswith("strategies.transport")}, module
+    path = ROOT / "flower_app" / "client_app.py"
+    tree = ast.parse(path.read_text())
+    all_imports = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert [n.module for n in all_imports if "transport" in (n.module or "")] == [
+        "strategies.transport.node"
+    ]
+    handlers = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
+    for handler in handlers:
+        names = {n.id for n in ast.walk(handler) if isinstance(n, ast.Name)}
+        assert "node_transport" not in names, handler.name
 
 
 def import_circle(graph: dict[str, set[str]]) -> list[str]:
