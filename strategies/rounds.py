@@ -113,7 +113,6 @@ class Exchange:
 
     replies: list[Message]
     verdicts: list[CheckedReply | str]  # the checked reply, or why it is not (a Flower error too)
-    seconds_push: float  # handing the messages to the Grid (which writes by-reference files)
     seconds_clients: float  # from the push to the last reply: transport and client work
     seconds_decode: float  # checks still running after the last reply
 
@@ -128,9 +127,8 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, check: ReplyCh
     the last ones are left when the last reply lands. A check must not depend on another
     reply's (the strategies' checks only read the roster).
     """
-    t_push = time.perf_counter()
-    pending = set(grid.push_messages(messages))
     t_sent = time.perf_counter()
+    pending = set(grid.push_messages(messages))
     deadline = t_sent + timeout
     interval = float(getattr(grid, "pull_interval", PULL_INTERVAL_S))
     threads = max(1, min(len(messages), CHECK_THREADS, os.cpu_count() or 1))
@@ -150,7 +148,7 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, check: ReplyCh
                 break
             time.sleep(interval)
         checked = [verdict.result() for verdict in verdicts]
-    return Exchange(replies, checked, t_sent - t_push, last - t_sent, time.perf_counter() - last)
+    return Exchange(replies, checked, last - t_sent, time.perf_counter() - last)
 
 
 def _verdict(reply: Message, check: ReplyCheck) -> CheckedReply | str:
@@ -190,8 +188,8 @@ def send_with_retries(
 
     A reply is usable when it carries no error and ``check`` returns it checked, not a
     reason to reject it. Fills the record's ``bytes-down``, ``bytes-up``, ``clients``,
-    ``failures``, ``seconds-send`` (building and pushing the messages: the Grid writes the
-    shared weights file there), ``seconds-clients`` (from the push to the last reply:
+    ``failures``, ``seconds-send`` (building the messages), ``seconds-clients`` (from the push
+    to the last reply: the Grid's carrying, writing the shared weights file included,
     transport and client work) and ``seconds-decode`` (checks left after the last reply);
     returns the usable replies of the last attempt in partition order.
     """
@@ -199,10 +197,9 @@ def send_with_retries(
     while True:
         t_build = time.perf_counter()
         messages = build(attempt)
-        build_seconds = time.perf_counter() - t_build
+        record.count("seconds-send", time.perf_counter() - t_build)
         record.count("bytes-down", sum(content_bytes(m.content) for m in messages))
         done = exchange(grid, messages, policy.timeout, check)
-        record.count("seconds-send", build_seconds + done.seconds_push)
         record.count("seconds-clients", done.seconds_clients)
         record.count("seconds-decode", done.seconds_decode)
         valid = usable_replies(done, record, on_failure)
