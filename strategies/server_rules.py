@@ -128,7 +128,12 @@ class ServerRule:
     name = "mean"
 
     def combine(
-        self, server_round: int, sent: Tensors, states: Sequence[Tensors], weights, mean: Tensors
+        self,
+        server_round: int,
+        sent: Tensors,
+        states: Sequence[Tensors],
+        weights: Sequence[float],
+        mean: Tensors,
     ) -> State:
         """The new values of the floating tensors of ``sent`` (what was sent), from each
         client's ``states`` (same names and shapes), their ``weights`` and their
