@@ -120,3 +120,21 @@ def test_a_broken_image_file_is_named(tmp_path):
     (root / "test" / "owl" / "1.png").write_bytes(b"not a png")
     with pytest.raises(DataNotFoundError, match=r"test/owl/1\.png is not a readable image"):
         load_source("image-folder", root, download=False)
+
+
+def test_a_folder_is_listed_again_only_when_it_changed(tmp_path, monkeypatch):
+    """A ClientApp checks its run-config for every message: the listing is reused until a
+    split or class folder changes, then the new images are counted."""
+    from flower_app.data import image_folder
+
+    root = write_image_folder(tmp_path / "pets", train=5, test=2)
+    listed = []
+    real = image_folder._list
+    monkeypatch.setattr(image_folder, "_list", lambda r: listed.append(r) or real(r))
+    assert train_counts(root) == train_counts(root) == (5, 5, 5, 5)
+    assert len(listed) == 1
+    shutil.copy(root / "train" / "dog" / "0.png", root / "train" / "dog" / "extra.png")
+    assert train_counts(root) == (5, 6, 5, 5) and len(listed) == 2
+    shutil.rmtree(root / "test")
+    with pytest.raises(DataNotFoundError, match="has no test/ folder"):
+        list_image_folder(root)
