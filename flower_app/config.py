@@ -154,8 +154,13 @@ class RunConfig:
     @classmethod
     def keys(cls) -> list[str]:
         """All run-config keys (kebab-case), as in ``[tool.flwr.app.config]``."""
-        own = [f.name.replace("_", "-") for f in dataclasses.fields(cls) if f.name != "rule_values"]
-        return own + list(rule_options())
+        return [f.name.replace("_", "-") for f in cls.own_fields()] + list(rule_options())
+
+    @classmethod
+    def own_fields(cls) -> list[dataclasses.Field]:
+        """The fields that are run-config keys themselves (the rule options are held in
+        ``rule_values``, keyed by the registry)."""
+        return [f for f in dataclasses.fields(cls) if f.name != "rule_values"]
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any], check_files: bool = True) -> RunConfig:
@@ -165,7 +170,7 @@ class RunConfig:
         ``pretrained-path``): a SuperNode uses neither, so in a deployment where they
         exist on the coordinator only, the nodes must not refuse the run for them.
         """
-        known = {f.name: f for f in dataclasses.fields(cls) if f.name != "rule_values"}
+        known = {f.name: f for f in cls.own_fields()}
         options = rule_options()
         values: dict[str, Any] = {}
         rule_values = []
@@ -194,11 +199,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config with kebab-case keys (what results/config.json holds)."""
-        own = {
-            f.name.replace("_", "-"): getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name != "rule_values"
-        }
+        own = {f.name.replace("_", "-"): getattr(self, f.name) for f in self.own_fields()}
         return own | self.server_rule_values()
 
     # ---- derived values -------------------------------------------------------------

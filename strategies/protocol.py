@@ -62,6 +62,7 @@ ATTEMPT = "attempt"  # ConfigRecord: 0 for a round's first sample, k for its k-t
 # Weights by reference (strategies/transport/shared_weights.py)
 REF_SUFFIX = "-ref"  # ConfigRecord "<key>-ref": a file reference in place of ArrayRecord "<key>"
 SHARED_PROBE = "shared-probe"  # ConfigRecord: a probe file's reference, or the reason for none
+REPLY_TENSORS = (ARRAYS, FISHER)  # the records a reply's tensors travel in, or their refs
 CLIENT_LOAD_SECONDS = "client-load-seconds"  # MetricRecord: decode + load the received weights
 CLIENT_ENCODE_SECONDS = "client-encode-seconds"  # MetricRecord: encode the reply's tensors
 

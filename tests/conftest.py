@@ -92,6 +92,29 @@ def quick_run_config(**overrides) -> dict:
     return config
 
 
+# one round of 2 of 4 clients, 2 local steps, on 20 images a class: the least a run can be
+ONE_ROUND = {
+    "synthetic_train_per_class": 20,
+    "num_clients": 4,
+    "fraction_train": 0.5,
+    "num_server_rounds": 1,
+    "eval_every": 1,
+    "local_steps": 2,
+    "device": "cpu",
+}
+
+
+def run_quick(tmp_path: Path, name: str, **overrides) -> InProcessGrid:
+    """A quick run (the quick preset and ``overrides``) in this process, into
+    ``tmp_path/name``; its Grid, which kept what it sent."""
+    from flower_app import client_app, server_app  # the apps: imported when a run starts
+
+    config = quick_run_config(**overrides, output_dir=str(tmp_path), run_name=name)
+    grid = InProcessGrid(client_app.app, config, num_nodes=int(config["num-clients"]))
+    server_app.main(grid, server_context(config))
+    return grid
+
+
 class InProcessGrid(EngineGrid):
     """The engine's Grid, keeping every message sent; ``reverse_replies`` answers a push in
     reverse order (the server must not depend on reply order)."""

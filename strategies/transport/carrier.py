@@ -32,8 +32,6 @@ from strategies.transport.shared_weights import (
 from strategies.transport.tensor_file import Inspect
 
 PROBE_TENSOR = "probe"
-CARRIED = (protocol.ARRAYS, protocol.MASK)  # the records of a message that may go by reference
-RETURNED = (protocol.ARRAYS, protocol.FISHER)  # the records of a reply that may come so
 
 
 class ReferencedArrays(ArrayRecord):
@@ -112,7 +110,7 @@ class WeightCarrier:
         if reply.metadata.message_type == protocol.QUERY_PARTITION:
             self.verdicts[node] = self.accept_probe(node, reply)
             return reply
-        for key in RETURNED:
+        for key in protocol.REPLY_TENSORS:
             ref_record = content.config_records.get(protocol.ref_key(key))
             if ref_record is not None:
                 del content[protocol.ref_key(key)]
@@ -190,7 +188,7 @@ class WeightCarrier:
         kept = self._kept.get(key)
         if kept is None or kept[0] is not arrays:
             try:
-                ref = write_shared(self.folder.root, self.folder.name, arrays.to_torch_state_dict())
+                ref = write_shared(self.folder.root, self.folder.name, record_tensors(arrays))
             except SharedWeightsError as exc:  # e.g. a full tmpfs: this one in the message
                 print(f"{key} travels in the message: {exc}", flush=True)
                 return RecordDict({key: arrays})

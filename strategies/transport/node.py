@@ -33,7 +33,6 @@ from strategies.transport.shared_weights import (
 )
 
 MASK_KEYS = (protocol.MASK, protocol.ref_key(protocol.MASK))  # packed, or its file's reference
-RETURNED = (protocol.ARRAYS, protocol.FISHER)
 
 
 class MappedArrays(TensorRecord):
@@ -72,13 +71,11 @@ def node_transport(
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
-    if probe is not None:
-        reply.content[protocol.SHARED_PROBE] = answer_probe(
-            RecordDict({protocol.SHARED_PROBE: probe})
-        )
+    if probe is not None:  # the request still holds it: no handler removes a record
+        reply.content[protocol.SHARED_PROBE] = answer_probe(content)
     t0 = time.perf_counter()
     carried = False
-    for key in RETURNED:
+    for key in protocol.REPLY_TENSORS:
         record = reply.content.array_records.get(key)
         if record is not None:
             del reply.content[key]

@@ -9,8 +9,7 @@ import json
 import pandas as pd
 from safetensors.torch import load_file
 
-from flower_app import client_app, server_app
-from tests.conftest import ROOT, InProcessGrid, quick_run_config, server_context
+from tests.conftest import ROOT, quick_run_config, run_quick
 from tests.toy_datasets import TOY_CLASSES, TOY_TRAIN, fresh_registry, toy, write_image_folder
 
 __all__ = ["fresh_registry", "toy"]  # fixtures
@@ -28,8 +27,7 @@ TINY = {
 
 def run_tiny(tmp_path, name: str, **overrides) -> dict:
     """A two-round run of four clients in process; its summary."""
-    config = quick_run_config(**TINY, output_dir=str(tmp_path), run_name=name, **overrides)
-    server_app.main(InProcessGrid(client_app.app, config, num_nodes=4), server_context(config))
+    run_quick(tmp_path, name, **(TINY | overrides))
     return json.loads((tmp_path / name / "summary.json").read_text())
 
 

@@ -16,30 +16,18 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from safetensors.torch import load_file
 
-from flower_app import client_app, server_app
+from flower_app import client_app
 from flower_app.config import RunConfig
 from flower_app.models.factory import create_initial_model
 from strategies import protocol
 from strategies.fedavg import client_compute_metrics
-from tests.conftest import InProcessGrid, quick_run_config, server_context
+from tests.conftest import ONE_ROUND, InProcessGrid, quick_run_config, run_quick
 
-ONE_ROUND = {
-    "synthetic_train_per_class": 20,
-    "num_clients": 4,
-    "fraction_train": 0.5,
-    "num_server_rounds": 1,
-    "eval_every": 1,
-    "local_steps": 2,
-    "device": "cpu",
-}
 RTOL = 1e-5
 
 
 def _final_weights(tmp_path, name: str, **overrides) -> dict[str, torch.Tensor]:
-    config = quick_run_config(**(ONE_ROUND | overrides), output_dir=str(tmp_path), run_name=name)
-    grid = InProcessGrid(client_app.app, config, num_nodes=4)
-    context = server_context(config)
-    server_app.main(grid, context)
+    run_quick(tmp_path, name, **(ONE_ROUND | overrides))
     return load_file(tmp_path / name / "final_model.safetensors")
 
 

@@ -10,22 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flower_app import client_app, server_app
 from flower_app.config import ConfigError, RunConfig
 from flower_app.models.factory import create_initial_model
 from strategies.server_rules import RULES, Bound, RuleOption, ServerRule, registered
-from tests.conftest import InProcessGrid, quick_run_config, server_context
+from tests.conftest import ONE_ROUND, quick_run_config, run_quick
 
 SHARE = Bound("(0, 1]", "in (0, 1]", lambda v: 0.0 < v <= 1.0)
-TINY = {
-    "synthetic_train_per_class": 20,
-    "num_clients": 4,
-    "fraction_train": 0.5,
-    "num_server_rounds": 1,
-    "eval_every": 1,
-    "local_steps": 2,
-    "weights_transport": "message",
-}
+TINY = ONE_ROUND | {"weights_transport": "message"}
 
 
 class PartWay(ServerRule):
@@ -42,8 +33,7 @@ class PartWay(ServerRule):
 
 
 def _run(tmp_path, name: str, **overrides) -> dict[str, torch.Tensor]:
-    config = quick_run_config(**(TINY | overrides), output_dir=str(tmp_path), run_name=name)
-    server_app.main(InProcessGrid(client_app.app, config, num_nodes=4), server_context(config))
+    run_quick(tmp_path, name, **(TINY | overrides))
     return load_file(tmp_path / name / "final_model.safetensors")
 
 
