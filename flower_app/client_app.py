@@ -13,16 +13,13 @@ from flower_app.perf.fast_import import imports_without_gc
 
 # a deployment starts this process for every message: see flower_app.perf.fast_import
 with imports_without_gc():
-    import random
     import time
-    from collections.abc import Mapping
     from dataclasses import dataclass
     from pathlib import Path
-    from typing import Any
 
     import numpy as np
     import torch
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from torch import nn
 
@@ -35,6 +32,8 @@ with imports_without_gc():
     from flower_app.data.sources import ImageSplit, load_node_data
     from flower_app.models.factory import build_model
     from flower_app.perf.allocator import keep_freed_memory
+    from flower_app.runs.injected_failures import injected_failures
+    from flower_app.runs.node_identity import node_partition_id
     from flower_app.runs.runtime import resolve_device, run_splits, use_bf16
     from flower_app.runs.worker_gpus import worker_placement
     from strategies import protocol
@@ -43,9 +42,9 @@ with imports_without_gc():
     from strategies.tensor_record import TensorRecord, record_tensors
     from strategies.transport.node import node_transport
 
-# the weight transport (references, the node's mask, the probe) is a mod: handlers see
-# ArrayRecords and tensors
-app = ClientApp(mods=[node_transport])
+# mods: the weight transport (references, the node's mask, the probe; handlers see
+# ArrayRecords and tensors) and client-failure-rate's failures on purpose
+app = ClientApp(mods=[node_transport, injected_failures])
 
 
 @dataclass
@@ -140,44 +139,6 @@ def node_runtime(context: Context) -> tuple[RunConfig, int, ClientRuntime]:
     return cfg, pid, get_runtime(cfg, pid, data_dir)
 
 
-class NodeConfigError(ValueError):
-    """A SuperNode's node-config does not fit the run; the message is one line."""
-
-
-NODE_CONFIG_HELP = (
-    'every SuperNode needs --node-config "partition-id=<i>" (i in 0..K-1, its identity in '
-    "the run) and, to train on its own data, data-dir=<folder with node-data.npz>"
-)
-
-
-def node_partition_id(node_config: Mapping[str, Any], num_clients: int) -> int:
-    """The node's partition id (simulation numbers nodes 0..num-supernodes-1).
-
-    One rule for every node: ``partition-id`` is required; with ``data-dir`` the node
-    trains on that private data, without it on shard ``partition-id`` of the run-config's
-    data set. ``num-partitions``, when given, must equal ``num-clients``.
-    """
-    raw = node_config.get("partition-id")
-    if raw is None:
-        raise NodeConfigError(f"node-config has no partition-id: {NODE_CONFIG_HELP}")
-    try:
-        pid = int(raw)
-    except (TypeError, ValueError):
-        raise NodeConfigError(f"node-config partition-id={raw!r} is not an integer") from None
-    if not 0 <= pid < num_clients:
-        raise NodeConfigError(
-            f"node-config partition-id={pid} is outside 0..{num_clients - 1} "
-            f"(run-config num-clients={num_clients})"
-        )
-    parts = node_config.get("num-partitions")
-    if parts is not None and int(parts) != num_clients:
-        raise NodeConfigError(
-            f"node-config num-partitions={parts} differs from run-config "
-            f"num-clients={num_clients}: start the SuperNode with num-partitions={num_clients}"
-        )
-    return pid
-
-
 def _generators(
     cfg: RunConfig, purposes: tuple[str, str], server_round: int, pid: int, device: torch.device
 ) -> tuple[torch.Generator, torch.Generator]:
@@ -196,20 +157,6 @@ def _synchronized_clock(device: torch.device) -> float:
 def _load_weights(model: nn.Module, content: RecordDict) -> None:
     """Copy the received weights into the cached model's tensors (no new model)."""
     copy_weights_into(model, record_tensors(content[protocol.ARRAYS]))
-
-
-def inject_failure(cfg: RunConfig, config: ConfigRecord, pid: int, kind: str) -> None:
-    """Fail on purpose with probability ``client-failure-rate``, seeded by round and attempt."""
-    if cfg.client_failure_rate <= 0:
-        return
-    server_round = int(config[protocol.SERVER_ROUND])
-    attempt = int(config.get(protocol.ATTEMPT, 0))
-    draw = random.Random(derive_seed(cfg.seed, "failure", server_round, attempt, pid)).random()
-    if draw < cfg.client_failure_rate:
-        raise RuntimeError(
-            f"injected failure of partition {pid} in {kind} round {server_round} "
-            f"(client-failure-rate={cfg.client_failure_rate})"
-        )
 
 
 def node_mask(msg: Message) -> NodeMask | None:
@@ -262,7 +209,6 @@ def train(msg: Message, context: Context) -> Message:
     t_load = time.perf_counter()
     _load_weights(rt.model, msg.content)
     config = msg.content[protocol.CONFIG]
-    inject_failure(cfg, config, pid, "train")
     server_round, lr = int(config[protocol.SERVER_ROUND]), float(config[protocol.LR])
     mask = node_mask(msg)
     load_seconds = time.perf_counter() - t_load  # the weights and the mask
@@ -309,7 +255,6 @@ def fisher(msg: Message, context: Context) -> Message:
     if mask is None:
         raise RuntimeError("a Fisher query must carry a mask version")
     config = msg.content[protocol.CONFIG]
-    inject_failure(cfg, config, pid, "fisher")
     server_round = int(config[protocol.SERVER_ROUND])
     purposes = ("fisher-examples", "fisher-labels")
     pick_gen, label_gen = _generators(cfg, purposes, server_round, pid, rt.device)

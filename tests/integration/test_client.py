@@ -13,6 +13,7 @@ from clients.training import copy_weights_into
 from flower_app import client_app
 from flower_app.config import ConfigError, RunConfig
 from flower_app.models.factory import create_initial_model
+from flower_app.runs import node_identity
 from strategies import protocol
 from tests.conftest import InProcessGrid, quick_run_config
 
@@ -166,10 +167,10 @@ def test_node_ignores_the_coordinators_files(tmp_path):
     ],
 )
 def test_inconsistent_node_config_is_one_line(node_config, message):
-    with pytest.raises(client_app.NodeConfigError) as info:
-        client_app.node_partition_id(node_config, num_clients=4)
+    with pytest.raises(node_identity.NodeConfigError) as info:
+        node_identity.node_partition_id(node_config, num_clients=4)
     assert message in str(info.value) and "\n" not in str(info.value)
-    assert client_app.node_partition_id({"partition-id": "2"}, num_clients=4) == 2
+    assert node_identity.node_partition_id({"partition-id": "2"}, num_clients=4) == 2
 
 
 def test_node_without_partition_id_replies_with_the_one_line_error():
