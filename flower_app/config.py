@@ -46,7 +46,13 @@ WEIGHTS_TRANSPORTS = ("auto", "message", "shared-memory")
 TRACKERS = ("none", "tensorboard", "wandb")
 WANDB_MODES = ("offline", "online")
 # the keys a data set's registry entry reads (``RunConfig.source_options``)
-SOURCE_KEYS = ("dataset", "data-dir", "download", "synthetic-train-per-class")
+SOURCE_KEYS = (
+    "dataset",
+    "data-dir",
+    "download",
+    "synthetic-train-per-class",
+    "synthetic-test-per-class",
+)
 
 
 class ConfigError(ValueError):
@@ -65,6 +71,7 @@ class RunConfig:
     data_dir: str = "~/.cache/fl-task-arithmetic/data"
     download: bool = True
     synthetic_train_per_class: int = 500
+    synthetic_test_per_class: int = 100
     # a task: only these classes (flower_app/data/tasks.py), relabelled 0..n-1, n head outputs
     task_classes: str = ""
     model: str = "vit_small_patch16_224.dino"
@@ -212,7 +219,12 @@ class RunConfig:
     @property
     def source_options(self) -> SourceOptions:
         """What the data set's entry reads of this run-config."""
-        return SourceOptions(self.data_path, self.download, self.synthetic_train_per_class)
+        return SourceOptions(
+            self.data_path,
+            self.download,
+            self.synthetic_train_per_class,
+            self.synthetic_test_per_class,
+        )
 
     @cached_property
     def class_counts(self) -> tuple[int, ...]:
@@ -461,6 +473,7 @@ class RunConfig:
         _at_least("num-server-rounds", self.num_server_rounds, 1)
         _at_least("eval-every", self.eval_every, 1)
         _at_least("synthetic-train-per-class", self.synthetic_train_per_class, 2)
+        _at_least("synthetic-test-per-class", self.synthetic_test_per_class, 1)
         _at_least("warmup-rounds", self.warmup_rounds, 0)
         rounds = self.num_server_rounds
         _warmup_below("warmup-rounds", self.warmup_rounds, "num-server-rounds", rounds)

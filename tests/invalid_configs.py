@@ -62,6 +62,7 @@ INVALID = [
         {"task-classes": "0-9", "sharding": "non-iid"},
     ),
     Invalid("dataset", "mnist", "must be one of cifar100, synthetic"),
+    Invalid("synthetic-test-per-class", 0, "must be an integer >= 1"),
     Invalid("model", "resnet18", "must be one of"),
     # the miniature presets name a pretrained-path; these cases need none
     Invalid("weights", "pretrained", "no published weights", {"pretrained-path": ""}),

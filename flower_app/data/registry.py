@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -26,6 +26,7 @@ from flower_app.data.sources import (
     CIFAR100,
     SYNTHETIC_CLASSES,
     SYNTHETIC_SEEDS,
+    SYNTHETIC_TEST_PER_CLASS,
     CifarFormat,
     DataNotFoundError,
     DatasetSplits,
@@ -46,6 +47,7 @@ class SourceOptions:
     data_dir: Path  # absolute
     download: bool = False
     synthetic_train_per_class: int = 500
+    synthetic_test_per_class: int = SYNTHETIC_TEST_PER_CLASS
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,9 @@ def _synthetic_counts(options: SourceOptions) -> tuple[int, ...]:
 
 
 def _load_synthetic(seed: int, options: SourceOptions) -> tuple[ImageSplit, ImageSplit]:
-    return synthetic_cifar100(options.synthetic_train_per_class, generator_seed=seed)
+    return synthetic_cifar100(
+        options.synthetic_train_per_class, options.synthetic_test_per_class, seed
+    )
 
 
 def _synthetic(name: str) -> DatasetSpec:
@@ -201,11 +205,15 @@ register_dataset(
 
 # ---- loading -------------------------------------------------------------------------------
 def load_source(
-    dataset: str, data_dir: Path, download: bool, synthetic_train_per_class: int = 500
+    dataset: str,
+    data_dir: Path,
+    download: bool,
+    synthetic_train_per_class: int = 500,
+    synthetic_test_per_class: int = SYNTHETIC_TEST_PER_CLASS,
 ) -> tuple[ImageSplit, ImageSplit]:
     """(official train, official test) of the named data set; never a fallback to another."""
     spec = dataset_spec(dataset)
-    options = SourceOptions(data_dir, download, synthetic_train_per_class)
+    options = SourceOptions(data_dir, download, synthetic_train_per_class, synthetic_test_per_class)
     train, test = spec.load(options)
     classes = spec.num_classes(options)
     for split in (train, test):
@@ -234,12 +242,13 @@ def load_splits(
     val_fraction: float,
     seed: int,
     synthetic_train_per_class: int = 500,
+    synthetic_test_per_class: int = SYNTHETIC_TEST_PER_CLASS,
 ) -> DatasetSplits:
     """Training/validation split of the official training set, and the official test set."""
-    train, test = load_source(dataset, data_dir, download, synthetic_train_per_class)
+    options = SourceOptions(data_dir, download, synthetic_train_per_class, synthetic_test_per_class)
+    train, test = load_source(dataset, *astuple(options))
     train_idx, val_idx = split_train_val(train.labels.numpy(), val_fraction, seed)
     t, v = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
-    options = SourceOptions(data_dir, download, synthetic_train_per_class)
     return DatasetSplits(
         ImageSplit(train.images[t].contiguous(), train.labels[t]),
         ImageSplit(train.images[v].contiguous(), train.labels[v]),

@@ -44,6 +44,7 @@ def run_splits(cfg: RunConfig) -> DatasetSplits:
         cfg.val_fraction,
         cfg.seed,
         cfg.synthetic_train_per_class,
+        cfg.synthetic_test_per_class,
     )
     return restrict_splits(splits, cfg.task_class_ids)
 

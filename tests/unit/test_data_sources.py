@@ -30,6 +30,7 @@ from flower_app.data.sources import (
     synthetic_cifar100,
 )
 from flower_app.runs.prerequisites import data_problem
+from flower_app.runs.runtime import run_splits
 from tests.conftest import quick_run_config
 
 
@@ -87,6 +88,16 @@ def test_synthetic_splits(tmp_path):
     _, val_idx = split_train_val(full.labels.numpy(), 0.1, seed=0)
     assert torch.equal(splits.val.images, full.images[torch.from_numpy(val_idx)])
     assert list(tmp_path.iterdir()) == []  # the synthetic source writes nothing
+
+
+def test_synthetic_test_split_size_is_its_own_key(tmp_path):
+    """``synthetic-test-per-class`` sizes the test split only: the training images stay."""
+    full = load_splits("synthetic", tmp_path, False, 0.1, seed=0, synthetic_train_per_class=20)
+    small = load_splits("synthetic", tmp_path, False, 0.1, 0, 20, synthetic_test_per_class=3)
+    assert torch.equal(small.train.images, full.train.images)
+    assert torch.equal(torch.bincount(small.test.labels), torch.full((100,), 3))
+    cfg = RunConfig.from_run_config({"dataset": "synthetic", "synthetic-test-per-class": 3})
+    assert len(run_splits(cfg).test) == 300
 
 
 def test_unknown_dataset_is_refused(tmp_path):
