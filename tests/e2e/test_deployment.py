@@ -106,6 +106,7 @@ def _write_run_config(tmp_path: Path, weights: str, results: Path) -> Path:
             "local-steps": 2,  # what is tested is who trains, not how much
             "eval-every": 1,
             "task-metrics-examples": 100,  # one validation example a class, every round
+            "synthetic-test-per-class": 10,  # the final test on 1,000 images
             "round-timeout": 180.0,
             "output-dir": str(results),
             "run-name": "deployed",

@@ -152,6 +152,7 @@ def write_run_config(tmp_path: Path) -> Path:
             "num-clients": NUM_NODES,
             "fraction-train": 1.0,
             "synthetic-train-per-class": 20,
+            "synthetic-test-per-class": 10,
             "num-server-rounds": 1,
             "local-steps": 2,
             "eval-every": 1,

@@ -17,11 +17,11 @@ from flower_app.runs.run_lock import is_locked
 from tests.conftest import ROOT
 
 
-@pytest.fixture
-def superlink(tmp_path):
-    """A SuperLink of this test's own (FLWR_HOME, port); stop() ends every process with
+@pytest.fixture(scope="module")
+def superlink(tmp_path_factory):
+    """A SuperLink of this module's own (FLWR_HOME, port); stop() ends every process with
     its FLWR_HOME by PID (the SuperLink, the ServerApp, Ray, fl-run and flwr too)."""
-    link = LocalSuperLink.start(tmp_path / "flwr-home")
+    link = LocalSuperLink.start(tmp_path_factory.mktemp("flwr") / "flwr-home")
     try:
         yield link
     finally:
@@ -35,6 +35,7 @@ def test_fl_run_runs_the_quick_preset_through_flwr_run(superlink, tmp_path):
         "configs/quick.toml",
         "num-server-rounds=1",
         "local-steps=2",
+        "synthetic-test-per-class=10",
         f"output-dir={results}",
         "run-name=front-door",
     ]

@@ -16,9 +16,11 @@ from flower_app.cli.local_superlink import LocalSuperLink, RunOutcome
 from tests.conftest import ROOT
 
 
-@pytest.fixture
-def superlink(tmp_path):
-    link = LocalSuperLink.start(tmp_path / "flwr-home")
+@pytest.fixture(scope="module")
+def superlink(tmp_path_factory):
+    """One SuperLink for the module (a start costs about 6 CPU-seconds): the failing runs
+    first, the test that sets its federation's simulation config last."""
+    link = LocalSuperLink.start(tmp_path_factory.mktemp("flwr") / "flwr-home")
     try:
         yield link
     finally:
@@ -72,6 +74,7 @@ def test_a_simulation_config_set_once_replaces_the_federation_config(superlink, 
     assert "Updated simulation configuration" in configured.stdout
     results = tmp_path / "results"
     config = {"output-dir": str(results), "run-name": "preset", "num-server-rounds": 2}
+    config["synthetic-test-per-class"] = 10
     run = _run(superlink, tmp_path, config, supernodes=None)
     assert run.status == "finished:completed", (run.run_id, run.status, run.log[-3000:])
     assert "(10 simulated SuperNodes)" in run.log

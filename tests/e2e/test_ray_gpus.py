@@ -65,6 +65,7 @@ def _overrides(results, device: str) -> dict:
         "num-server-rounds": 1,
         "local-steps": 1,  # what is tested is where clients run, not how much they train
         "synthetic-train-per-class": 20,
+        "synthetic-test-per-class": 10,
         "eval-every": 1,
         "device": device,
         "output-dir": str(results),

@@ -35,6 +35,7 @@ SWEEP = [
     ",".join(SETTINGS),
     "num-server-rounds=2",
     "synthetic-train-per-class=20",
+    "synthetic-test-per-class=10",
     "eval-every=1",
     "num-clients=10",  # fewer nodes to start and query than the quick study's 100
     "sharding=iid",  # 10 clients x 5 classes cannot cover 100 classes; the sweep is the point

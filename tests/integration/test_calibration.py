@@ -22,6 +22,7 @@ from tests.conftest import InProcessGrid, PushPull, quick_run_config, server_con
 
 SMALL = {
     "synthetic_train_per_class": 20,
+    "synthetic_test_per_class": 10,
     "num_clients": 4,
     "fraction_train": 0.5,
     "num_server_rounds": 1,

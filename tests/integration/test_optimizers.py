@@ -20,6 +20,7 @@ from tests.run_in_process import run
 # move it by lr * g); without weight decay nothing else moves it
 ONE_STEP = {
     "synthetic_train_per_class": 20,
+    "synthetic_test_per_class": 10,
     "num_clients": 4,
     "fraction_train": 0.25,
     "num_server_rounds": 1,

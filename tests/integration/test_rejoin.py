@@ -41,6 +41,7 @@ class RestartingGrid(InProcessGrid):
 def _run(tmp_path, **overrides):
     config = quick_run_config(
         synthetic_train_per_class=20,
+        synthetic_test_per_class=10,
         num_clients=4,
         fraction_train=1.0,
         local_steps=1,

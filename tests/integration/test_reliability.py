@@ -32,6 +32,7 @@ from tests.run_in_process import run
 
 BASE = {
     "synthetic_train_per_class": 20,
+    "synthetic_test_per_class": 10,
     "num_clients": 4,
     "fraction_train": 0.5,
     "num_server_rounds": 6,

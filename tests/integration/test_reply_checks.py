@@ -54,6 +54,7 @@ Tensors = dict[str, torch.Tensor]
 SMALL = {  # 7 IID shards of 257 or 258 examples: the example weights differ
     "synthetic_train_per_class": 20,
     "num_clients": 7,
+    "synthetic_test_per_class": 10,
     "fraction_train": 0.43,  # 3 clients a round
     "num_server_rounds": 2,
     "eval_every": 2,

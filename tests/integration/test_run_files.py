@@ -25,6 +25,7 @@ from tests.unit.test_results import file_modes, umask, weights_metadata
 
 SMALL = {
     "synthetic_train_per_class": 20,
+    "synthetic_test_per_class": 10,
     "num_clients": 4,
     "fraction_train": 0.5,
     "num_server_rounds": 3,

@@ -18,6 +18,7 @@ from tests.conftest import InProcessGrid, quick_run_config, server_context
 def test_in_process_run_writes_results(tmp_path):
     config = quick_run_config(
         synthetic_train_per_class=20,
+        synthetic_test_per_class=10,
         num_clients=4,
         fraction_train=0.5,
         num_server_rounds=3,
@@ -63,6 +64,7 @@ def test_aggregation_does_not_depend_on_reply_order(tmp_path):
     for reverse in (False, True):
         config = quick_run_config(
             synthetic_train_per_class=20,
+            synthetic_test_per_class=10,
             num_clients=4,
             num_server_rounds=2,
             local_steps=1,
@@ -119,6 +121,7 @@ def test_quick_preset_learns_in_process(tmp_path):
 def test_run_without_a_validation_split_evaluates_nothing_and_finishes(tmp_path):
     config = quick_run_config(
         synthetic_train_per_class=20,
+        synthetic_test_per_class=10,
         num_clients=4,
         num_server_rounds=2,
         local_steps=1,

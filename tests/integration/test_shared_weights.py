@@ -58,6 +58,7 @@ from tests.run_in_process import run
 Tensors = dict[str, torch.Tensor]
 SMALL = {
     "synthetic_train_per_class": 20,
+    "synthetic_test_per_class": 10,
     "num_clients": 4,
     "fraction_train": 1.0,  # every node trains: both transports are used in every round
     "num_server_rounds": 2,

@@ -118,6 +118,7 @@ TINY = [
     "eval-every=1",
     "num-clients=10",
     "synthetic-train-per-class=20",
+    "synthetic-test-per-class=10",
     "fraction-train=0.3",
 ]
 
