@@ -27,7 +27,7 @@ from flower_app.data.sources import DataNotFoundError
 from flower_app.data.tasks import ALLOWED as TASK_CLASSES_ALLOWED
 from flower_app.data.tasks import parse_task_classes
 from flower_app.models.backbone_cache import make_command
-from flower_app.models.factory import MODEL_SPECS
+from flower_app.models.specs import MODEL_SPECS
 from flower_app.runs.strategy_registry import STRATEGIES, StrategyEntry
 from strategies.masks import CALIBRATION_SCHEDULES, MASK_SCOPES, MASK_STRATEGIES
 from strategies.server_rules import RULES as SERVER_RULES

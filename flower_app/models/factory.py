@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from flower_app.models.network import reachable
+from flower_app.models.specs import MODEL_SPECS
 from strategies import protocol
 
 HF_ENDPOINT = "https://huggingface.co"
@@ -26,24 +26,6 @@ DINO_VITS16_URL = (
 
 class WeightsNotFoundError(FileNotFoundError):
     """Pretrained weights could not be obtained; the message says where to put them."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Architecture of a timm VisionTransformer and where its weights come from."""
-
-    patch_size: int
-    embed_dim: int
-    depth: int
-    num_heads: int
-    mlp_ratio: float
-    hub_id: str  # timm name with weights on the Hugging Face hub ("" = none published)
-
-
-MODEL_SPECS: dict[str, ModelSpec] = {
-    "vit_small_patch16_224.dino": ModelSpec(16, 384, 12, 6, 4.0, "vit_small_patch16_224.dino"),
-    "vit_tiny_test": ModelSpec(4, 64, 2, 4, 2.0, ""),
-}
 
 
 def build_model(name: str, num_classes: int, image_size: int) -> VisionTransformer:

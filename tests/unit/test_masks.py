@@ -11,7 +11,8 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from flower_app.models.factory import MODEL_SPECS, build_model
+from flower_app.models.factory import build_model
+from flower_app.models.specs import MODEL_SPECS
 from strategies.masks import (
     MASK_SCOPES,
     MASK_STRATEGIES,
