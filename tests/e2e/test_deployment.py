@@ -196,6 +196,7 @@ def test_a_restarted_serverapp_resumes_against_the_running_supernodes(nodes, tmp
             "local-steps": 2,
             "eval-every": 1,
             "checkpoint-every": 1,
+            "synthetic-test-per-class": 10,
             "round-timeout": 180.0,
             "output-dir": str(results),
             "run-name": "resumed",

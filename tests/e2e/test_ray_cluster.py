@@ -76,6 +76,7 @@ def test_a_simulation_on_a_two_node_ray_cluster_runs_clients_on_both_nodes(
         "local-steps": 2,  # what is tested is where clients run, not how much they train
         "eval-every": 1,
         "weights-transport": "message",
+        "synthetic-test-per-class": 10,
         "output-dir": str(results),
         "run-name": "ray-cluster",
     }
