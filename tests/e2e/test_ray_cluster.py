@@ -42,7 +42,7 @@ def _nodes_that_ran_the_clientapp(cluster: RayCluster) -> set[str]:
                 continue
             for child in proc.children():
                 with contextlib.suppress(psutil.Error, OSError):
-                    title = child.cmdline()[0]
+                    title = " ".join(child.cmdline())  # empty for a worker that is exiting
                     maps = Path(f"/proc/{child.pid}/maps").read_text()
                     if title.startswith("ray::ClientAppActor") and "libtorch" in maps:
                         names.add(name)
