@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -246,7 +246,9 @@ def load_splits(
 ) -> DatasetSplits:
     """Training/validation split of the official training set, and the official test set."""
     options = SourceOptions(data_dir, download, synthetic_train_per_class, synthetic_test_per_class)
-    train, test = load_source(dataset, *astuple(options))
+    train, test = load_source(
+        dataset, data_dir, download, synthetic_train_per_class, synthetic_test_per_class
+    )
     train_idx, val_idx = split_train_val(train.labels.numpy(), val_fraction, seed)
     t, v = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
     return DatasetSplits(
