@@ -9,7 +9,7 @@ the one definition of the order in which sparse values travel. A worker process 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +43,22 @@ class NodeMask:
             flat = tensors[name].detach().reshape(-1)
             out[name] = flat.index_select(0, at.to(flat.device)).cpu()
         return out
+
+
+class MaskCache:
+    """The last mask a worker process decoded, under a key the caller gives (the content id
+    of the record it came in): every node of a simulation holds the same mask, which would
+    otherwise be decoded for every message. One entry, since a run has one mask at a time."""
+
+    def __init__(self) -> None:
+        self._key: str | None = None
+        self._mask: NodeMask | None = None
+
+    def get(self, key: str, decode: Callable[[], NodeMask]) -> NodeMask:
+        """The mask under ``key``, decoded by ``decode()`` only when the key is new."""
+        if self._mask is None or self._key != key:
+            self._mask, self._key = decode(), key
+        return self._mask
 
 
 def trained_values(

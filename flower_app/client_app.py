@@ -24,7 +24,7 @@ with imports_without_gc():
     from torch import nn
 
     from clients.fisher import diagonal_fisher
-    from clients.masking import NodeMask, damp_frozen, trained_values
+    from clients.masking import MaskCache, NodeMask, damp_frozen, trained_values
     from clients.optimizers import build_optimizer
     from clients.training import copy_weights_into, train_local
     from flower_app.config import RunConfig
@@ -164,21 +164,16 @@ def node_mask(msg: Message) -> NodeMask | None:
     transport mod puts it back into each message); None for dense messages."""
     if protocol.MASK_VERSION not in msg.content[protocol.CONFIG]:
         return None
-    return _decoded_mask(msg.content[protocol.MASK])
+    record = msg.content[protocol.MASK]
+    return _MASKS.get(record.object_id, lambda: _decode_mask(record))
 
 
-_MASK: list[tuple[str, NodeMask]] = []  # this process's last decoded mask
+_MASKS = MaskCache()  # this worker process's last mask, by Flower's content id of its record
 
 
-def _decoded_mask(record: ArrayRecord) -> NodeMask:
-    """The mask decoded once per mask in a worker process: every node of a simulation holds
-    the same mask, which would otherwise be unpacked for every message. Flower's content
-    identity of the record (``object_id``) tells masks apart."""
-    key = record.object_id
-    if not _MASK or _MASK[0][0] != key:
-        bits = decode_mask(record_tensors(record))
-        _MASK[:] = [(key, NodeMask(bits, mask_positions(bits)))]
-    return _MASK[0][1]
+def _decode_mask(record: ArrayRecord) -> NodeMask:
+    bits = decode_mask(record_tensors(record))
+    return NodeMask(bits, mask_positions(bits))
 
 
 def _train_metrics(

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from clients.masked_adamw import MaskedAdamW
-from clients.masking import NodeMask, damp_frozen, trained_values
+from clients.masking import MaskCache, NodeMask, damp_frozen, trained_values
 from clients.optimizers import OptimizerSettings, build_optimizer
 from clients.sparse_sgdm import SparseSGDM
 from strategies.sparse_codec import gather_at, mask_positions
@@ -153,3 +153,23 @@ def test_the_multiplier_is_made_once_per_dtype_and_device():
     assert double.dtype == torch.float64 and double is not first
     assert mask.trainable("body.weight") and not mask.trainable("body.bias")
     assert not mask.trainable("head.weight")
+
+
+def test_the_mask_cache_decodes_once_per_key_and_keeps_one_mask():
+    model = nn.Linear(3, 2)
+    decoded: list[str] = []
+
+    def decode(name: str):
+        def run() -> NodeMask:
+            decoded.append(name)
+            return _mask(model)
+
+        return run
+
+    cache = MaskCache()
+    first = cache.get("a", decode("a"))
+    assert cache.get("a", decode("a")) is first and decoded == ["a"]
+    second = cache.get("b", decode("b"))
+    assert second is not first and decoded == ["a", "b"]
+    cache.get("a", decode("a"))  # one entry: the first mask was let go
+    assert decoded == ["a", "b", "a"]
