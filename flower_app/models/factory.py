@@ -12,7 +12,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from flower_app.perf.fast_import import without_optional_modules
+
+with without_optional_modules("wandb"):  # timm's optional extra (see there)
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from flower_app.models.network import reachable
 from flower_app.models.specs import MODEL_SPECS
