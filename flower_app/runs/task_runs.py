@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from flower_app.config import RunConfig
+from flower_app.config import SOURCE_KEYS, RunConfig
 from flower_app.runs.runtime import ModelEvaluator, initial_model, resolve_device, run_splits
 from flower_app.runs.strategy_registry import STRATEGIES
 from flower_app.runs.task_arithmetic import State, Task, is_head
@@ -65,12 +65,12 @@ def load_task_run(run_dir: str | Path, device: str = "cpu") -> TaskRun:
 # Accuracy of w0 with a given head on a task's split, shared between runs: in the study
 # every arm of one seed and task warms up the same head, so its pretrained model is one
 _PRETRAINED: dict[tuple[str, str], float] = {}
+# what the data set's entry reads (an image folder's data-dir is its images; the synthetic
+# sizes decide the splits; download changes no image), then the split and the task
 _DATA_KEYS = (
-    "dataset",
-    "data-dir",  # an image folder's images are the data set: two folders, two data sets
+    *(key for key in SOURCE_KEYS if key != "download"),
     "seed",
     "val-fraction",
-    "synthetic-train-per-class",
     "task-classes",
 )
 _MODEL_KEYS = ("model", "image-size", "weights", "pretrained-path", "eval-batch-size")

@@ -20,7 +20,7 @@ from flower_app.runs.task_arithmetic import (
     pick_addition_alpha,
     pick_negation_alpha,
 )
-from flower_app.runs.task_runs import TaskRun, TaskVectorMismatch, check_compatible
+from flower_app.runs.task_runs import TaskRun, TaskVectorMismatch, _pretrained_key, check_compatible
 from flower_app.studies.catalog import ARITHMETIC_ARMS, arm_and_task, study_settings
 
 
@@ -236,3 +236,24 @@ def test_a_client_process_trains_each_run_on_its_own_task():
         expected = run_splits(cfg).train
         assert torch.equal(runtime.train.images.cpu(), expected.images)
         assert runtime.train.labels.max() == 49 and runtime.model.head.out_features == 50
+
+
+@pytest.mark.parametrize(
+    ("change", "same"),
+    [
+        ({"synthetic-test-per-class": 10}, False),  # another test split: another accuracy
+        ({"synthetic-train-per-class": 20}, False),
+        ({"task-classes": "0-49"}, False),
+        ({"seed": 1}, False),
+        ({"lr": 0.01}, True),  # training settings do not change w0 with a given head
+        ({"download": True}, True),
+    ],
+)
+def test_the_pretrained_accuracy_is_shared_only_between_runs_of_the_same_data(change, same):
+    """Arms of one seed and task warm up the same head, so their pretrained accuracy is
+    computed once; a run whose split or task differs must not reuse it."""
+    a, b = _run("run-a", VECTOR), _run("run-b", VECTOR, **change)
+    assert (_pretrained_key(a.config, a.task) == _pretrained_key(b.config, b.task)) is same
+    head = {"body.weight": torch.ones(2, 2), "head.weight": 2 * torch.ones(3, 2)}
+    c = _run("run-c", head, **change)  # the same data, another head
+    assert _pretrained_key(b.config, b.task) != _pretrained_key(c.config, c.task)
