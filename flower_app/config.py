@@ -23,7 +23,7 @@ from clients.fisher import FISHER_LABEL_MODES, FISHER_SCORES
 from clients.optimizers import OPTIMIZERS, OptimizerSettings
 from flower_app.data.partitioning import partition_feasibility_error
 from flower_app.data.registry import DatasetSpec, SourceOptions, dataset_names, dataset_spec
-from flower_app.data.sources import DataNotFoundError
+from flower_app.data.sources import SYNTHETIC_TEST_PER_CLASS, DataNotFoundError
 from flower_app.data.tasks import ALLOWED as TASK_CLASSES_ALLOWED
 from flower_app.data.tasks import parse_task_classes
 from flower_app.models.backbone_cache import make_command
@@ -71,7 +71,7 @@ class RunConfig:
     data_dir: str = "~/.cache/fl-task-arithmetic/data"
     download: bool = True
     synthetic_train_per_class: int = 500
-    synthetic_test_per_class: int = 100
+    synthetic_test_per_class: int = SYNTHETIC_TEST_PER_CLASS
     # a task: only these classes (flower_app/data/tasks.py), relabelled 0..n-1, n head outputs
     task_classes: str = ""
     model: str = "vit_small_patch16_224.dino"

@@ -204,20 +204,10 @@ register_dataset(
 
 
 # ---- loading -------------------------------------------------------------------------------
-def load_source(
-    dataset: str,
-    data_dir: Path,
-    download: bool,
-    synthetic_train_per_class: int = 500,
-    synthetic_test_per_class: int = SYNTHETIC_TEST_PER_CLASS,
-) -> tuple[ImageSplit, ImageSplit]:
-    """(official train, official test) of the named data set; never a fallback to another."""
-    options = SourceOptions(data_dir, download, synthetic_train_per_class, synthetic_test_per_class)
-    return read_source(dataset_spec(dataset), options)
-
-
-def read_source(spec: DatasetSpec, options: SourceOptions) -> tuple[ImageSplit, ImageSplit]:
-    """``load_source`` for an entry and the options a run-config gives it."""
+def load_source(dataset: str, options: SourceOptions) -> tuple[ImageSplit, ImageSplit]:
+    """(official train, official test) of the named data set, as ``options`` (a run-config's
+    ``source_options``) ask; never a fallback to another."""
+    spec = dataset_spec(dataset)
     train, test = spec.load(options)
     classes = spec.num_classes(options)
     for split in (train, test):
@@ -240,30 +230,15 @@ def _check_loaded(spec: DatasetSpec, split: ImageSplit, classes: int) -> None:
 
 
 def load_splits(
-    dataset: str,
-    data_dir: Path,
-    download: bool,
-    val_fraction: float,
-    seed: int,
-    synthetic_train_per_class: int = 500,
-    synthetic_test_per_class: int = SYNTHETIC_TEST_PER_CLASS,
-) -> DatasetSplits:
-    """Training/validation split of the official training set, and the official test set."""
-    options = SourceOptions(data_dir, download, synthetic_train_per_class, synthetic_test_per_class)
-    return split_source(dataset, options, val_fraction, seed)
-
-
-def split_source(
     dataset: str, options: SourceOptions, val_fraction: float, seed: int
 ) -> DatasetSplits:
-    """``load_splits`` with the options a run-config gives (``RunConfig.source_options``)."""
-    spec = dataset_spec(dataset)
-    train, test = read_source(spec, options)
+    """Training/validation split of the official training set, and the official test set."""
+    train, test = load_source(dataset, options)
     train_idx, val_idx = split_train_val(train.labels.numpy(), val_fraction, seed)
     t, v = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
     return DatasetSplits(
         ImageSplit(train.images[t].contiguous(), train.labels[t]),
         ImageSplit(train.images[v].contiguous(), train.labels[v]),
         test,
-        spec.num_classes(options),
+        dataset_spec(dataset).num_classes(options),
     )

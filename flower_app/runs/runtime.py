@@ -11,7 +11,7 @@ from torch import nn
 from clients.training import evaluate, predict
 from flower_app.config import RunConfig
 from flower_app.data.preprocessing import batch_preprocessor
-from flower_app.data.registry import split_source
+from flower_app.data.registry import load_splits
 from flower_app.data.sources import DatasetSplits, ImageSplit
 from flower_app.data.tasks import restrict_splits
 from flower_app.models.factory import create_initial_model
@@ -37,7 +37,7 @@ def run_splits(cfg: RunConfig) -> DatasetSplits:
     """The run-config's train/validation/test splits (the same on every side of a run),
     restricted to its ``task-classes``: the validation split is carved out of all classes
     first, so every task's validation examples are those of the full run."""
-    splits = split_source(cfg.dataset, cfg.source_options, cfg.val_fraction, cfg.seed)
+    splits = load_splits(cfg.dataset, cfg.source_options, cfg.val_fraction, cfg.seed)
     return restrict_splits(splits, cfg.task_class_ids)
 
 

@@ -19,7 +19,7 @@ import torch
 import torchvision.datasets
 
 from flower_app.config import ConfigError, RunConfig
-from flower_app.data.registry import load_source, load_splits
+from flower_app.data.registry import SourceOptions, load_source, load_splits
 from flower_app.data.sources import (
     CIFAR100,
     DOWNLOAD_SOCKET_TIMEOUT_S,
@@ -78,13 +78,15 @@ def test_synthetic_is_fixed_cifar_shaped_and_class_conditional():
 
 
 def test_synthetic_splits(tmp_path):
-    splits = load_splits("synthetic", tmp_path, False, 0.1, seed=0, synthetic_train_per_class=20)
+    splits = load_splits(
+        "synthetic", SourceOptions(tmp_path, False, synthetic_train_per_class=20), 0.1, seed=0
+    )
     assert isinstance(splits, DatasetSplits) and splits.num_classes == 100
     assert len(splits.train) == 1800 and len(splits.val) == 200 and len(splits.test) == 10000
     assert torch.equal(torch.bincount(splits.val.labels), torch.full((100,), 2))
     assert splits.train.images.is_contiguous() and splits.val.images.is_contiguous()
     # the validation images are training images the training split no longer has
-    full, _ = load_source("synthetic", tmp_path, False, 20)
+    full, _ = load_source("synthetic", SourceOptions(tmp_path, False, 20))
     _, val_idx = split_train_val(full.labels.numpy(), 0.1, seed=0)
     assert torch.equal(splits.val.images, full.images[torch.from_numpy(val_idx)])
     assert list(tmp_path.iterdir()) == []  # the synthetic source writes nothing
@@ -92,8 +94,12 @@ def test_synthetic_splits(tmp_path):
 
 def test_synthetic_test_split_size_is_its_own_key(tmp_path):
     """``synthetic-test-per-class`` sizes the test split only: the training images stay."""
-    full = load_splits("synthetic", tmp_path, False, 0.1, seed=0, synthetic_train_per_class=20)
-    small = load_splits("synthetic", tmp_path, False, 0.1, 0, 20, synthetic_test_per_class=3)
+    full = load_splits(
+        "synthetic", SourceOptions(tmp_path, False, synthetic_train_per_class=20), 0.1, seed=0
+    )
+    small = load_splits(
+        "synthetic", SourceOptions(tmp_path, False, 20, synthetic_test_per_class=3), 0.1, 0
+    )
     assert torch.equal(small.train.images, full.train.images)
     assert torch.equal(torch.bincount(small.test.labels), torch.full((100,), 3))
     cfg = RunConfig.from_run_config({"dataset": "synthetic", "synthetic-test-per-class": 3})
@@ -102,7 +108,7 @@ def test_synthetic_test_split_size_is_its_own_key(tmp_path):
 
 def test_unknown_dataset_is_refused(tmp_path):
     with pytest.raises(ValueError, match="cifar100, synthetic"):
-        load_source("mnist", tmp_path, False)
+        load_source("mnist", SourceOptions(tmp_path, False))
 
 
 def test_image_split_checks_types():
@@ -133,7 +139,7 @@ def _write_fake_cifar(folder: Path, n_train: int = 20, n_test: int = 10) -> dict
 def test_local_cifar_folder_is_read(tmp_path):
     raw = _write_fake_cifar(tmp_path / "cifar-100-python")
     assert CIFAR100.files_present(tmp_path)
-    train, test = load_source("cifar100", tmp_path, download=False)
+    train, test = load_source("cifar100", SourceOptions(tmp_path, download=False))
     assert train.images.shape == (20, 3, 32, 32) and train.images.dtype == torch.uint8
     assert len(test) == 10 and test.labels.dtype == torch.int64
     assert train.images.is_contiguous()
@@ -151,7 +157,7 @@ def test_tarball_is_extracted_offline(tmp_path):
     with tarfile.open(data_dir / "cifar-100-python.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "src" / "cifar-100-python", arcname="cifar-100-python")
     assert CIFAR100.files_present(data_dir)
-    splits = load_splits("cifar100", data_dir, False, 0.5, seed=0)
+    splits = load_splits("cifar100", SourceOptions(data_dir, False), 0.5, seed=0)
     assert len(splits.train) + len(splits.val) == 20 and len(splits.test) == 10
     assert (data_dir / "cifar-100-python" / "train").is_file()
 
@@ -160,7 +166,7 @@ def test_missing_cifar_says_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert not CIFAR100.files_present(Path("nowhere"))
     with pytest.raises(DataNotFoundError) as info:
-        load_splits("cifar100", Path("nowhere"), False, 0.1, 0)
+        load_splits("cifar100", SourceOptions(Path("nowhere"), False), 0.1, 0)
     message = str(info.value)
     absolute = str(tmp_path / "nowhere")  # a relative data_dir is reported absolute
     assert f"in {absolute}:" in message and f"{absolute}/cifar-100-python " in message
@@ -175,14 +181,14 @@ def test_half_a_folder_is_not_enough(tmp_path):
     (tmp_path / "cifar-100-python" / "test").unlink()
     assert not CIFAR100.files_present(tmp_path)
     with pytest.raises(DataNotFoundError, match="CIFAR-100 not found"):
-        load_source("cifar100", tmp_path, download=False)
+        load_source("cifar100", SourceOptions(tmp_path, download=False))
 
 
 def test_corrupt_file_is_a_clear_error(tmp_path):
     _write_fake_cifar(tmp_path / "cifar-100-python")
     (tmp_path / "cifar-100-python" / "train").write_bytes(b"not a pickle")
     with pytest.raises(DataNotFoundError, match="not a CIFAR-100 python file"):
-        load_source("cifar100", tmp_path, download=False)
+        load_source("cifar100", SourceOptions(tmp_path, download=False))
 
 
 def test_failed_download_is_one_line_with_the_reason(tmp_path, monkeypatch):
@@ -195,7 +201,7 @@ def test_failed_download_is_one_line_with_the_reason(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
     before = socket.getdefaulttimeout()
     with pytest.raises(DataNotFoundError) as info:
-        load_source("cifar100", tmp_path / "new", download=True)
+        load_source("cifar100", SourceOptions(tmp_path / "new", download=True))
     message = str(info.value)
     assert "\n" not in message and "Temporary failure in name resolution" in message
     assert str(tmp_path / "new") in message and "cifar-100-python.tar.gz" in message
@@ -214,7 +220,7 @@ def test_download_uses_torchvision_arrays(tmp_path, monkeypatch):
             self.targets = list(range(n))
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR100", FakeCIFAR100)
-    train, test = load_source("cifar100", tmp_path, download=True)
+    train, test = load_source("cifar100", SourceOptions(tmp_path, download=True))
     assert train.images.shape == (6, 3, 32, 32) and len(test) == 4
     assert train.images.is_contiguous() and train.labels.dtype == torch.int64
 
@@ -226,7 +232,7 @@ def test_local_copy_wins_over_download(tmp_path, monkeypatch):
         raise AssertionError("must not download when the files are there")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR100", no_network)
-    train, _ = load_source("cifar100", tmp_path, download=True)
+    train, _ = load_source("cifar100", SourceOptions(tmp_path, download=True))
     assert len(train) == 20
 
 
@@ -258,7 +264,7 @@ def _write_fake_cifar10(folder: Path, per_batch: int = 4) -> dict:
 
 def test_cifar10_batches_are_read_in_order_as_chw(tmp_path):
     raw = _write_fake_cifar10(tmp_path / "cifar-10-batches-py")
-    train, test = load_source("cifar10", tmp_path, download=False)
+    train, test = load_source("cifar10", SourceOptions(tmp_path, download=False))
     assert train.images.shape == (20, 3, 32, 32) and test.images.shape == (4, 3, 32, 32)
     assert train.images.dtype == torch.uint8 and train.labels.dtype == torch.int64
     assert train.images.is_contiguous()
@@ -268,7 +274,7 @@ def test_cifar10_batches_are_read_in_order_as_chw(tmp_path):
     # image 2 of data_batch_3 is training image 4 + 4 + 2; pixel (c, y, x) is byte c*1024+y*32+x
     data = raw["data_batch_3"][b"data"]
     assert train.images[10, 1, 7, 3] == data[2, 1024 + 7 * 32 + 3]
-    splits = load_splits("cifar10", tmp_path, False, 0.25, seed=0)
+    splits = load_splits("cifar10", SourceOptions(tmp_path, False), 0.25, seed=0)
     assert splits.num_classes == 10 and len(splits.train) + len(splits.val) == 20
 
 
@@ -278,7 +284,7 @@ def test_cifar10_tarball_is_extracted_offline(tmp_path):
     data_dir.mkdir()
     with tarfile.open(data_dir / "cifar-10-python.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
-    train, test = load_source("cifar10", data_dir, download=False)
+    train, test = load_source("cifar10", SourceOptions(data_dir, download=False))
     assert (len(train), len(test)) == (20, 4)
     assert (data_dir / "cifar-10-batches-py" / "data_batch_5").is_file()
 
@@ -287,7 +293,7 @@ def test_missing_cifar10_batch_says_what_to_put_where(tmp_path):
     _write_fake_cifar10(tmp_path / "cifar-10-batches-py")
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(DataNotFoundError) as info:
-        load_source("cifar10", tmp_path, download=False)
+        load_source("cifar10", SourceOptions(tmp_path, download=False))
     message = str(info.value)
     assert message.startswith(f"CIFAR-10 not found in {tmp_path}: put the folder ")
     assert f"{tmp_path}/cifar-10-batches-py (with the files data_batch_1 to " in message
@@ -327,7 +333,7 @@ def test_cifar10_downloads_through_torchvision(tmp_path, monkeypatch):
             self.targets = [i % 10 for i in range(n)]
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
-    train, test = load_source("cifar10", tmp_path / "new", download=True)
+    train, test = load_source("cifar10", SourceOptions(tmp_path / "new", download=True))
     assert train.images.shape == (6, 3, 32, 32) and len(test) == 4
     assert int(train.images[0, 2, 0, 0]) == 9 and int(train.images[0, 1, 0, 0]) == 7
     root = str(tmp_path / "new")
@@ -339,4 +345,4 @@ def test_cifar10_downloads_through_torchvision(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     with pytest.raises(DataNotFoundError, match=r"CIFAR-10 not found .*download=true failed"):
-        load_source("cifar10", tmp_path / "other", download=True)
+        load_source("cifar10", SourceOptions(tmp_path / "other", download=True))

@@ -44,7 +44,7 @@ def test_a_registered_set_is_a_dataset_value_with_its_own_classes_and_counts(toy
         quick_run_config(dataset="toy", num_clients=4, classes_per_client=2, sharding="non-iid")
     )
     assert cfg.num_classes == 4 and cfg.class_counts == (24, 24, 24, 24)
-    splits = load_splits("toy", tmp_path, False, 0.25, seed=0)
+    splits = load_splits("toy", SourceOptions(tmp_path, False), 0.25, seed=0)
     assert splits.num_classes == 4 and (len(splits.train), len(splits.val)) == (72, 24)
     assert torch.equal(torch.bincount(splits.val.labels), torch.full((4,), 6))
     # the shard checks count the entry's images before anything is loaded: 4 x (24 - 2)
@@ -77,11 +77,11 @@ def test_a_loader_that_breaks_its_entrys_promise_is_one_line(fresh_registry, tmp
 
     register_dataset(DatasetSpec(name="liar", class_counts=three_classes, load=load_toy))
     with pytest.raises(ValueError, match=r"'liar' loaded labels outside 0\.\.2"):
-        load_source("liar", tmp_path, False)
+        load_source("liar", SourceOptions(tmp_path, False))
     small = DatasetSpec(name="small", class_counts=toy_counts, load=load_toy, image_size=16)
     register_dataset(small)
     with pytest.raises(ValueError, match="'small' loaded images of 32x32 px, its entry says 16"):
-        load_source("small", tmp_path, False)
+        load_source("small", SourceOptions(tmp_path, False))
 
 
 def test_a_downloaded_sets_files_and_host_come_from_its_entry(fresh_registry, tmp_path):

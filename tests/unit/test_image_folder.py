@@ -14,7 +14,13 @@ import torch
 
 from flower_app.config import ConfigError, RunConfig
 from flower_app.data.image_folder import list_image_folder, train_counts
-from flower_app.data.registry import STORED_SIZE, dataset_spec, load_source, load_splits
+from flower_app.data.registry import (
+    STORED_SIZE,
+    SourceOptions,
+    dataset_spec,
+    load_source,
+    load_splits,
+)
 from flower_app.data.sources import DataNotFoundError
 from flower_app.runs.prerequisites import data_problem
 from tests.conftest import quick_run_config
@@ -45,7 +51,7 @@ def test_classes_and_counts_come_from_file_names(tmp_path):
 
 def test_images_are_rgb_uint8_at_the_stored_size_labelled_by_sorted_class(tmp_path):
     root = write_image_folder(tmp_path / "pets", train=3, test=2)
-    train, test = load_source("image-folder", root, download=False)
+    train, test = load_source("image-folder", SourceOptions(root, download=False))
     assert STORED_SIZE == dataset_spec("image-folder").image_size == 32
     assert train.images.shape == (12, 3, 32, 32) and test.images.shape == (8, 3, 32, 32)
     assert train.images.dtype == torch.uint8 and train.labels.dtype == torch.int64
@@ -54,7 +60,7 @@ def test_images_are_rgb_uint8_at_the_stored_size_labelled_by_sorted_class(tmp_pa
         mean = train.images[train.labels == label].float().mean(dim=(0, 2, 3))
         expected = torch.tensor(FOLDER_COLOURS[name], dtype=torch.float32) + 3.5
         assert torch.allclose(mean, expected, atol=2.0), name
-    splits = load_splits("image-folder", root, False, 1 / 3, seed=0)
+    splits = load_splits("image-folder", SourceOptions(root, False), 1 / 3, seed=0)
     assert splits.num_classes == 4 and (len(splits.train), len(splits.val)) == (8, 4)
 
 
@@ -119,7 +125,7 @@ def test_a_broken_image_file_is_named(tmp_path):
     root = write_image_folder(tmp_path / "pets")
     (root / "test" / "owl" / "1.png").write_bytes(b"not a png")
     with pytest.raises(DataNotFoundError, match=r"test/owl/1\.png is not a readable image"):
-        load_source("image-folder", root, download=False)
+        load_source("image-folder", SourceOptions(root, download=False))
 
 
 def test_a_folder_is_listed_again_only_when_it_changed(tmp_path, monkeypatch):
