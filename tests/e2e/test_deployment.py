@@ -2,13 +2,13 @@
 
 Each SuperNode is a separate process with a node-local ``data-dir`` (its private
 shard, written by ``python -m flower_app.data.node_data``), like separate machines. One
-SuperNode is killed after the first round; the run must go on with the other two,
-record the failures and finish. That run also measures task-arithmetic interference on
-the server's validation split, which no node holds or is sent. The SuperLink, the shards
-and the SuperNodes are made once for the module's two tests that need them; the SuperNodes
-declare a 10 s heartbeat (``quick_heartbeat_supernode.py``), so a killed one is given up
-after 20 s instead of a minute.
-"""
+run meets what a deployment meets: a SuperNode killed after the first round (the run goes
+on with the other two and records the failure), the same node back on a new node id, and
+the ServerApp stopped and resumed from its checkpoint while the SuperNodes keep running; it
+finishes, and measures task-arithmetic interference on the server's validation split,
+which no node holds or is sent. The SuperNodes declare a 10 s heartbeat
+(``quick_heartbeat_supernode.py``), so a killed one is given up after 20 s instead of a
+minute. The documented recipe (``scripts/deployment_loopback.sh``) runs on its own."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from flower_app.cli.local_superlink import LocalSuperLink, free_port, pids_with_
 from flower_app.config import RunConfig
 from flower_app.data.sources import load_node_data
 from flower_app.models.factory import build_model
+from flower_app.runs.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from flower_app.runs.runtime import run_splits
 from flower_app.runs.task_metrics import COLUMNS
 from tests.conftest import ROOT
@@ -95,66 +96,104 @@ def _coordinator_only_weights(deployment: LocalSuperLink) -> str:
 
 
 def _write_run_config(tmp_path: Path, weights: str, results: Path) -> Path:
-    """The quick preset (2 local steps) for the 3 SuperNodes, 4 rounds, from ``weights``."""
+    """The quick preset (2 local steps) for the 3 SuperNodes, ``ROUNDS`` rounds from
+    ``weights``, a checkpoint every round (the ServerApp is stopped and resumed)."""
     with open(ROOT / "configs" / "quick.toml", "rb") as f:
         config = tomllib.load(f) | {
             "weights": "pretrained",
             "pretrained-path": weights,
             "num-clients": PARTITIONS,
             "fraction-train": 1.0,
-            "num-server-rounds": 4,
+            "num-server-rounds": ROUNDS,
             "local-steps": 2,  # what is tested is who trains, not how much
             "eval-every": 1,
+            "checkpoint-every": 1,
             "task-metrics-examples": 100,  # one validation example a class, every round
             "synthetic-test-per-class": 10,  # the final test on 1,000 images
             "round-timeout": 180.0,
             "output-dir": str(results),
             "run-name": "deployed",
         }
-    path = tmp_path / "run-config.toml"
+    return _toml(tmp_path / "run-config.toml", config)
+
+
+def _toml(path: Path, config: dict) -> Path:
     path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in config.items()))
     return path
 
 
-def _wait_for_round(metrics_csv: Path, round_: int, deployment: LocalSuperLink) -> None:
+def _metrics_until(metrics_csv: Path, done, deployment: LocalSuperLink) -> pd.DataFrame:
+    """metrics.csv (indexed by round) once ``done(metrics)`` holds; fails after 300 s."""
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        if metrics_csv.exists() and (pd.read_csv(metrics_csv)["round"] >= round_).any():
-            return
-        time.sleep(1)
-    pytest.fail(f"round {round_} did not finish: {deployment.log()[-3000:]}")
+        if metrics_csv.exists():
+            metrics = pd.read_csv(metrics_csv).set_index("round")
+            if done(metrics):
+                return metrics
+        time.sleep(0.25)
+    pytest.fail(f"{metrics_csv} never showed what was awaited: {deployment.log()[-3000:]}")
 
 
-def test_supernodes_with_private_data_survive_a_killed_node_that_comes_back(nodes, tmp_path):
+def _wait_for_round(metrics_csv: Path, round_: int, deployment: LocalSuperLink) -> None:
+    _metrics_until(metrics_csv, lambda m: (m.index >= round_).any(), deployment)
+
+
+# rounds 1 (all nodes), 2 (node 2 killed), then node 2 back on a new node id, adopted in round
+# 3 or 4; the ServerApp is stopped after the first round node 2 trained in again, leaving
+# at least one round for the resumed ServerApp
+ROUNDS = 5
+
+
+def test_supernodes_with_private_data_survive_a_killed_node_and_a_restarted_serverapp(
+    nodes, tmp_path
+):
+    """One run through what a deployment meets: node 2 is killed after round 1 (round 2
+    goes on with the other two and records the failure) and restarted after round 2 on a
+    new node id (the ServerApp gives it its partition back); once it trained again, the
+    ServerApp is stopped (``flwr stop``) while the SuperNodes keep running, and a second
+    ServerApp resumes the run from its checkpoint against them."""
     deployment = nodes.link
     results = tmp_path / "results"
     run_config = _write_run_config(tmp_path, _coordinator_only_weights(deployment), results)
-    metrics_csv = results / "deployed" / "metrics.csv"
+    run_dir = results / "deployed"
+    metrics_csv = run_dir / "metrics.csv"
 
-    def kill_node_2_then_restart_it(run_id: int) -> None:
+    def kill_restart_then_stop(run_id: int) -> None:
         _wait_for_round(metrics_csv, 1, deployment)
         os.killpg(nodes.by_partition[2].pid, signal.SIGKILL)
         _wait_for_round(metrics_csv, 2, deployment)
         nodes.start(2)  # same partition, new id
+        back = _metrics_until(
+            metrics_csv, lambda m: ((m.index > 2) & (m["num-examples"] == 9000)).any(), deployment
+        )
+        assert back.index.max() < ROUNDS, "the run ended before its ServerApp could be stopped"
+        checkpoint = run_dir / CHECKPOINT_NAME  # written atomically
+        while load_checkpoint(checkpoint).completed_rounds < back.index.max():
+            time.sleep(0.25)
+        deployment.stop_run(run_id, ROOT, "loopback")  # the ServerApp ends; nodes keep running
 
-    run = deployment.run_to_end(
-        ROOT,
-        run_config,
-        connection="loopback",
-        timeout=900,
-        on_submitted=kill_node_2_then_restart_it,
+    first = deployment.run_to_end(
+        ROOT, run_config, connection="loopback", timeout=900, on_submitted=kill_restart_then_stop
     )
+    assert not first.completed and not (run_dir / "summary.json").exists(), first.status
+    assert "partition 2 is now on node" in first.log
+    with open(run_config, "rb") as f:
+        resumed = _toml(tmp_path / "resume.toml", tomllib.load(f) | {"resume": True})
+    run = deployment.run_to_end(ROOT, resumed, connection="loopback", timeout=600)
     assert run.completed, (run.run_id, run.status, run.log[-3000:])
-    partitions = pd.read_csv(results / "deployed" / "partitions.csv")
+    assert "resuming after round" in run.log
+    partitions = pd.read_csv(run_dir / "partitions.csv")
     assert list(partitions["partition-id"]) == [0, 1, 2]
     assert partitions["num-examples"].tolist() == [3000, 3000, 3000]  # each node's own data
     metrics = pd.read_csv(metrics_csv).set_index("round")
+    assert metrics.index.tolist() == list(range(ROUNDS + 1))  # no round twice, none lost
     assert metrics.loc[1, "failures"] == 0 and metrics.loc[1, "num-examples"] == 9000
     assert metrics.loc[2, "failures"] == 1 and metrics.loc[2, "num-examples"] == 6000
-    assert metrics.loc[4, "failures"] == 0 and metrics.loc[4, "num-examples"] == 9000  # back
-    assert "partition 2 is now on node" in run.log
-    summary = json.loads((results / "deployed" / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["rounds"] == 4
+    last = metrics.loc[ROUNDS]
+    assert last["failures"] == 0 and last["num-examples"] == 9000  # back, after the resume too
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds"] == ROUNDS
+    assert summary["segments"] == 2
     assert_task_metrics_from_server_data_only(deployment, metrics, nodes.data, run_config)
 
 
@@ -164,7 +203,7 @@ def assert_task_metrics_from_server_data_only(
     """The ServerApp measured every round on its validation split; the nodes hold none of
     those images (their folders: their own shard only) and were sent nothing but the
     partition query and training (the SuperNodes' logs of every message they received)."""
-    measured = metrics.loc[[1, 2, 3, 4]]
+    measured = metrics.loc[list(range(1, ROUNDS + 1))]
     always = [c for c in COLUMNS if c != "task-retained-gain"]  # NaN: no client gained
     assert measured[always].notna().all().all()
     no_gain = measured["task-nonpositive-gain-clients"] == measured["clients"]
@@ -183,57 +222,6 @@ def assert_task_metrics_from_server_data_only(
         assert [p.name for p in folder.iterdir()] == ["node-data.npz"]
         own = {image.numpy().tobytes() for image in load_node_data(folder).images}
         assert len(own) == 3000 and not own & val
-
-
-def test_a_restarted_serverapp_resumes_against_the_running_supernodes(nodes, tmp_path):
-    deployment = nodes.link
-    results = tmp_path / "results"
-    with open(ROOT / "configs" / "quick.toml", "rb") as f:
-        base = tomllib.load(f) | {
-            "num-clients": PARTITIONS,
-            "fraction-train": 1.0,
-            "num-server-rounds": 2,
-            "local-steps": 2,
-            "eval-every": 1,
-            "checkpoint-every": 1,
-            "synthetic-test-per-class": 10,
-            "round-timeout": 180.0,
-            "output-dir": str(results),
-            "run-name": "resumed",
-        }
-    run_dir = results / "resumed"
-
-    def stop_after_round_1(run_id: int) -> None:
-        _wait_for_round(run_dir / "metrics.csv", 1, deployment)
-        while not (run_dir / "checkpoint.pt").exists():
-            time.sleep(0.5)
-        deployment.stop_run(run_id, ROOT, "loopback")  # the ServerApp ends; nodes keep running
-
-    first = deployment.run_to_end(
-        ROOT,
-        _toml(tmp_path / "first.toml", base),
-        connection="loopback",
-        timeout=600,
-        on_submitted=stop_after_round_1,
-    )
-    assert not first.completed and not (run_dir / "summary.json").exists(), first.status
-    second = deployment.run_to_end(
-        ROOT,
-        _toml(tmp_path / "second.toml", base | {"resume": True}),
-        connection="loopback",
-        timeout=600,
-    )
-    assert second.completed, (second.status, second.log[-3000:])
-    assert "resuming after round" in second.log
-    metrics = pd.read_csv(run_dir / "metrics.csv")
-    assert metrics["round"].tolist() == [0, 1, 2]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["segments"] == 2
-
-
-def _toml(path: Path, config: dict) -> Path:
-    path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in config.items()))
-    return path
 
 
 @pytest.fixture
