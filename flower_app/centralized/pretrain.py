@@ -153,7 +153,9 @@ def backbone_metadata(recipe: Mapping[str, Any], seed: int, summary: Mapping) ->
         "seed": str(seed),
         "steps": str(steps),
         "held-out-accuracy": f"{summary['final-test-accuracy']:.4f}",
-        "held-out-split": "the pretraining set's own test split (100 images a class)",
+        "held-out-split": (
+            f"the pretraining set's own test split ({cfg.synthetic_test_per_class} images a class)"
+        ),
     }
 
 

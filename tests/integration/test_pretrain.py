@@ -19,8 +19,14 @@ from flower_app.models.factory import create_initial_model
 from strategies import protocol
 from tests.conftest import quick_run_config
 
-# the recipe's code path at a size of seconds: 2 training images a class, one epoch
-TINY = {"synthetic-train-per-class": 3, "epochs": 1, "val-fraction": 0.34}
+# the recipe's code path at a size of seconds: 2 training images a class, one epoch, the
+# held-out accuracy on 5 test images a class (the recipe's 100 took most of the seconds)
+TINY = {
+    "synthetic-train-per-class": 3,
+    "epochs": 1,
+    "val-fraction": 0.34,
+    "synthetic-test-per-class": 5,
+}
 
 
 def _digest(path: Path) -> str:
@@ -59,6 +65,7 @@ def test_the_file_is_a_backbone_and_says_what_it_was_trained_on(tiny_files):
     assert meta["steps"] == "7" and meta["model"] == "vit_tiny_test"
     assert 0.0 <= float(meta["held-out-accuracy"]) <= 1.0
     assert "disjoint from the fine-tuning set 'synthetic'" in meta["pretrained-on"]
+    assert meta["held-out-split"] == "the pretraining set's own test split (5 images a class)"
     assert meta["content"] == pretrain.CONTENT
 
 
