@@ -153,13 +153,14 @@ def _cluster_processes(root: Path) -> list[psutil.Process]:
 
 
 def _end_processes(root: Path) -> None:
-    """SIGTERM the cluster's processes (all found before any ends: an ended parent's
-    children lose it), SIGKILL those left after a grace period (Ray's agents ignore
-    SIGTERM, its GCS takes seconds)."""
+    """SIGKILL the cluster's processes (all found before any ends: an ended parent's
+    children lose it). Not SIGTERM first: Ray's agents ignore it, so a grace period only
+    waited for them (5 s a cluster), and the cluster's files go with its temp dir anyway
+    (its object store left nothing in /dev/shm either way)."""
     procs = _cluster_processes(root)
     for proc in procs:
         with contextlib.suppress(psutil.Error):
-            proc.terminate()
+            proc.kill()
     _, alive = psutil.wait_procs(procs, timeout=5)
     for proc in alive + _cluster_processes(root):
         with contextlib.suppress(psutil.Error):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -27,33 +28,47 @@ def superlink(tmp_path_factory):
         link.stop()
 
 
-def _run(link: LocalSuperLink, tmp_path, overrides: dict, supernodes: int | None) -> RunOutcome:
-    """A quick run; ``supernodes=None`` passes no --federation-config."""
+def _write_config(path: Path, overrides: dict) -> Path:
     with open(ROOT / "configs" / "quick.toml", "rb") as f:
         config = tomllib.load(f) | overrides
-    path = tmp_path / "run-config.toml"
     path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in config.items()) + "\n")
+    return path
+
+
+def _run(link: LocalSuperLink, tmp_path, overrides: dict, supernodes: int | None) -> RunOutcome:
+    """A quick run; ``supernodes=None`` passes no --federation-config."""
+    path = _write_config(tmp_path / "run-config.toml", overrides)
     federation = "" if supernodes is None else f"num-supernodes={supernodes}"
     return link.run_to_end(ROOT, path, federation, timeout=480)
 
 
-@pytest.mark.parametrize(
-    ("overrides", "supernodes", "message"),
-    [
-        ({}, 3, '--federation-config "num-supernodes=10"'),
-        ({"fraction-train": 1.5}, 10, "run-config key 'fraction-train' = 1.5 is not allowed"),
-    ],
-    ids=["federation-mismatch", "invalid-value"],
-)
-def test_bad_runs_are_marked_failed_with_their_one_line_error(
-    superlink, tmp_path, overrides, supernodes, message
-):
-    results = tmp_path / "results"
-    config = {"output-dir": str(results), "run-name": "bad"} | overrides
-    run = _run(superlink, tmp_path, config, supernodes)
-    assert run.status == "finished:failed", (run.run_id, run.status, run.log[-3000:])
-    assert not (results / "bad").exists()
-    assert message in run.log
+# (run-config overrides, num-supernodes, what the run's log must say), by case
+BAD_RUNS = {
+    "federation-mismatch": ({}, 3, '--federation-config "num-supernodes=10"'),
+    "invalid-value": (
+        {"fraction-train": 1.5},
+        10,
+        "run-config key 'fraction-train' = 1.5 is not allowed",
+    ),
+}
+
+
+def test_bad_runs_are_marked_failed_with_their_one_line_error(superlink, tmp_path):
+    """Both bad runs are submitted at once (each mostly waits for its simulation to start
+    and end): each is ``finished:failed``, made no run folder and logged its one line."""
+    submitted = {}
+    for case, (overrides, supernodes, _) in BAD_RUNS.items():
+        results = tmp_path / case / "results"
+        config = {"output-dir": str(results), "run-name": "bad"} | overrides
+        path = _write_config(tmp_path / f"{case}.toml", config)
+        run_id = superlink.submit(ROOT, path, f"num-supernodes={supernodes}")
+        submitted[case] = (run_id, results)
+    for case, (run_id, results) in submitted.items():
+        status = superlink.wait_for_run(run_id, ROOT, timeout=480)["status"]
+        log = superlink.run_log(run_id, ROOT)
+        assert status == "finished:failed", (case, run_id, status, log[-3000:])
+        assert not (results / "bad").exists(), case
+        assert BAD_RUNS[case][2] in log, (case, log[-3000:])
 
 
 def test_a_simulation_config_set_once_replaces_the_federation_config(superlink, tmp_path):
