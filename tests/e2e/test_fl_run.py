@@ -83,6 +83,15 @@ def test_one_writer_per_run_folder_and_ctrl_c_stops_the_run(superlink, tmp_path)
         folder = results / "long"
         _wait_for(lambda: (folder / CHECKPOINT_NAME).is_file() and is_locked(folder), 240)
         run_id = is_locked(folder)["flower-run-id"]
+        # a second ServerApp through plain flwr run refuses the folder too; submitted first,
+        # so its simulation starts while fl-run is checked
+        toml = write_run_config(
+            tmp_path / "resume.toml",
+            load_preset(ROOT / "configs" / "quick.toml")
+            | LIGHT_LONG_RUN
+            | {"output-dir": str(results), "run-name": "long", "resume": True},
+        )
+        second = superlink.submit(ROOT, toml, "num-supernodes=10")
         # fl-run checks the folder itself: one line, exit 2, nothing started
         again = subprocess.run(
             [flower_executable("fl-run"), *config, "resume=true"],
@@ -97,16 +106,9 @@ def test_one_writer_per_run_folder_and_ctrl_c_stops_the_run(superlink, tmp_path)
         assert again.stderr.strip().endswith(
             f"stop it with: {flower_executable('flwr')} stop {run_id}"
         )
-        # a second ServerApp through plain flwr run refuses the folder too
-        toml = write_run_config(
-            tmp_path / "resume.toml",
-            load_preset(ROOT / "configs" / "quick.toml")
-            | LIGHT_LONG_RUN
-            | {"output-dir": str(results), "run-name": "long", "resume": True},
-        )
-        second = superlink.run_to_end(ROOT, toml, "num-supernodes=10", timeout=240)
-        assert second.status == "finished:failed"
-        assert f"run folder {folder} is in use by Flower run {run_id}" in second.log
+        assert superlink.wait_for_run(second, ROOT, timeout=240)["status"] == "finished:failed"
+        second_log = superlink.run_log(second, ROOT)
+        assert f"run folder {folder} is in use by Flower run {run_id}" in second_log
         assert is_locked(folder)["flower-run-id"] == run_id  # the first run still holds it
     finally:
         first.send_signal(signal.SIGINT)
