@@ -2,10 +2,12 @@
 # docs/deployment.md's Deployment Engine recipe on one machine (loopback): node data, a SuperLink,
 # three SuperNodes with their own data and ports, a connection, and the quick preset run
 # through it. tests/e2e/test_deployment.py runs this file, so the recipe cannot drift.
-# Usage: bash scripts/deployment_loopback.sh [WORKDIR]   (PORT=9091 BIN=.venv/bin by default)
+# Usage: bash scripts/deployment_loopback.sh [WORKDIR [key=value ...]]   (PORT=9091 BIN=.venv/bin
+# by default); the key=value pairs change the run-config of step 5 (the last of a key wins).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK="$(realpath -m "${1:-deployment-demo}")"
+if [ "$#" -gt 0 ]; then shift; fi
 PORT="${PORT:-9091}"
 BIN="${BIN:-.venv/bin}"
 mkdir -p "$WORK"
@@ -47,4 +49,4 @@ TOML
 
 # 5. The quick preset with num-clients = the 3 SuperNodes; exits non-zero if the run failed.
 "$BIN/fl-run" configs/quick.toml num-clients=3 fraction-train=1.0 num-server-rounds=2 \
-  output-dir="$WORK/results" run-name=deployed --connection loopback
+  output-dir="$WORK/results" run-name=deployed "$@" --connection loopback

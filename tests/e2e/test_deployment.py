@@ -236,10 +236,15 @@ def recipe_home(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
+# what the recipe's run is changed by here: one round, 2 local steps, the final test on 1,000
+# images (what is tested is that the recipe runs, and that its key=value pairs reach fl-run)
+RECIPE_PAIRS = ["num-server-rounds=1", "local-steps=2", "synthetic-test-per-class=10"]
+
+
 def test_the_deployment_recipe_runs(recipe_home, tmp_path):
     env = os.environ | {"PORT": str(free_port()), "BIN": str(Path(sys.executable).parent)}
     done = subprocess.run(
-        ["bash", str(RECIPE), str(tmp_path)],
+        ["bash", str(RECIPE), str(tmp_path), *RECIPE_PAIRS],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -248,6 +253,9 @@ def test_the_deployment_recipe_runs(recipe_home, tmp_path):
     )
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     summary = json.loads((tmp_path / "results" / "deployed" / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["rounds"] == 2
+    assert summary["status"] == "completed" and summary["rounds"] == 1
+    config = json.loads((tmp_path / "results" / "deployed" / "config.json").read_text())
+    assert (config["local-steps"], config["synthetic-test-per-class"]) == (2, 10)
+    assert config["num-clients"] == 3  # the recipe's own pairs kept
     partitions = pd.read_csv(tmp_path / "results" / "deployed" / "partitions.csv")
     assert partitions["num-examples"].tolist() == [3000, 3000, 3000]  # each node's own data
