@@ -22,6 +22,7 @@ from tests.run_in_process import run
 GOLDEN = Path(__file__).parent / "golden"
 SMALL = {
     "synthetic_train_per_class": 20,
+    "synthetic_test_per_class": 10,  # the final test (in no stored table) on 1,000 images
     "num_clients": 4,
     "fraction_train": 0.5,
     "num_server_rounds": 3,
