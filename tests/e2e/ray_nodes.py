@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import psutil
 import pytest
 
 from flower_app.cli.local_superlink import LocalSuperLink, RunOutcome, free_port
+from flower_app.config import load_preset, write_run_config
 from tests.conftest import ROOT
 
 RAY = Path(sys.executable).parent / "ray"
@@ -229,8 +229,6 @@ def run_quick(
     on_poll: Callable[[], None] | None = None,
 ) -> RunOutcome:
     """configs/quick.toml with ``overrides`` through ``flwr run`` on ``link``, to its end."""
-    with open(ROOT / "configs" / "quick.toml", "rb") as f:
-        config = tomllib.load(f) | dict(overrides)
-    path = tmp_path / "run-config.toml"
-    path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in config.items()) + "\n")
+    config = load_preset(ROOT / "configs" / "quick.toml") | dict(overrides)
+    path = write_run_config(tmp_path / "run-config.toml", config)
     return link.run_to_end(ROOT, path, federation, timeout=300, on_poll=on_poll)

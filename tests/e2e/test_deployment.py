@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from flower_app.cli.local_superlink import LocalSuperLink, free_port, pids_with_env
-from flower_app.config import RunConfig
+from flower_app.config import RunConfig, load_preset, write_run_config
 from flower_app.data.sources import load_node_data
 from flower_app.models.factory import build_model
 from flower_app.runs.checkpoint import CHECKPOINT_NAME, load_checkpoint
@@ -98,28 +97,22 @@ def _coordinator_only_weights(deployment: LocalSuperLink) -> str:
 def _write_run_config(tmp_path: Path, weights: str, results: Path) -> Path:
     """The quick preset (2 local steps) for the 3 SuperNodes, ``ROUNDS`` rounds from
     ``weights``, a checkpoint every round (the ServerApp is stopped and resumed)."""
-    with open(ROOT / "configs" / "quick.toml", "rb") as f:
-        config = tomllib.load(f) | {
-            "weights": "pretrained",
-            "pretrained-path": weights,
-            "num-clients": PARTITIONS,
-            "fraction-train": 1.0,
-            "num-server-rounds": ROUNDS,
-            "local-steps": 2,  # what is tested is who trains, not how much
-            "eval-every": 1,
-            "checkpoint-every": 1,
-            "task-metrics-examples": 100,  # one validation example a class, every round
-            "synthetic-test-per-class": 10,  # the final test on 1,000 images
-            "round-timeout": 180.0,
-            "output-dir": str(results),
-            "run-name": "deployed",
-        }
-    return _toml(tmp_path / "run-config.toml", config)
-
-
-def _toml(path: Path, config: dict) -> Path:
-    path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in config.items()))
-    return path
+    config = load_preset(ROOT / "configs" / "quick.toml") | {
+        "weights": "pretrained",
+        "pretrained-path": weights,
+        "num-clients": PARTITIONS,
+        "fraction-train": 1.0,
+        "num-server-rounds": ROUNDS,
+        "local-steps": 2,  # what is tested is who trains, not how much
+        "eval-every": 1,
+        "checkpoint-every": 1,
+        "task-metrics-examples": 100,  # one validation example a class, every round
+        "synthetic-test-per-class": 10,  # the final test on 1,000 images
+        "round-timeout": 180.0,
+        "output-dir": str(results),
+        "run-name": "deployed",
+    }
+    return write_run_config(tmp_path / "run-config.toml", config)
 
 
 def _metrics_until(metrics_csv: Path, done, deployment: LocalSuperLink) -> pd.DataFrame:
@@ -178,8 +171,7 @@ def test_supernodes_with_private_data_survive_a_killed_node_and_a_restarted_serv
     )
     assert not first.completed and not (run_dir / "summary.json").exists(), first.status
     assert "partition 2 is now on node" in first.log
-    with open(run_config, "rb") as f:
-        resumed = _toml(tmp_path / "resume.toml", tomllib.load(f) | {"resume": True})
+    resumed = write_run_config(tmp_path / "resume.toml", load_preset(run_config) | {"resume": True})
     run = deployment.run_to_end(ROOT, resumed, connection="loopback", timeout=600)
     assert run.completed, (run.run_id, run.status, run.log[-3000:])
     assert "resuming after round" in run.log
@@ -214,8 +206,7 @@ def assert_task_metrics_from_server_data_only(
     for index in range(len(deployment.supernodes)):
         received |= set(re.findall(r"Receiving: (\S+) message", deployment.supernode_log(index)))
     assert received == {"query.partition", "train"}, received
-    with open(run_config, "rb") as f:
-        cfg = RunConfig.from_run_config(tomllib.load(f), check_files=False)
+    cfg = RunConfig.from_run_config(load_preset(run_config), check_files=False)
     val = {image.numpy().tobytes() for image in run_splits(cfg).val.images}
     assert len(val) == 1000  # 10 a class
     for pid in range(3):

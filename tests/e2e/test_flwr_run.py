@@ -7,13 +7,12 @@ Runs that complete through ``flwr run`` (dense and sparse) are the quick sweep o
 
 from __future__ import annotations
 
-import json
-import tomllib
 from pathlib import Path
 
 import pytest
 
-from flower_app.cli.local_superlink import LocalSuperLink, RunOutcome
+from flower_app.cli.local_superlink import LocalSuperLink
+from flower_app.config import load_preset, write_run_config
 from tests.conftest import ROOT
 
 
@@ -28,18 +27,9 @@ def superlink(tmp_path_factory):
         link.stop()
 
 
-def _write_config(path: Path, overrides: dict) -> Path:
-    with open(ROOT / "configs" / "quick.toml", "rb") as f:
-        config = tomllib.load(f) | overrides
-    path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in config.items()) + "\n")
-    return path
-
-
-def _run(link: LocalSuperLink, tmp_path, overrides: dict, supernodes: int | None) -> RunOutcome:
-    """A quick run; ``supernodes=None`` passes no --federation-config."""
-    path = _write_config(tmp_path / "run-config.toml", overrides)
-    federation = "" if supernodes is None else f"num-supernodes={supernodes}"
-    return link.run_to_end(ROOT, path, federation, timeout=480)
+def _quick_config(path: Path, overrides: dict) -> Path:
+    """configs/quick.toml with ``overrides``, written to ``path`` for ``--run-config``."""
+    return write_run_config(path, load_preset(ROOT / "configs" / "quick.toml") | overrides)
 
 
 # (run-config overrides, num-supernodes, what the run's log must say), by case
@@ -58,16 +48,14 @@ def test_bad_runs_are_marked_failed_with_their_one_line_error(superlink, tmp_pat
     and end): each is ``finished:failed``, made no run folder and logged its one line."""
     submitted = {}
     for case, (overrides, supernodes, _) in BAD_RUNS.items():
-        results = tmp_path / case / "results"
-        config = {"output-dir": str(results), "run-name": "bad"} | overrides
-        path = _write_config(tmp_path / f"{case}.toml", config)
-        run_id = superlink.submit(ROOT, path, f"num-supernodes={supernodes}")
-        submitted[case] = (run_id, results)
-    for case, (run_id, results) in submitted.items():
+        config = {"output-dir": str(tmp_path / case), "run-name": "bad"} | overrides
+        path = _quick_config(tmp_path / f"{case}.toml", config)
+        submitted[case] = superlink.submit(ROOT, path, f"num-supernodes={supernodes}")
+    for case, run_id in submitted.items():
         status = superlink.wait_for_run(run_id, ROOT, timeout=480)["status"]
         log = superlink.run_log(run_id, ROOT)
         assert status == "finished:failed", (case, run_id, status, log[-3000:])
-        assert not (results / "bad").exists(), case
+        assert not (tmp_path / case / "bad").exists(), case
         assert BAD_RUNS[case][2] in log, (case, log[-3000:])
 
 
@@ -90,7 +78,8 @@ def test_a_simulation_config_set_once_replaces_the_federation_config(superlink, 
     results = tmp_path / "results"
     config = {"output-dir": str(results), "run-name": "preset", "num-server-rounds": 2}
     config["synthetic-test-per-class"] = 10
-    run = _run(superlink, tmp_path, config, supernodes=None)
+    path = _quick_config(tmp_path / "run-config.toml", config)
+    run = superlink.run_to_end(ROOT, path, timeout=480)  # no --federation-config
     assert run.status == "finished:completed", (run.run_id, run.status, run.log[-3000:])
     assert "(10 simulated SuperNodes)" in run.log
     assert (results / "preset" / "summary.json").is_file()
