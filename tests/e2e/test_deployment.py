@@ -1,9 +1,9 @@
-"""Deployment Engine on loopback: one SuperLink, three SuperNodes with their own data.
+"""Deployment Engine on loopback: one SuperLink, two SuperNodes with their own data.
 
 Each SuperNode is a separate process with a node-local ``data-dir`` (its private
 shard, written by ``python -m flower_app.data.node_data``), like separate machines. One
 run meets what a deployment meets: a SuperNode killed after the first round (the run goes
-on with the other two and records the failure), the same node back on a new node id, and
+on with the other and records the failure), the same node back on a new node id, and
 the ServerApp stopped and resumed from its checkpoint while the SuperNodes keep running; it
 finishes, and measures task-arithmetic interference on the server's validation split,
 which no node holds or is sent. The SuperNodes declare a 10 s heartbeat
@@ -40,7 +40,9 @@ from tests.conftest import ROOT
 from tests.e2e.quick_heartbeat_supernode import COMMAND as QUICK_HEARTBEAT_SUPERNODE
 
 RECIPE = ROOT / "scripts" / "deployment_loopback.sh"
-PARTITIONS = 3
+PARTITIONS = 2  # the fewest that leave a node training while one is killed
+KILLED = PARTITIONS - 1  # the partition whose node is killed and restarted
+SHARD = 9000 // PARTITIONS  # each node's training images (the quick preset's 9,000)
 
 
 @dataclass
@@ -95,7 +97,7 @@ def _coordinator_only_weights(deployment: LocalSuperLink) -> str:
 
 
 def _write_run_config(tmp_path: Path, weights: str, results: Path) -> Path:
-    """The quick preset (2 local steps) for the 3 SuperNodes, ``ROUNDS`` rounds from
+    """The quick preset (2 local steps) for the SuperNodes, ``ROUNDS`` rounds from
     ``weights``, a checkpoint every round (the ServerApp is stopped and resumed)."""
     config = load_preset(ROOT / "configs" / "quick.toml") | {
         "weights": "pretrained",
@@ -131,9 +133,9 @@ def _wait_for_round(metrics_csv: Path, round_: int, deployment: LocalSuperLink) 
     _metrics_until(metrics_csv, lambda m: (m.index >= round_).any(), deployment)
 
 
-# rounds 1 (all nodes), 2 (node 2 killed), then node 2 back on a new node id, adopted in round
+# rounds 1 (all nodes), 2 (node 1 killed), then node 1 back on a new node id, adopted in round
 # 3 or 4 (the test of 4 rounds before always saw it by round 4); the ServerApp is stopped
-# after the first round node 2 trained in again, which leaves the resumed ServerApp two
+# after the first round node 1 trained in again, which leaves the resumed ServerApp two
 # rounds or more: one would race the stop (``flwr stop`` takes a second or two)
 ROUNDS = 6
 
@@ -141,11 +143,11 @@ ROUNDS = 6
 def test_supernodes_with_private_data_survive_a_killed_node_and_a_restarted_serverapp(
     nodes, tmp_path
 ):
-    """One run through what a deployment meets: node 2 is killed after round 1 (round 2
-    goes on with the other two and records the failure) and restarted after round 2 on a
-    new node id (the ServerApp gives it its partition back); once it trained again, the
-    ServerApp is stopped (``flwr stop``) while the SuperNodes keep running, and a second
-    ServerApp resumes the run from its checkpoint against them."""
+    """One run through what a deployment meets: the node of partition ``KILLED`` is killed
+    after round 1 (round 2 goes on with the other and records the failure) and restarted
+    after round 2 on a new node id (the ServerApp gives it its partition back); once it
+    trained again, the ServerApp is stopped (``flwr stop``) while the SuperNodes keep
+    running, and a second ServerApp resumes the run from its checkpoint against them."""
     deployment = nodes.link
     results = tmp_path / "results"
     run_config = _write_run_config(tmp_path, _coordinator_only_weights(deployment), results)
@@ -154,9 +156,9 @@ def test_supernodes_with_private_data_survive_a_killed_node_and_a_restarted_serv
 
     def kill_restart_then_stop(run_id: int) -> None:
         _wait_for_round(metrics_csv, 1, deployment)
-        os.killpg(nodes.by_partition[2].pid, signal.SIGKILL)
+        os.killpg(nodes.by_partition[KILLED].pid, signal.SIGKILL)
         _wait_for_round(metrics_csv, 2, deployment)
-        nodes.start(2)  # same partition, new id
+        nodes.start(KILLED)  # same partition, new id
         back = _metrics_until(
             metrics_csv, lambda m: ((m.index > 2) & (m["num-examples"] == 9000)).any(), deployment
         )
@@ -170,18 +172,18 @@ def test_supernodes_with_private_data_survive_a_killed_node_and_a_restarted_serv
         ROOT, run_config, connection="loopback", timeout=900, on_submitted=kill_restart_then_stop
     )
     assert not first.completed and not (run_dir / "summary.json").exists(), first.status
-    assert "partition 2 is now on node" in first.log
+    assert f"partition {KILLED} is now on node" in first.log
     resumed = write_run_config(tmp_path / "resume.toml", load_preset(run_config) | {"resume": True})
     run = deployment.run_to_end(ROOT, resumed, connection="loopback", timeout=600)
     assert run.completed, (run.run_id, run.status, run.log[-3000:])
     assert "resuming after round" in run.log
     partitions = pd.read_csv(run_dir / "partitions.csv")
-    assert list(partitions["partition-id"]) == [0, 1, 2]
-    assert partitions["num-examples"].tolist() == [3000, 3000, 3000]  # each node's own data
+    assert list(partitions["partition-id"]) == list(range(PARTITIONS))
+    assert partitions["num-examples"].tolist() == [SHARD] * PARTITIONS  # each node's own data
     metrics = pd.read_csv(metrics_csv).set_index("round")
     assert metrics.index.tolist() == list(range(ROUNDS + 1))  # no round twice, none lost
     assert metrics.loc[1, "failures"] == 0 and metrics.loc[1, "num-examples"] == 9000
-    assert metrics.loc[2, "failures"] == 1 and metrics.loc[2, "num-examples"] == 6000
+    assert metrics.loc[2, "failures"] == 1 and metrics.loc[2, "num-examples"] == 9000 - SHARD
     last = metrics.loc[ROUNDS]
     assert last["failures"] == 0 and last["num-examples"] == 9000  # back, after the resume too
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -209,11 +211,11 @@ def assert_task_metrics_from_server_data_only(
     cfg = RunConfig.from_run_config(load_preset(run_config), check_files=False)
     val = {image.numpy().tobytes() for image in run_splits(cfg).val.images}
     assert len(val) == 1000  # 10 a class
-    for pid in range(3):
+    for pid in range(PARTITIONS):
         folder = nodes / f"partition-{pid}"
         assert [p.name for p in folder.iterdir()] == ["node-data.npz"]
         own = {image.numpy().tobytes() for image in load_node_data(folder).images}
-        assert len(own) == 3000 and not own & val
+        assert len(own) == SHARD and not own & val
 
 
 @pytest.fixture
