@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,15 +30,20 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def one_sweep_run_at_a_time(monkeypatch):
+@pytest.fixture(scope="session", autouse=True)
+def one_sweep_run_at_a_time() -> Iterator[None]:
     """``fl-experiments`` in a test runs one run at a time unless the test passes ``--jobs``:
     the suite's own workers already keep the cores busy, and the tests that replace
-    ``SweepRunner.run`` need it to run in the test's process. (Patched where a collected test
+    ``SweepRunner.run`` need it to run in the test's process. Session-scoped, so that the
+    module fixtures' sweeps (the miniature, the task-arithmetic short form) are covered too:
+    a function-scoped patch came after them, and they ran in spawned workers that imported
+    everything again and ran beside the other pytest worker. (Patched where a collected test
     module imported the runner, so a unit test alone does not pay for its imports.)"""
-    experiments = sys.modules.get("flower_app.studies.experiments")
-    if experiments is not None:
-        monkeypatch.setattr(experiments, "DEFAULT_JOBS", "1")
+    with pytest.MonkeyPatch.context() as patch:
+        experiments = sys.modules.get("flower_app.studies.experiments")
+        if experiments is not None:
+            patch.setattr(experiments, "DEFAULT_JOBS", "1")
+        yield
 
 
 # The files that take longest (docs/performance.md, "The slowest tests"), longest first, so
