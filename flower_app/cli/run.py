@@ -10,20 +10,25 @@ Exit codes: 0 the run completed (the last line names its final test accuracy), 1
 failed (one line ``run ID STATUS: last error`` on stderr), 2 the command or its run-config
 is not allowed (nothing was started), 130 interrupted: Ctrl-C stops the run it started
 with Flower's own ``flwr stop`` and waits for its ServerApp to end; a second Ctrl-C leaves
-at once and names the command that stops the run.
+at once and names the command that stops the run. SIGTERM (``kill``, ``timeout``, a batch
+scheduler's time limit) is taken as Ctrl-C: the run lives in the SuperLink, so an fl-run
+ended without stopping it would leave it running unseen.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -363,6 +368,20 @@ def held_by(run_id: int, folder: Path) -> bool:
     return holder is not None and holder.get("flower-run-id") == run_id
 
 
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt while the block runs (signals reach the main thread
+    only, so elsewhere nothing changes); the previous handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Validate, run, and exit with the run's real outcome (flwr run exits 0 either way)."""
     try:
@@ -372,10 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return fail(f"error: {exc}", EXIT_USAGE)
     lines: list[str] = []
-    try:
-        code = submit(args.app, config, federation, args.connection, lines)
-    except KeyboardInterrupt:
-        return interrupted(started_run_id(lines), config, args.connection)
+    with sigterm_as_ctrl_c():
+        try:
+            code = submit(args.app, config, federation, args.connection, lines)
+        except KeyboardInterrupt:
+            return interrupted(started_run_id(lines), config, args.connection)
     run_id = started_run_id(lines)
     if run_id is None:
         reason = last_error_line(lines) or (lines[-1] if lines else "(no output)")

@@ -4,8 +4,10 @@ the run's real outcome; the Flower calls are faked (the real one: tests/e2e/test
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -39,6 +41,12 @@ def flwr(monkeypatch):
         lines.extend(seen["log"])
         if seen.get("interrupt"):
             raise KeyboardInterrupt
+        if seen.get("terminate"):  # as from kill, timeout or a batch scheduler
+            if signal.getsignal(signal.SIGTERM) is not signal.default_int_handler:
+                raise AssertionError("SIGTERM would end fl-run and leave its run running")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts this at once
+            raise AssertionError("SIGTERM did not interrupt fl-run")
         return 0
 
     monkeypatch.setattr(run, "flwr_run", fake_run)
@@ -326,6 +334,20 @@ def test_ctrl_c_stops_the_run_and_waits_for_its_server_app(flwr, stops, tmp_path
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("fl-run: interrupted; stopping run 4242")
     assert err[-1] == "fl-run: stopped run 4242; its ServerApp has ended"
+
+
+def test_sigterm_stops_the_run_as_ctrl_c_does_and_the_handler_is_restored(
+    flwr, stops, tmp_path, capsys
+):
+    flwr["terminate"] = True
+    flwr["status"] = {"status": "finished:stopped"}
+    before = signal.getsignal(signal.SIGTERM)
+    assert _main(QUICK, f"output-dir={tmp_path}") == run.EXIT_INTERRUPTED
+    assert stops == [[run.flower_executable("flwr"), "stop", "4242"]]
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("fl-run: interrupted; stopping run 4242")
+    assert err[-1] == "fl-run: stopped run 4242; its ServerApp has ended"
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_ctrl_c_waits_while_the_server_app_still_holds_its_folder(
