@@ -74,7 +74,10 @@ def test_flwr_ls_is_asked_as_soon_as_a_run_process_ends_and_not_while_it_runs(sp
     marker = f"FLWR_HOME={tmp_path / 'home'}"
     server = spawn("flwr-serverapp", marker)
     assert _eventually(lambda: run_process_pids(marker.encode()) == {server.pid})
-    link = _Link(tmp_path / "home", lambda: server.poll() is not None)
+    # the SuperLink's view: over once the process left the table the watch reads (a killed
+    # process leaves it while its memory is torn down, a moment before poll() can reap it;
+    # asking poll() here made a third ``flwr ls`` on a busy machine)
+    link = _Link(tmp_path / "home", lambda: not run_process_pids(marker.encode()))
 
     kill_later = f"import os, time; time.sleep(1.5); os.kill({server.pid}, 9)"
     killer = subprocess.Popen([sys.executable, "-c", kill_later])
