@@ -42,7 +42,8 @@ from tests.e2e.quick_heartbeat_supernode import COMMAND as QUICK_HEARTBEAT_SUPER
 RECIPE = ROOT / "scripts" / "deployment_loopback.sh"
 PARTITIONS = 2  # the fewest that leave a node training while one is killed
 KILLED = PARTITIONS - 1  # the partition whose node is killed and restarted
-SHARD = 9000 // PARTITIONS  # each node's training images (the quick preset's 9,000)
+IMAGES = 9000  # the quick preset's training split, shared out to the nodes
+SHARD = IMAGES // PARTITIONS  # each node's training images
 
 
 @dataclass
@@ -160,7 +161,7 @@ def test_supernodes_with_private_data_survive_a_killed_node_and_a_restarted_serv
         _wait_for_round(metrics_csv, 2, deployment)
         nodes.start(KILLED)  # same partition, new id
         back = _metrics_until(
-            metrics_csv, lambda m: ((m.index > 2) & (m["num-examples"] == 9000)).any(), deployment
+            metrics_csv, lambda m: ((m.index > 2) & (m["num-examples"] == IMAGES)).any(), deployment
         )
         assert back.index.max() < ROUNDS, "the run ended before its ServerApp could be stopped"
         checkpoint = run_dir / CHECKPOINT_NAME  # written atomically
@@ -182,10 +183,10 @@ def test_supernodes_with_private_data_survive_a_killed_node_and_a_restarted_serv
     assert partitions["num-examples"].tolist() == [SHARD] * PARTITIONS  # each node's own data
     metrics = pd.read_csv(metrics_csv).set_index("round")
     assert metrics.index.tolist() == list(range(ROUNDS + 1))  # no round twice, none lost
-    assert metrics.loc[1, "failures"] == 0 and metrics.loc[1, "num-examples"] == 9000
-    assert metrics.loc[2, "failures"] == 1 and metrics.loc[2, "num-examples"] == 9000 - SHARD
+    assert metrics.loc[1, "failures"] == 0 and metrics.loc[1, "num-examples"] == IMAGES
+    assert metrics.loc[2, "failures"] == 1 and metrics.loc[2, "num-examples"] == IMAGES - SHARD
     last = metrics.loc[ROUNDS]
-    assert last["failures"] == 0 and last["num-examples"] == 9000  # back, after the resume too
+    assert last["failures"] == 0 and last["num-examples"] == IMAGES  # back, after the resume too
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds"] == ROUNDS
     assert summary["segments"] == 2

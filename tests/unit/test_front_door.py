@@ -326,20 +326,13 @@ def stops(monkeypatch):
     return calls
 
 
-def test_ctrl_c_stops_the_run_and_waits_for_its_server_app(flwr, stops, tmp_path, capsys):
-    flwr["interrupt"] = True
-    flwr["status"] = {"status": "finished:stopped"}
-    assert _main(QUICK, f"output-dir={tmp_path}") == run.EXIT_INTERRUPTED
-    assert stops == [[run.flower_executable("flwr"), "stop", "4242"]]
-    err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("fl-run: interrupted; stopping run 4242")
-    assert err[-1] == "fl-run: stopped run 4242; its ServerApp has ended"
-
-
-def test_sigterm_stops_the_run_as_ctrl_c_does_and_the_handler_is_restored(
-    flwr, stops, tmp_path, capsys
+@pytest.mark.parametrize("signal_", ["interrupt", "terminate"], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_the_run_and_waits_for_its_server_app(
+    flwr, stops, tmp_path, capsys, signal_
 ):
-    flwr["terminate"] = True
+    """SIGTERM (kill, timeout, a batch scheduler) is taken as Ctrl-C; SIGTERM's previous
+    handler is back afterwards."""
+    flwr[signal_] = True
     flwr["status"] = {"status": "finished:stopped"}
     before = signal.getsignal(signal.SIGTERM)
     assert _main(QUICK, f"output-dir={tmp_path}") == run.EXIT_INTERRUPTED
