@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flower_app.config import ConfigError, RunConfig
-from flower_app.models.factory import hub_weights_problem
 from flower_app.models.network import reachable
 from flower_app.runs.checkpoint import CHECKPOINT_NAME
 from flower_app.runs.results import existing_run_message
@@ -52,6 +51,10 @@ def weights_problem(
     ``RunConfig``)."""
     if cfg.weights != "pretrained" or cfg.pretrained_path:
         return ""
+    # imported here: the factory imports timm (about 1.8 s), which a run from random or
+    # local weights, and every refusal of a bad value by fl-run, never needs
+    from flower_app.models.factory import hub_weights_problem
+
     return hub_weights_problem(cfg.model, cached, offline)
 
 
