@@ -192,8 +192,10 @@ def test_bad_input_is_one_line_exit_2_and_starts_nothing(
 def test_a_bad_value_is_refused_without_importing_the_model_code():
     """A typo costs no model imports: fl-run refuses before timm and the model factory are
     imported (they took about half of the 5-6 s of every refusal)."""
-    code = (
-        "import sys; from flower_app.cli import run; "
+    code = (  # the child may start no process (as no_processes here), so a regression fails
+        "import subprocess, sys; from flower_app.cli import run\n"
+        "def refuse(*a, **k): raise AssertionError('fl-run started a process')\n"
+        "subprocess.run = subprocess.Popen = refuse\n"
         "code = run.main(['configs/quick.toml', 'fraction-train=1.5']); "
         "print(code, sorted(m for m in ('timm', 'flower_app.models.factory') if m in sys.modules))"
     )
